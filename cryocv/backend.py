@@ -1,0 +1,71 @@
+"""Array-module helpers: one code path for numpy (CPU) and CuPy (GPU).
+
+Math functions take ``xp`` from their inputs (``get_array_module``); I/O returns
+numpy; jobs move data to the device with :func:`to_device`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:  # CuPy is optional (extra ``[gpu]``)
+    import cupy as _cupy  # type: ignore
+except Exception:  # pragma: no cover - absent on CPU-only machines
+    _cupy = None
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever holds ``arrays`` (numpy for plain Python values)."""
+    if _cupy is not None:
+        return _cupy.get_array_module(*arrays)
+    return np
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    if _cupy is None or os.environ.get("CRYOCV_NO_GPU"):
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def resolve_xp(device: str = "auto"):
+    """Array module for a device choice: 'cpu', 'gpu' or 'auto' (GPU when present)."""
+    if device == "cpu":
+        return np
+    if device in ("gpu", "cuda"):
+        if not gpu_available():
+            raise RuntimeError("--device gpu was asked for but no CUDA GPU/CuPy is available")
+        return _cupy
+    if device != "auto":
+        raise ValueError(f"unknown device {device!r} (use cpu, gpu or auto)")
+    return _cupy if gpu_available() else np
+
+
+def to_device(array, xp):
+    """Copy a numpy array to ``xp``'s device (no copy for numpy)."""
+    if xp is np:
+        return to_numpy(array)
+    return xp.asarray(array)
+
+
+def to_numpy(array):
+    """Return ``array`` as a numpy array (copies from the GPU when needed)."""
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return _cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+def is_cupy(array) -> bool:
+    return _cupy is not None and isinstance(array, _cupy.ndarray)
+
+
+def free_gpu_memory_bytes() -> int:
+    """Free memory on the current GPU (0 on CPU)."""
+    if not gpu_available():
+        return 0
+    free, _total = _cupy.cuda.runtime.memGetInfo()
+    return int(free + _cupy.get_default_memory_pool().free_bytes())

@@ -1,0 +1,46 @@
+"""Soft masks: spherical and thresholded (dilated, cosine edge). Shapes (N, N, N) float32 in [0, 1]."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .backend import get_array_module, to_device, to_numpy
+
+
+def _radius_grid(box_size: int, xp=np):
+    c = xp.arange(box_size, dtype=xp.float32) - box_size // 2
+    return xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+
+
+def _cosine_edge(distance, width):
+    """1 at distance <= 0, raised-cosine fall to 0 at distance >= width."""
+    xp = get_array_module(distance)
+    if width <= 0:
+        return (distance <= 0).astype(xp.float32)
+    t = xp.clip(distance / width, 0, 1)
+    return (0.5 * (1 + xp.cos(np.pi * t))).astype(xp.float32)
+
+
+def spherical_mask(box_size: int, radius_px: float, edge_px: float = 3.0, xp=np):
+    """Sphere of ``radius_px`` around the box centre with a ``edge_px`` cosine edge."""
+    return _cosine_edge(_radius_grid(box_size, xp) - radius_px, edge_px)
+
+
+def threshold_mask(volume, threshold: float, dilation_px: float = 3.0, edge_px: float = 6.0):
+    """Voxels above ``threshold``, dilated by ``dilation_px`` and softened by a cosine
+    edge of ``edge_px`` (computed on the CPU with an exact distance transform)."""
+    xp = get_array_module(volume)
+    binary = to_numpy(volume) > threshold
+    if not binary.any():
+        raise ValueError(f"threshold {threshold} leaves an empty mask")
+    distance = ndimage.distance_transform_edt(~binary)
+    return to_device(_cosine_edge(distance - dilation_px, edge_px), xp)
+
+
+def auto_threshold_mask(volume, pixel_size_A: float, fraction_of_max: float = 0.2,
+                        near_A: float = 6.0, far_A: float = 14.0):
+    """Solvent mask from a map: threshold at ``fraction_of_max`` of the maximum, hard
+    out to ``near_A`` and soft to ``far_A`` (cryoSPARC's dynamic mask defaults)."""
+    xp = get_array_module(volume)
+    threshold = fraction_of_max * float(xp.max(volume))
+    return threshold_mask(volume, threshold, near_A / pixel_size_A, (far_A - near_A) / pixel_size_A)

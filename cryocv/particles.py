@@ -1,0 +1,149 @@
+"""The internal particle model shared by RELION STAR and cryoSPARC .cs files.
+
+Poses follow RELION: ``euler_deg`` (n, 3) = rlnAngleRot/Tilt/Psi and
+``origin_A`` (n, 2) = rlnOriginXAngst/YAngst, i.e. the particle's centre sits at
+box centre − origin, and an image is re-centred by shifting it by +origin.
+Half-sets are 1/2 (``rlnRandomSubset``), 0 when unknown.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .ctf import CTFParams
+from .errors import CryocvError
+from .geometry import euler_to_matrix
+from .io.mrc import StackCache
+
+
+@dataclass
+class Particles:
+    """Metadata of n particle images; images are read lazily with :meth:`read_images`."""
+
+    stack_paths: np.ndarray          # (n,) str, resolved path of each image's stack ('' if unknown)
+    stack_indices: np.ndarray        # (n,) int, 0-based index inside the stack
+    box_size: int
+    pixel_size_A: float
+    euler_deg: np.ndarray            # (n, 3) float64
+    origin_A: np.ndarray             # (n, 2) float64
+    ctf: CTFParams | None
+    half_set: np.ndarray             # (n,) int8 in {0, 1, 2}
+    optics_group: np.ndarray         # (n,) int
+    has_alignment: bool = True
+    source: str = ""
+    extra: dict = field(default_factory=dict)  # format-specific passthrough (e.g. STAR tables)
+    _cache: StackCache = field(default_factory=StackCache, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.stack_indices)
+
+    @property
+    def rotations(self) -> np.ndarray:
+        """RELION rotation matrices (n, 3, 3)."""
+        return euler_to_matrix(self.euler_deg)
+
+    @property
+    def origin_px(self) -> np.ndarray:
+        return self.origin_A / self.pixel_size_A
+
+    def subset(self, index) -> "Particles":
+        """A view on some particles (boolean mask or integer index)."""
+        index = np.asarray(index)
+        ctf = self.ctf.take(index) if self.ctf is not None else None
+        extra = dict(self.extra)
+        if "particles_table" in extra:
+            pos = np.arange(len(self))[index]
+            extra["particles_table"] = extra["particles_table"].iloc[pos].reset_index(drop=True)
+        return replace(self, stack_paths=self.stack_paths[index], stack_indices=self.stack_indices[index],
+                       euler_deg=self.euler_deg[index], origin_A=self.origin_A[index], ctf=ctf,
+                       half_set=self.half_set[index], optics_group=self.optics_group[index],
+                       extra=extra, _cache=self._cache)
+
+    def check_images(self):
+        """Raise CryocvError unless every stack exists and holds the indices asked for."""
+        for path in np.unique(self.stack_paths):
+            if not path or not os.path.exists(path):
+                raise CryocvError(f"image stack not found: {path or '(no path)'} (referenced by {self.source})")
+            stack = self._cache.stack(path)
+            if stack.shape[-1] != self.box_size or stack.shape[-2] != self.box_size:
+                raise CryocvError(f"{path} holds {stack.shape[-2]}×{stack.shape[-1]} images, "
+                                  f"expected {self.box_size}×{self.box_size} from {self.source}")
+            wanted = self.stack_indices[self.stack_paths == path]
+            if wanted.size and (wanted.max() >= stack.shape[0] or wanted.min() < 0):
+                raise CryocvError(f"{self.source} asks for image {wanted.max() + 1} of {path}, "
+                                  f"which holds {stack.shape[0]}")
+
+    def read_images(self, index=None) -> np.ndarray:
+        """Images (k, N, N) float32 for ``index`` (default all), in that order."""
+        positions = np.arange(len(self)) if index is None else np.arange(len(self))[index]
+        out = np.empty((len(positions), self.box_size, self.box_size), dtype=np.float32)
+        for path in np.unique(self.stack_paths[positions]):
+            sel = np.nonzero(self.stack_paths[positions] == path)[0]
+            stack = self._cache.stack(path)
+            idx = self.stack_indices[positions[sel]]
+            order = np.argsort(idx)
+            out[sel[order]] = stack[idx[order]]
+        bad = ~np.isfinite(out).reshape(len(out), -1).all(axis=1)
+        if bad.any():
+            first = positions[np.nonzero(bad)[0][0]]
+            raise CryocvError(f"particle {first + 1} ({self.stack_indices[first] + 1}@{self.stack_paths[first]}) "
+                              f"contains NaN or infinite pixels")
+        return out
+
+    def require_alignment(self, what: str):
+        if not self.has_alignment:
+            raise CryocvError(f"{self.source} has no poses (rlnAngleRot/Tilt/Psi): {what} needs them")
+
+
+def resolve_image_path(path: str, metadata_file: str, datadir: str | None = None) -> str:
+    """Resolve an image path as RELION does: absolute, else relative to the working
+    (project) directory, else to the metadata file's folder, else ``datadir``."""
+    if os.path.isabs(path):
+        return path
+    candidates = [path, os.path.join(os.path.dirname(os.path.abspath(metadata_file)), path)]
+    if datadir:
+        candidates += [os.path.join(datadir, path), os.path.join(datadir, os.path.basename(path))]
+    for cand in candidates:
+        if os.path.exists(cand):
+            return os.path.abspath(cand)
+    return os.path.abspath(candidates[1])  # reported as missing when images are read
+
+
+def relative_image_path(stack_path: str, metadata_file: str) -> str:
+    """How a metadata file names a stack: relative to the file's own folder."""
+    folder = os.path.dirname(os.path.abspath(metadata_file))
+    return os.path.relpath(os.path.abspath(stack_path), folder)
+
+
+def random_half_sets(n: int, seed: int = 0) -> np.ndarray:
+    """Balanced random split into half-sets 1/2."""
+    rng = np.random.default_rng(seed)
+    halves = np.where(np.arange(n) % 2 == 0, 1, 2).astype(np.int8)
+    rng.shuffle(halves)
+    return halves
+
+
+def load_particles(path: str, datadir: str | None = None) -> Particles:
+    """Load a RELION STAR or cryoSPARC .cs particle file."""
+    if not os.path.exists(path):
+        raise CryocvError(f"file not found: {path}")
+    if path.endswith(".cs"):
+        from .io.cs import read_cs
+        return read_cs(path, datadir)
+    if path.endswith(".star"):
+        from .io.star import read_star
+        return read_star(path, datadir)
+    raise CryocvError(f"unknown particle file type: {path} (expected .star or .cs)")
+
+
+def save_particles(particles: Particles, path: str):
+    """Write particles as RELION 3.1 STAR or cryoSPARC .cs (chosen by extension)."""
+    if path.endswith(".cs"):
+        from .io.cs import write_cs
+        return write_cs(particles, path)
+    if path.endswith(".star"):
+        from .io.star import write_star
+        return write_star(particles, path)
+    raise CryocvError(f"unknown particle file type: {path} (expected .star or .cs)")

@@ -1,0 +1,214 @@
+"""Central-slice projection and back-projection on a padded half-space Fourier grid.
+
+A volume of box N is zero-padded to ``Np = pad·N`` (pad 2 by default),
+pre-divided by the trilinear gridding profile and transformed with
+:func:`cryocv.fourier.ft3_centered` → array ``(Np, Np, Np//2+1)`` complex64.
+A 2D frequency ``(kx, ky)`` of an image (integer units of 1/N) in pose ``A``
+(RELION matrix) samples the volume at ``q = pad · Aᵀ (kx, ky, 0)`` by trilinear
+interpolation; points with ``qx < 0`` use the Friedel mate (``-q``, conjugated).
+
+Frequencies are passed as flat lists ``kx, ky`` (M,) — usually every half-plane
+point with ``|k| <= r_max`` from :func:`frequency_points` — so scoring can work on
+any band. Each operation has a numpy twin and a CuPy kernel (``cryocv.kernels``)
+selected by the type of the volume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_array_module, is_cupy
+from .fourier import (crop_volume, ft3_centered, half_plane_frequencies, ift3_centered,
+                      pad_volume, trilinear_gridding_profile)
+
+DEFAULT_PADDING = 2
+_ROTATION_CHUNK = 256  # numpy twin: rotations per chunk (bounds temporary memory)
+
+
+@dataclass
+class FrequencyPoints:
+    """Half-plane points with |k| <= r_max of an N-box image.
+
+    ``kx``, ``ky`` (M,) float32 integer frequencies; ``flat_index`` (M,) index into
+    the flattened (N, N//2+1) half plane.
+    """
+
+    box_size: int
+    r_max: float
+    kx: object
+    ky: object
+    flat_index: object
+
+    def gather(self, half_plane_ft):
+        """(..., N, N//2+1) → (..., M) values at the points."""
+        flat = half_plane_ft.reshape(half_plane_ft.shape[:-2] + (-1,))
+        return flat[..., self.flat_index]
+
+    def scatter(self, values):
+        """(..., M) → (..., N, N//2+1) half plane, zero elsewhere."""
+        xp = get_array_module(values)
+        n = self.box_size
+        out = xp.zeros(values.shape[:-1] + (n * (n // 2 + 1),), dtype=values.dtype)
+        out[..., self.flat_index] = values
+        return out.reshape(values.shape[:-1] + (n, n // 2 + 1))
+
+
+def frequency_points(box_size: int, r_max: float | None = None, xp=np) -> FrequencyPoints:
+    """Points of the half plane within radius ``r_max`` (default N/2, Nyquist)."""
+    if r_max is None:
+        r_max = box_size / 2
+    kx, ky = half_plane_frequencies(box_size, xp)
+    inside = (kx ** 2 + ky ** 2) <= r_max ** 2
+    flat = xp.nonzero(inside.ravel())[0]
+    return FrequencyPoints(box_size, float(r_max), kx.ravel()[flat], ky.ravel()[flat], flat)
+
+
+def prepare_volume(volume, padding: int = DEFAULT_PADDING):
+    """Real-space map (N, N, N) → padded half-space FT (Np, Np, Np//2+1) complex64,
+    pre-corrected for trilinear interpolation."""
+    xp = get_array_module(volume)
+    n = volume.shape[0]
+    if volume.shape != (n, n, n):
+        raise ValueError(f"volume must be cubic, got shape {volume.shape}")
+    padded_size = padding * n
+    corrected = volume.astype(xp.float32) / trilinear_gridding_profile(n, padded_size, xp)
+    return ft3_centered(pad_volume(corrected, padded_size)).astype(xp.complex64)
+
+
+def _slice_coordinates(rotations, kx, ky, padding):
+    """3D coordinates q = pad·Aᵀ(kx, ky, 0): three arrays (B, M)."""
+    r = rotations
+    qx = padding * (r[:, 0, 0, None] * kx[None] + r[:, 1, 0, None] * ky[None])
+    qy = padding * (r[:, 0, 1, None] * kx[None] + r[:, 1, 1, None] * ky[None])
+    qz = padding * (r[:, 0, 2, None] * kx[None] + r[:, 1, 2, None] * ky[None])
+    return qx, qy, qz
+
+
+def _trilinear_corners(qx, qy, qz, shape):
+    """Yield (flat_index, weight, valid) for the 8 corners of each point (numpy)."""
+    np_, _, nh = shape
+    center = np_ // 2
+    x0 = np.floor(qx)
+    y0 = np.floor(qy)
+    z0 = np.floor(qz)
+    fx, fy, fz = qx - x0, qy - y0, qz - z0
+    x0 = x0.astype(np.int64)
+    y0 = y0.astype(np.int64) + center
+    z0 = z0.astype(np.int64) + center
+    for dz in (0, 1):
+        wz = fz if dz else 1 - fz
+        zi = z0 + dz
+        for dy in (0, 1):
+            wy = fy if dy else 1 - fy
+            yi = y0 + dy
+            for dx in (0, 1):
+                wx = fx if dx else 1 - fx
+                xi = x0 + dx
+                valid = (xi >= 0) & (xi < nh) & (yi >= 0) & (yi < np_) & (zi >= 0) & (zi < np_)
+                flat = (zi * np_ + yi) * nh + xi
+                yield np.where(valid, flat, 0), wx * wy * wz, valid
+
+
+def extract_slices(volume_ft, rotations, points: FrequencyPoints, padding: int = DEFAULT_PADDING):
+    """Central slices of ``volume_ft`` at ``rotations`` (B, 3, 3): → (B, M) complex64."""
+    if is_cupy(volume_ft):
+        from . import kernels
+        return kernels.extract_slices_gpu(volume_ft, rotations, points.kx, points.ky, padding)
+    rotations = np.asarray(rotations, dtype=np.float32)
+    flat_volume = volume_ft.ravel()
+    out = np.empty((rotations.shape[0], points.kx.size), dtype=np.complex64)
+    for start in range(0, rotations.shape[0], _ROTATION_CHUNK):
+        rot = rotations[start:start + _ROTATION_CHUNK]
+        qx, qy, qz = _slice_coordinates(rot, points.kx, points.ky, padding)
+        mate = qx < 0
+        qx, qy, qz = np.where(mate, -qx, qx), np.where(mate, -qy, qy), np.where(mate, -qz, qz)
+        acc = np.zeros(qx.shape, dtype=np.complex64)
+        for flat, weight, valid in _trilinear_corners(qx, qy, qz, volume_ft.shape):
+            acc += np.where(valid, weight, 0).astype(np.float32) * flat_volume[flat]
+        out[start:start + rot.shape[0]] = np.where(mate, np.conj(acc), acc)
+    return out
+
+
+def insert_slices(data_ft, weight, rotations, points: FrequencyPoints, values, value_weights,
+                  padding: int = DEFAULT_PADDING):
+    """Back-project in place: add ``values`` (B, M) complex into ``data_ft`` and
+    ``value_weights`` (B, M) real into ``weight`` (both padded half-space grids)
+    at slice coordinates ``pad·Aᵀ(kx, ky, 0)`` with trilinear weights.
+
+    Points whose folded ``qx < 1`` also deposit their Friedel mate on the x = 0
+    plane, so the half-space grid holds what a full grid would.
+    """
+    if is_cupy(data_ft):
+        from . import kernels
+        kernels.insert_slices_gpu(data_ft, weight, rotations, points.kx, points.ky,
+                                  values, value_weights, padding)
+        return
+    rotations = np.asarray(rotations, dtype=np.float32)
+    size = data_ft.size
+    sum_re = np.zeros(size)
+    sum_im = np.zeros(size)
+    sum_w = np.zeros(size)
+    for start in range(0, rotations.shape[0], _ROTATION_CHUNK):
+        stop = start + _ROTATION_CHUNK
+        qx, qy, qz = _slice_coordinates(rotations[start:stop], points.kx, points.ky, padding)
+        val = np.asarray(values[start:stop])
+        wgt = np.broadcast_to(np.asarray(value_weights[start:stop], dtype=np.float32), qx.shape)
+        mate = qx < 0
+        qx, qy, qz = np.where(mate, -qx, qx), np.where(mate, -qy, qy), np.where(mate, -qz, qz)
+        val = np.where(mate, np.conj(val), val)
+        near = qx < 1  # the mate at -q also reaches the x = 0 plane
+        passes = [(qx, qy, qz, val, wgt), (-qx[near], -qy[near], -qz[near], np.conj(val[near]), wgt[near])]
+        for px, py, pz, pv, pw in passes:
+            for flat, tri, valid in _trilinear_corners(px, py, pz, data_ft.shape):
+                w = np.where(valid, tri, 0.0)
+                idx = flat.ravel()
+                sum_re += np.bincount(idx, weights=(w * pv.real).ravel(), minlength=size)
+                sum_im += np.bincount(idx, weights=(w * pv.imag).ravel(), minlength=size)
+                sum_w += np.bincount(idx, weights=(w * pw).ravel(), minlength=size)
+    data_ft += (sum_re + 1j * sum_im).reshape(data_ft.shape).astype(data_ft.dtype)
+    weight += sum_w.reshape(weight.shape).astype(weight.dtype)
+
+
+def project(volume_ft, rotations, box_size: int, shifts_px=None, padding: int = DEFAULT_PADDING):
+    """Full projection images' half-plane FTs (B, N, N//2+1), optionally phase-shifted."""
+    from .fourier import phase_shift_images
+    xp = get_array_module(volume_ft)
+    points = frequency_points(box_size, xp=xp)
+    slices = points.scatter(extract_slices(volume_ft, rotations, points, padding))
+    if shifts_px is not None:
+        slices = phase_shift_images(slices, shifts_px)
+    return slices
+
+
+def empty_accumulators(box_size: int, padding: int = DEFAULT_PADDING, xp=np):
+    """Zeroed (data complex64, weight float32) padded half-space accumulators."""
+    np_ = padding * box_size
+    shape = (np_, np_, np_ // 2 + 1)
+    return xp.zeros(shape, dtype=xp.complex64), xp.zeros(shape, dtype=xp.float32)
+
+
+def accumulators_to_map(data_ft, weight, box_size: int, regularization=None,
+                        padding: int = DEFAULT_PADDING):
+    """Divide accumulated data by weight and return the real-space map (N, N, N) float32.
+
+    ``regularization`` is added to the weight: a scalar, an array of the
+    accumulators' shape (Wiener term σ²/τ² per voxel), or None for a tiny floor
+    (1e-3 of the mean non-zero weight) that only guards empty voxels.
+    Voxels beyond Nyquist are zeroed, and, as RELION does, the map is zeroed outside
+    the box's inscribed sphere (cosine edge over the last 3 pixels): corners are
+    only noise amplified by the gridding correction.
+    """
+    xp = get_array_module(data_ft)
+    np_ = padding * box_size
+    if regularization is None:
+        nonzero = weight[weight > 0]
+        regularization = 1e-3 * float(nonzero.mean()) if nonzero.size else 1.0
+    ft = data_ft / (weight + regularization)
+    from .fourier import half_volume_radius
+    ft = xp.where(half_volume_radius(np_, xp) <= padding * box_size / 2, ft, 0)
+    real = ift3_centered(ft.astype(xp.complex64), np_)
+    cropped = crop_volume(real, box_size)
+    from .masks import spherical_mask
+    window = spherical_mask(box_size, box_size / 2 - 3, 3.0, xp)
+    return (cropped * window / trilinear_gridding_profile(box_size, np_, xp)).astype(xp.float32)

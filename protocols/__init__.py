@@ -1,0 +1,1 @@
+"""Scipion protocols for cryocv (see issue: Scipion plugin)."""

@@ -1,0 +1,27 @@
+from setuptools import setup
+
+setup(
+    name="cryocv",
+    version="0.1.0",
+    description="GPU-accelerated cryo-EM 3D refinement (NU, local, symmetry relaxation, ab-initio) "
+                "with a Scipion plugin",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=["cryocv", "cryocv.io", "cryocv.protocols", "cryocv.viewers", "cryocv.tests"],
+    package_dir={"cryocv": "cryocv", "cryocv.protocols": "protocols", "cryocv.viewers": "viewers",
+                 "cryocv.tests": "tests"},
+    package_data={"cryocv": ["data/*.mrc.gz"]},
+    install_requires=["numpy>=1.26", "scipy>=1.9", "mrcfile>=1.4", "starfile>=0.5", "pandas>=1.5",
+                      "tqdm>=4.60", "matplotlib>=3.7"],
+    extras_require={
+        "gpu": ["cupy-cuda12x>=13"],
+        "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion"],
+        "test": ["pytest>=7", "gemmi>=0.6", "cryosparc-tools>=4"],
+    },
+    entry_points={
+        "console_scripts": ["cryocv = cryocv.cli:main"],
+        "pyworkflow.plugin": ["cryocv = cryocv"],
+    },
+)

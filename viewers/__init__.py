@@ -1,0 +1,1 @@
+"""Scipion viewers for cryocv (see issue: Scipion plugin)."""
