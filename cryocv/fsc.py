@@ -60,8 +60,9 @@ def phase_randomize(volume, from_shell: int, seed: int = 0):
     xp = get_array_module(volume)
     n = volume.shape[0]
     ft = ft3_centered(volume.astype(xp.float64))
-    rng = np.random.default_rng(seed)
-    phases = xp.asarray(rng.uniform(0, 2 * np.pi, ft.shape))
+    # phases of white noise's transform: uniform and Hermitian-consistent on the x = 0 plane
+    noise = xp.asarray(np.random.default_rng(seed).normal(size=volume.shape))
+    phases = xp.angle(ft3_centered(noise))
     randomize = shell_index_3d(n, xp) >= from_shell
     ft = xp.where(randomize, xp.abs(ft) * xp.exp(1j * phases), ft)
     return ift3_centered(ft, n).astype(volume.dtype)

@@ -1,0 +1,70 @@
+"""CuPy kernels against their numpy twins (skipped without a GPU)."""
+import numpy as np
+import pytest
+
+from cryocv.backend import to_numpy
+from cryocv.ctf import ctf_half_plane
+from cryocv.fourier import ft2_centered
+from cryocv.geometry import random_rotations
+from cryocv.projector import (accumulators_to_map, empty_accumulators, extract_slices, frequency_points,
+                              insert_slices, prepare_volume)
+from .conftest import blob_volume, needs_gpu
+
+pytestmark = needs_gpu
+
+
+@pytest.mark.parametrize("n", [32, 33, 64])
+def test_extract_kernel_matches_numpy(n):
+    import cupy as cp
+    vol = blob_volume(n, seed=1)
+    rot = random_rotations(40, np.random.default_rng(0)).astype(np.float32)
+    cpu = extract_slices(prepare_volume(vol), rot, frequency_points(n))
+    gpu = extract_slices(prepare_volume(cp.asarray(vol)), cp.asarray(rot), frequency_points(n, xp=cp))
+    np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-4, atol=1e-4 * np.abs(cpu).max())
+
+
+@pytest.mark.parametrize("n", [32, 33])
+def test_insert_kernel_matches_numpy(n):
+    import cupy as cp
+    rng = np.random.default_rng(2)
+    pts = frequency_points(n)
+    rot = random_rotations(60, rng).astype(np.float32)
+    vals = (rng.normal(size=(60, pts.kx.size)) + 1j * rng.normal(size=(60, pts.kx.size))).astype(np.complex64)
+    wts = rng.uniform(0.1, 1, size=(60, pts.kx.size)).astype(np.float32)
+    d_cpu, w_cpu = empty_accumulators(n)
+    insert_slices(d_cpu, w_cpu, rot, pts, vals, wts)
+    d_gpu, w_gpu = empty_accumulators(n, xp=cp)
+    insert_slices(d_gpu, w_gpu, cp.asarray(rot), frequency_points(n, xp=cp), cp.asarray(vals), cp.asarray(wts))
+    np.testing.assert_allclose(to_numpy(w_gpu), w_cpu, atol=1e-4 * w_cpu.max())
+    np.testing.assert_allclose(to_numpy(d_gpu), d_cpu, atol=1e-4 * np.abs(d_cpu).max())
+
+
+def test_reconstruction_gpu_equals_cpu():
+    import cupy as cp
+    n = 32
+    vol = blob_volume(n, seed=3)
+    rng = np.random.default_rng(4)
+    rot = random_rotations(500, rng).astype(np.float32)
+    params = np.tile([15000, 14000, 30, 300, 2.7, 0.1, 0, 0, 1], (500, 1)).astype(np.float64)
+    maps = []
+    for xp in (np, cp):
+        pts = frequency_points(n, xp=xp)
+        rot_x = xp.asarray(rot)
+        ctf = pts.gather(ctf_half_plane(xp.asarray(params), n, 2.0))
+        slices = extract_slices(prepare_volume(xp.asarray(vol)), rot_x, pts) * ctf
+        data, weight = empty_accumulators(n, xp=xp)
+        insert_slices(data, weight, rot_x, pts, slices * ctf, ctf * ctf)
+        maps.append(to_numpy(accumulators_to_map(data, weight, n)))
+    np.testing.assert_allclose(maps[1], maps[0], atol=1e-4 * np.abs(maps[0]).max())
+
+
+def test_ctf_and_fft_match_numpy():
+    import cupy as cp
+    rng = np.random.default_rng(5)
+    params = np.column_stack([rng.uniform(8000, 20000, 8), rng.uniform(8000, 20000, 8), rng.uniform(-90, 90, 8),
+                              np.full(8, 300), np.full(8, 2.7), np.full(8, 0.07), rng.uniform(0, 90, 8),
+                              rng.uniform(0, 50, 8), np.ones(8)])
+    np.testing.assert_allclose(to_numpy(ctf_half_plane(cp.asarray(params), 48, 1.3)), ctf_half_plane(params, 48, 1.3),
+                               atol=1e-5)
+    imgs = rng.normal(size=(4, 48, 48)).astype(np.float32)
+    np.testing.assert_allclose(to_numpy(ft2_centered(cp.asarray(imgs))), ft2_centered(imgs), rtol=1e-4, atol=1e-3)

@@ -1,0 +1,152 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from cryocv.errors import CryocvError
+from cryocv.geometry import angular_distance_deg, euler_to_matrix
+from cryocv.io.mrc import read_map, write_map, write_stack
+from cryocv.particles import load_particles, save_particles
+from cryocv.simulate import simulate
+from .conftest import blob_volume
+
+
+def p(shared, *parts):
+    return os.path.join(shared, "particles", *parts)
+
+
+def test_relion31_star_with_images(shared_data):
+    parts = load_particles(p(shared_data, "relion31", "relion31.star"))
+    assert len(parts) == 5 and parts.box_size == 256 and parts.pixel_size_A == pytest.approx(2.806)
+    np.testing.assert_allclose(parts.euler_deg[0], [-102.30296, 82.318041, 124.706463], atol=1e-5)
+    assert parts.ctf.defocus_u_A[0] == pytest.approx(13108.082418)
+    assert parts.ctf.voltage_kV[0] == 300 and parts.ctf.cs_mm[0] == pytest.approx(0.01)
+    parts.check_images()
+    images = parts.read_images()
+    assert images.shape == (5, 256, 256) and np.isfinite(images).all() and images.std() > 0
+
+
+def test_relion31_six_optics_groups(shared_data):
+    parts = load_particles(p(shared_data, "relion31", "relion31.6opticsgroups.star"))
+    assert len(parts) == 139 and parts.box_size == 196
+    assert set(np.unique(parts.optics_group)) <= set(range(1, 7))
+    # Cs comes from each particle's optics group (group 4 has Cs 2.6)
+    cs_by_group = {g: parts.ctf.cs_mm[parts.optics_group == g][0] for g in np.unique(parts.optics_group)}
+    if 4 in cs_by_group:
+        assert cs_by_group[4] == pytest.approx(2.6)
+    np.testing.assert_allclose(parts.origin_A[0], [13.284554, -3.21701])
+
+
+def test_relion5_and_aspire_and_empiar(shared_data):
+    r5 = load_particles(p(shared_data, "relion31", "relion5.star"))
+    assert len(r5) == 17 and r5.pixel_size_A == pytest.approx(0.89) and r5.box_size == 448
+    aspire = load_particles(p(shared_data, "aspire_sample", "sample_particles_relion31.star"))
+    assert len(aspire) == 17 and aspire.box_size == 200 and aspire.pixel_size_A == pytest.approx(1.4)
+    assert set(aspire.ctf.voltage_kV) == {300.0, 200.0}  # two optics groups with different voltages
+    assert aspire.read_images().shape == (17, 200, 200)
+    old = load_particles(p(shared_data, "empiar_10076", "empiar_10076_7.star"))
+    assert old.pixel_size_A == pytest.approx(5 * 1e4 / 38168)  # detector pixel / magnification
+    assert not old.has_alignment and old.read_images().shape == (7, 320, 320)
+    cs = load_particles(p(shared_data, "empiar_10076", "empiar_10076_7.cs"))
+    np.testing.assert_allclose(cs.ctf.defocus_u_A, old.ctf.defocus_u_A, rtol=1e-6)
+    np.testing.assert_allclose(cs.ctf.defocus_angle_deg, old.ctf.defocus_angle_deg, atol=1e-4)
+    np.testing.assert_allclose(cs.read_images(), old.read_images())
+
+
+def test_cryosparc_files(shared_data):
+    j24 = load_particles(p(shared_data, "cryosparc", "cryosparc_P12_J24_001_particles.cs"))
+    assert len(j24) == 2019 and j24.box_size == 180 and j24.pixel_size_A == pytest.approx(2.95)
+    # pose → Euler as pyem's csparc2star gives it; shift in pixels × psize, same sign
+    np.testing.assert_allclose(j24.euler_deg[0], [-157.808, 118.791, 34.683], atol=2e-3)
+    np.testing.assert_allclose(j24.origin_A[0], np.array([11.334375, -1.828125]) * 2.95, rtol=1e-5)
+    assert set(np.unique(j24.half_set)) == {1, 2}
+    exported = load_particles(p(shared_data, "cryosparc", "cryosparc_J2_particles_exported.cs"))
+    assert len(exported) == 22 and exported.box_size == 300 and not exported.has_alignment
+    assert ">" not in exported.stack_paths[0]  # '>' = relative to the .cs folder
+    assert exported.stack_paths[0].startswith(os.path.join(os.path.dirname(p(shared_data, "cryosparc", "x")), "J1"))
+
+
+@pytest.fixture
+def simulated(tmp_path):
+    vol = blob_volume(24, seed=0)
+    return simulate(vol, 2.0, 40, str(tmp_path / "sim"), snr=1.0, seed=3, progress=False)
+
+
+def test_star_cs_star_roundtrip_keeps_everything(simulated, tmp_path):
+    star = load_particles(simulated.source)
+    save_particles(star, str(tmp_path / "out" / "p.cs"))
+    cs = load_particles(str(tmp_path / "out" / "p.cs"))
+    save_particles(cs, str(tmp_path / "again.star"))
+    back = load_particles(str(tmp_path / "again.star"))
+    for other in (cs, back):
+        assert np.max(angular_distance_deg(euler_to_matrix(other.euler_deg), euler_to_matrix(star.euler_deg))) < 0.01
+        # Euler angles themselves (not only the rotation) survive to 0.01°
+        diff = (other.euler_deg - star.euler_deg + 180) % 360 - 180
+        assert np.abs(diff).max() < 0.01
+        assert np.abs(other.origin_A - star.origin_A).max() < 0.01
+        assert np.abs(other.ctf.defocus_u_A - star.ctf.defocus_u_A).max() < 0.1
+        assert np.abs(other.ctf.defocus_v_A - star.ctf.defocus_v_A).max() < 0.1
+        assert np.abs(other.ctf.defocus_angle_deg - star.ctf.defocus_angle_deg).max() < 0.01
+        np.testing.assert_array_equal(other.half_set, star.half_set)
+        np.testing.assert_array_equal(other.read_images(), star.read_images())
+
+
+def test_our_cs_loads_in_cryosparc_tools(simulated, tmp_path):
+    dataset_mod = pytest.importorskip("cryosparc.dataset")
+    path = str(tmp_path / "p.cs")
+    save_particles(load_particles(simulated.source), path)
+    ds = dataset_mod.Dataset.load(path)
+    assert len(ds) == 40
+    np.testing.assert_array_equal(ds["blob/idx"], np.arange(40))
+    assert np.allclose(ds["alignments3D/shift"] * ds["alignments3D/psize_A"][:, None], simulated.origin_A, atol=1e-3)
+    assert set(np.unique(ds["alignments3D/split"])) == {0, 1}
+
+
+def test_star_written_for_relion_31(simulated):
+    import starfile
+    blocks = starfile.read(simulated.source, always_dict=True)
+    assert set(blocks) == {"optics", "particles"}
+    assert {"rlnImagePixelSize", "rlnImageSize", "rlnVoltage"} <= set(blocks["optics"].columns)
+    assert blocks["particles"]["rlnImageName"][0] == "000001@particles.mrcs"
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, simulated):
+    with pytest.raises(CryocvError, match="file not found"):
+        load_particles(str(tmp_path / "missing.star"))
+    bad = tmp_path / "nocols.star"
+    bad.write_text("data_particles\n\nloop_\n_rlnDefocusU #1\n10000\n")
+    with pytest.raises(CryocvError, match="rlnImageName"):
+        load_particles(str(bad))
+    nopx = tmp_path / "nopx.star"
+    nopx.write_text("data_particles\n\nloop_\n_rlnImageName #1\n1@x.mrcs\n")
+    with pytest.raises(CryocvError, match="pixel size"):
+        load_particles(str(nopx))
+    negpx = tmp_path / "negpx.star"
+    negpx.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnImagePixelSize #2\n1@x.mrcs -1\n")
+    with pytest.raises(CryocvError, match="bad pixel size"):
+        load_particles(str(negpx))
+    # a stack with the wrong box size, and NaN images
+    parts = load_particles(simulated.source)
+    write_stack(parts.stack_paths[0], np.zeros((40, 20, 20), np.float32), 2.0)
+    with pytest.raises(CryocvError, match="20×20"):
+        load_particles(simulated.source).check_images()
+    nan = np.zeros((40, 24, 24), np.float32)
+    nan[5, 3, 3] = np.nan
+    write_stack(parts.stack_paths[0], nan, 2.0)
+    with pytest.raises(CryocvError, match="NaN"):
+        load_particles(simulated.source).read_images()
+    os.remove(parts.stack_paths[0])
+    with pytest.raises(CryocvError, match="not found"):
+        load_particles(simulated.source).check_images()
+
+
+def test_map_io_is_atomic_and_keeps_pixel_size(tmp_path):
+    vol = blob_volume(24)
+    path = str(tmp_path / "m.mrc")
+    write_map(path, vol, 1.7)
+    back, px = read_map(path)
+    np.testing.assert_array_equal(back, vol)
+    assert px == pytest.approx(1.7)
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
+    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)
