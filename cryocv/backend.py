@@ -38,10 +38,12 @@ def resolve_xp(device: str = "auto"):
         return np
     if device in ("gpu", "cuda"):
         if not gpu_available():
-            raise RuntimeError("--device gpu was asked for but no CUDA GPU/CuPy is available")
+            from .errors import CryocvError
+            raise CryocvError("--device gpu was asked for but no CUDA GPU is visible to CuPy")
         return _cupy
     if device != "auto":
-        raise ValueError(f"unknown device {device!r} (use cpu, gpu or auto)")
+        from .errors import CryocvError
+        raise CryocvError(f"unknown device {device!r} (use cpu, gpu or auto)")
     return _cupy if gpu_available() else np
 
 

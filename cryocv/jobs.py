@@ -40,6 +40,7 @@ def run_simulate(map_path: str, n: int, out_dir: str, snr: float = 0.1, seed: in
     """Simulate particles from a map → ``out_dir/particles.star`` + ``particles.mrcs``."""
     from .simulate import simulate
     started = time.time()
+    _check_pixel_size(pixel_size_A)
     volume, header_px = read_map(map_path)
     pixel = pixel_size_A or header_px
     _check_map(volume, map_path)
@@ -62,6 +63,11 @@ def run_simulate(map_path: str, n: int, out_dir: str, snr: float = 0.1, seed: in
     return particles
 
 
+def _check_pixel_size(pixel_size_A):
+    if pixel_size_A is not None and not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
+        raise CryocvError(f"--pixel-size-A must be a positive number, got {pixel_size_A}")
+
+
 def _check_map(volume, path):
     if volume.shape[0] != volume.shape[1] or volume.shape[1] != volume.shape[2]:
         raise CryocvError(f"{path} is not cubic (shape {volume.shape})")
@@ -77,13 +83,22 @@ def run_reconstruct(particles_path: str, out_dir: str, symmetry: str = "C1", mas
     from .fsc import gold_standard_fsc
     started = time.time()
     symmetry = _parse_symmetry(symmetry)
+    # a rerun must not leave an older finished map beside new partial outputs
+    for stale in ("map.mrc", "job.json"):
+        if os.path.isfile(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     particles = load_particles(particles_path, datadir)
     particles.require_alignment("reconstruct")
+    particles.check_metadata()
     particles.check_images()
     if np.all(particles.half_set == 0):
         particles.half_set = random_half_sets(len(particles), seed)
     elif np.any(particles.half_set == 0):
         raise CryocvError(f"{particles_path}: some particles have rlnRandomSubset and others not")
+    for half in (1, 2):
+        if not np.any(particles.half_set == half):
+            raise CryocvError(f"{particles_path}: half-set {half} is empty; gold-standard reconstruction "
+                              f"needs particles in both (rlnRandomSubset 1 and 2)")
     mask = None
     if mask_path:
         mask, _ = read_map(mask_path)
@@ -128,6 +143,7 @@ def _parse_symmetry(symmetry: str) -> str:
 
 def run_fsc(map1_path: str, map2_path: str, mask_path=None, pixel_size_A=None) -> dict:
     """FSC of two maps: resolutions at 0.143 and 0.5 and the curve."""
+    _check_pixel_size(pixel_size_A)
     map1, px1 = read_map(map1_path)
     map2, px2 = read_map(map2_path)
     if map1.shape != map2.shape:

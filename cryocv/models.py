@@ -40,4 +40,4 @@ def map_from_model(model_path: str, box_size: int, pixel_size_A: float, resoluti
     calc.add_model_density_to_grid(model)
     calc.grid.symmetrize_sum()
     # gemmi grids are indexed [x, y, z]; MRC arrays are [z, y, x]
-    return np.ascontiguousarray(np.array(calc.grid, copy=False).transpose(2, 1, 0), dtype=np.float32)
+    return np.ascontiguousarray(np.asarray(calc.grid).transpose(2, 1, 0), dtype=np.float32)

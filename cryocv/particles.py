@@ -72,8 +72,9 @@ class Particles:
                                   f"expected {self.box_size}×{self.box_size} from {self.source}")
             wanted = self.stack_indices[self.stack_paths == path]
             if wanted.size and (wanted.max() >= stack.shape[0] or wanted.min() < 0):
-                raise CryocvError(f"{self.source} asks for image {wanted.max() + 1} of {path}, "
-                                  f"which holds {stack.shape[0]}")
+                bad = wanted.min() if wanted.min() < 0 else wanted.max()
+                raise CryocvError(f"{self.source} asks for image {bad + 1} of {path}, "
+                                  f"which holds images 1–{stack.shape[0]}")
 
     def read_images(self, index=None) -> np.ndarray:
         """Images (k, N, N) float32 for ``index`` (default all), in that order."""
@@ -92,6 +93,17 @@ class Particles:
                               f"contains NaN or infinite pixels")
         return out
 
+    def check_metadata(self):
+        """Raise CryocvError if poses, origins or CTF values are not finite."""
+        arrays = {"Euler angles": self.euler_deg, "origins": self.origin_A}
+        if self.ctf is not None:
+            arrays.update({name: getattr(self.ctf, name) for name in self.ctf.FIELDS})
+        for name, values in arrays.items():
+            bad = ~np.isfinite(np.asarray(values, dtype=float))
+            if bad.any():
+                row = int(np.nonzero(bad.reshape(len(self), -1).any(axis=1))[0][0])
+                raise CryocvError(f"{self.source}: particle {row + 1} has a non-finite value in {name}")
+
     def require_alignment(self, what: str):
         if not self.has_alignment:
             raise CryocvError(f"{self.source} has no poses (rlnAngleRot/Tilt/Psi): {what} needs them")
@@ -102,7 +114,12 @@ def resolve_image_path(path: str, metadata_file: str, datadir: str | None = None
     (project) directory, else to the metadata file's folder, else ``datadir``."""
     if os.path.isabs(path):
         return path
-    candidates = [path, os.path.join(os.path.dirname(os.path.abspath(metadata_file)), path)]
+    beside = os.path.join(os.path.dirname(os.path.abspath(metadata_file)), path)
+    if os.path.exists(path) and os.path.exists(beside) and not os.path.samefile(path, beside):
+        raise CryocvError(f"ambiguous image path {path!r} in {metadata_file}: it exists both in the working "
+                          f"directory and beside the metadata file; run from the project directory the paths "
+                          f"are relative to, or move one of them")
+    candidates = [path, beside]
     if datadir:
         candidates += [os.path.join(datadir, path), os.path.join(datadir, os.path.basename(path))]
     for cand in candidates:

@@ -92,6 +92,11 @@ def test_fsc_command(truth_map, tmp_path):
     (["simulate", "--map", "{map}", "--n", "0", "--out", "{tmp}/s"], "--n must be positive"),
     (["convert", "{sim}/particles.star", "{tmp}/x.txt"], "unknown particle file type"),
     (["reconstruct", "--particles", "{nopose}", "--out", "{tmp}/r"], "no poses"),
+    (["reconstruct", "--particles", "{nandef}", "--out", "{tmp}/r"], "non-finite value in defocus_u_A"),
+    (["reconstruct", "--particles", "{onehalf}", "--out", "{tmp}/r"], "half-set 2 is empty"),
+    (["reconstruct", "--particles", "{badname}", "--out", "{tmp}/r"], "bad rlnImageName"),
+    (["simulate", "--map", "{map}", "--n", "5", "--out", "{tmp}/s", "--pixel-size-A", "nan"], "positive number"),
+    (["fsc", "{map}", "{map}", "--pixel-size-A", "-1"], "positive number"),
 ])
 def test_errors_are_one_line(args, message, simulated_dir, truth_map, tmp_path):
     small = str(tmp_path / "small.mrc")
@@ -99,12 +104,46 @@ def test_errors_are_one_line(args, message, simulated_dir, truth_map, tmp_path):
     nopose = tmp_path / "nopose.star"
     nopose.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnImagePixelSize #2\n"
                       f"1@{simulated_dir}/particles.mrcs 2.0\n")
-    subs = {"sim": simulated_dir, "tmp": str(tmp_path), "map": truth_map, "small": small, "nopose": str(nopose)}
+    import starfile
+    blocks = starfile.read(os.path.join(simulated_dir, "particles.star"), always_dict=True)
+    variants = {}
+    for name, edit in {"nandef": lambda t: t.assign(rlnDefocusU=np.where(t.index == 3, np.nan, t.rlnDefocusU)),
+                       "onehalf": lambda t: t.assign(rlnRandomSubset=1),
+                       "badname": lambda t: t.assign(rlnImageName="x@" + t.rlnImageName.str.split("@").str[1])
+                       }.items():
+        table = edit(blocks["particles"].copy())
+        table["rlnImageName"] = table["rlnImageName"].str.replace("@particles", f"@{simulated_dir}/particles")
+        variants[name] = str(tmp_path / f"{name}.star")
+        starfile.write({"optics": blocks["optics"], "particles": table}, variants[name])
+    subs = {"sim": simulated_dir, "tmp": str(tmp_path), "map": truth_map, "small": small, "nopose": str(nopose),
+            **variants}
     r = cryocv(*[a.format(**subs) for a in args])
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not os.path.exists(os.path.join(str(tmp_path), "r", "map.mrc"))
+
+
+@pytest.mark.skipif(__import__("cryocv.backend").backend.gpu_available(), reason="a GPU is present")
+def test_gpu_request_without_gpu_is_one_line(simulated_dir, tmp_path):
+    r = cryocv("reconstruct", "--particles", os.path.join(simulated_dir, "particles.star"), "--out",
+               str(tmp_path / "r"), "--device", "gpu")
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rerun_failure_leaves_no_stale_finished_map(simulated_dir, tmp_path):
+    out = str(tmp_path / "r")
+    assert cryocv("reconstruct", "--particles", os.path.join(simulated_dir, "particles.star"), "--out", out,
+                  "--quiet").returncode == 0
+    assert os.path.exists(os.path.join(out, "map.mrc"))
+    stack = os.path.join(simulated_dir, "particles.mrcs")
+    os.rename(stack, stack + ".hidden")
+    try:
+        r = cryocv("reconstruct", "--particles", os.path.join(simulated_dir, "particles.star"), "--out", out)
+    finally:
+        os.rename(stack + ".hidden", stack)
+    assert r.returncode == 2 and "not found" in r.stderr
+    assert not os.path.exists(os.path.join(out, "map.mrc"))  # the old "finished" marker is gone
 
 
 def test_help_documents_every_subcommand():

@@ -36,12 +36,23 @@ def read_cs(path: str, datadir: str | None = None) -> Particles:
         raise CryocvError(f"cannot read cryoSPARC file {path}: {exc}") from None
     if data.dtype.names is None or "blob/path" not in data.dtype.names:
         raise CryocvError(f"{path} is not a cryoSPARC particle file (no blob/path field)")
+    required = ["blob/idx", "blob/shape", "blob/psize_A"]
+    if "alignments3D/pose" in data.dtype.names:
+        required += ["alignments3D/shift"]
+    if "ctf/df1_A" in data.dtype.names:
+        required += ["ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast"]
+    missing = [f for f in required if f not in data.dtype.names]
+    if missing:
+        raise CryocvError(f"{path} lacks the field(s) {', '.join(missing)}")
     if len(data) == 0:
         raise CryocvError(f"{path} lists no particles")
     n = len(data)
-    pixel_size = float(data["blob/psize_A"][0])
-    if not pixel_size > 0:
-        raise CryocvError(f"{path} has a bad pixel size (blob/psize_A = {pixel_size})")
+    psizes = data["blob/psize_A"].astype(float)
+    pixel_size = float(psizes[0])
+    if not (np.all(np.isfinite(psizes)) and psizes.min() > 0):
+        raise CryocvError(f"{path} has a bad pixel size (blob/psize_A = {psizes.min()})")
+    if psizes.max() / psizes.min() > 1.01:
+        raise CryocvError(f"{path} mixes pixel sizes {psizes.min():.4f}–{psizes.max():.4f} Å")
     shapes = np.unique(np.asarray(data["blob/shape"]).reshape(n, -1), axis=0)
     if len(shapes) > 1:
         raise CryocvError(f"{path} mixes image shapes {shapes.tolist()}")
@@ -60,8 +71,12 @@ def read_cs(path: str, datadir: str | None = None) -> Particles:
         euler = matrix_to_euler(matrices)
         shift_psize = _field(data, "alignments3D/psize_A", pixel_size).astype(float)
         origin = data["alignments3D/shift"].astype(float) * shift_psize[:, None]
-        half = (_field(data, "alignments3D/split").astype(np.int8) + 1) if "alignments3D/split" in data.dtype.names \
-            else np.zeros(n, np.int8)
+        half = np.zeros(n, np.int8)
+        if "alignments3D/split" in data.dtype.names:
+            split = data["alignments3D/split"].astype(np.int64)
+            if np.any((split < 0) | (split > 1)):
+                raise CryocvError(f"{path}: alignments3D/split must be 0 or 1")
+            half = (split + 1).astype(np.int8)
     else:
         euler, origin, half = np.zeros((n, 3)), np.zeros((n, 2)), np.zeros(n, np.int8)
 
@@ -86,7 +101,8 @@ def read_cs(path: str, datadir: str | None = None) -> Particles:
 def particles_to_cs(particles: Particles, path: str) -> np.ndarray:
     """The structured array cryoSPARC expects for ``particles``."""
     n = len(particles)
-    paths = [relative_image_path(p, path) for p in particles.stack_paths]
+    # '>' marks paths relative to the .cs file's own folder (cryoSPARC's export convention)
+    paths = [">" + relative_image_path(p, path) for p in particles.stack_paths]
     path_len = max(1, max(len(p.encode()) for p in paths))
     fields = [("uid", "<u8"), ("blob/path", f"S{path_len}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
               ("blob/psize_A", "<f4"), ("blob/sign", "<f4")]

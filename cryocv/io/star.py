@@ -105,6 +105,13 @@ def read_star(path: str, datadir: str | None = None) -> Particles:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:
         raise CryocvError(f"cannot parse STAR file {path}: {exc}") from None
+    try:
+        return _particles_from_blocks(blocks, path, datadir)
+    except (ValueError, TypeError, KeyError) as exc:  # non-numeric values, missing key columns
+        raise CryocvError(f"{path}: unreadable particle metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _particles_from_blocks(blocks: dict, path: str, datadir) -> Particles:
     parts = _particle_table(blocks, path).reset_index(drop=True)
     optics = blocks.get("optics") if isinstance(blocks.get("optics"), pd.DataFrame) else None
     if "rlnImageName" not in parts.columns:
@@ -120,6 +127,8 @@ def read_star(path: str, datadir: str | None = None) -> Particles:
     for i, name in enumerate(names):
         if "@" in name:
             idx, stack = name.split("@", 1)
+            if not idx.strip().isdigit():
+                raise CryocvError(f"{path}: bad rlnImageName {name!r} on row {i + 1} (expected index@stack)")
             indices[i] = int(idx) - 1
         else:
             indices[i], stack = 0, name
@@ -148,9 +157,10 @@ def read_star(path: str, datadir: str | None = None) -> Particles:
         origin = parts[ORIGINS_PX].to_numpy(float) * pixel_size
     else:
         origin = np.zeros((len(parts), 2))
-    half = get("rlnRandomSubset", 0).astype(np.int8)
+    half = get("rlnRandomSubset", 0).astype(np.int64)
     if np.any((half < 0) | (half > 2)):
         raise CryocvError(f"{path}: rlnRandomSubset must be 1 or 2")
+    half = half.astype(np.int8)
     return Particles(
         stack_paths=stack_paths, stack_indices=indices, box_size=box, pixel_size_A=pixel_size,
         euler_deg=euler, origin_A=origin, ctf=_ctf(get, path), half_set=half,
