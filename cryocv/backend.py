@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from .errors import CryocvError
+
 try:  # CuPy is optional (extra ``[gpu]``)
     import cupy as _cupy  # type: ignore
 except Exception:  # pragma: no cover - absent on CPU-only machines
@@ -38,11 +40,9 @@ def resolve_xp(device: str = "auto"):
         return np
     if device in ("gpu", "cuda"):
         if not gpu_available():
-            from .errors import CryocvError
             raise CryocvError("--device gpu was asked for but no CUDA GPU is visible to CuPy")
         return _cupy
     if device != "auto":
-        from .errors import CryocvError
         raise CryocvError(f"unknown device {device!r} (use cpu, gpu or auto)")
     return _cupy if gpu_available() else np
 

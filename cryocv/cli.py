@@ -124,9 +124,8 @@ def main(argv=None) -> int:
     except CryocvError as exc:
         print(f"cryocv {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"cryocv {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-              file=sys.stderr)
+    except OSError as exc:  # e.g. --out names an existing file, disk full, permission denied
+        print(f"cryocv {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"cryocv {args.command}: error: out of memory; lower --batch-size", file=sys.stderr)

@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__
 from .backend import resolve_xp, to_device, to_numpy
 from .errors import CryocvError
-from .fsc import fsc_curve, resolution_at
+from .fsc import fsc_curve, gold_standard_fsc, resolution_at
 from .io.mrc import atomic_path, read_map, write_map
 from .particles import load_particles, random_half_sets, save_particles
 from .symmetry import parse_symmetry
@@ -80,7 +80,6 @@ def run_reconstruct(particles_path: str, out_dir: str, symmetry: str = "C1", mas
     from .masks import auto_threshold_mask
     from .plotting import plot_fsc
     from .reconstruct import combine_half_maps, reconstruct_half_maps
-    from .fsc import gold_standard_fsc
     started = time.time()
     symmetry = _parse_symmetry(symmetry)
     # a rerun must not leave an older finished map beside new partial outputs

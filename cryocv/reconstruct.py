@@ -60,9 +60,10 @@ def backproject(particles: Particles, xp=np, symmetry: str = "C1", batch_size: i
                 continue
             idx = to_device(np.nonzero(in_half)[0], xp)
             rot = rotations_all[sel][in_half]
+            half_values, half_weights = values[idx], weights[idx]  # gathered once for all operators
             for g in ops:
                 rot_g = to_device((rot @ g.T).astype(np.float32), xp)
-                insert_slices(*acc[half], rot_g, points, values[idx], weights[idx], padding)
+                insert_slices(*acc[half], rot_g, points, half_values, half_weights, padding)
         bar.update(len(sel))
     bar.close()
     return acc
