@@ -56,6 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     _quiet(p)
 
+    p = sub.add_parser("refine", help="gold-standard 3D refinement (global pose search; NU or uniform)",
+                       description="Refine particles against a low-resolution reference: branch-and-bound "
+                                   "global pose search, back-projection into half-set maps, non-uniform (NU, "
+                                   "default) or uniform FSC-Wiener regularization, dynamic mask, masked and "
+                                   "corrected FSC. Writes half_map_1/2.mrc, map.mrc, mask.mrc, fsc.json, fsc.png, "
+                                   "poses.png, particles.star (new poses, half-sets), nu_cutoff_A.mrc (NU), "
+                                   "per-iteration checkpoints and job.json in DIR. A killed job continues with "
+                                   "--continue DIR.")
+    p.add_argument("--particles", help="particles (.star or .cs) with CTF; poses are not needed")
+    p.add_argument("--ref", help="starting reference map (MRC), same box and pixel size as the particles")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--continue", dest="continue_dir", metavar="DIR",
+                   help="continue the refinement in DIR from its last checkpoint (other options are ignored)")
+    p.add_argument("--regularizer", choices=["nu", "uniform"], default="nu",
+                   help="nu: non-uniform cross-validated filter (default); uniform: FSC-Wiener filter")
+    p.add_argument("--sym", default="C1", help="point group: C<n>, D<n>, T, O, I (default C1)")
+    p.add_argument("--initial-lowpass-A", type=float, default=30.0, help="low-pass of the reference (default 30 Å)")
+    p.add_argument("--max-iterations", type=int, default=10,
+                   help="iterations before the final pass to Nyquist, if not converged earlier (default 10)")
+    p.add_argument("--max-shift-A", type=float, help="shift search range ± (default 10%% of the box)")
+    p.add_argument("--base-step-deg", type=float, default=15.0, help="base angular grid of the search (default 15)")
+    p.add_argument("--fine-step-deg", type=float, default=0.5, help="finest angular step (default 0.5)")
+    p.add_argument("--candidates", type=int, default=8, help="poses kept per image at each search level (default 8)")
+    p.add_argument("--nu-cutoffs", type=int, default=50, help="NU: candidate cutoffs (default 50)")
+    p.add_argument("--nu-order", type=int, default=8, help="NU: Butterworth filter order (default 8)")
+    p.add_argument("--nu-awf", type=float, default=3.0, help="NU: adaptive window factor (default 3)")
+    p.add_argument("--nu-plain-cv", action="store_true",
+                   help="NU: the paper's plain quarter-map CV loss, without the correction for the quarter-maps' "
+                        "extra noise")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: from the memory budget)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the half-set and quarter-set splits (default 0)")
+    p.add_argument("--datadir", help="extra folder to look for image stacks in")
+    p.add_argument("--gpu", metavar="IDS", help="GPU number(s) to use, e.g. 0 (implies --device gpu)")
+    _device(p)
+    _quiet(p)
+
     p = sub.add_parser("fsc", help="FSC between two maps",
                        description="Print the resolution where the FSC of two maps crosses 0.143 and 0.5.")
     p.add_argument("map1")
@@ -98,6 +134,10 @@ def _run(args) -> int:
                                       datadir=args.datadir, progress=not args.quiet)
         print(f"gold-standard resolution {report['resolution_A']:.2f} Å (FSC 0.143); "
               f"map: {args.out}/map.mrc, plot: {args.out}/fsc.png")
+    elif args.command == "refine":
+        report = _refine(args)
+        print(f"gold-standard resolution {report['resolution_A']:.2f} Å (FSC 0.143, masked, corrected); "
+              f"map: {args.out}/map.mrc, plots: {args.out}/fsc.png, {args.out}/poses.png")
     elif args.command == "fsc":
         result = jobs.run_fsc(args.map1, args.map2, args.mask, args.pixel_size_A)
         if args.json:
@@ -115,6 +155,25 @@ def _run(args) -> int:
         print(f"map: {args.out}/reconstruct/map.mrc")
         print(f"FSC plot: {args.out}/reconstruct/fsc.png")
     return 0
+
+
+def _refine(args) -> dict:
+    from . import jobs
+    from .refine import RefineParams
+    if args.continue_dir:
+        args.out = args.continue_dir
+        return jobs.run_refine(None, None, args.continue_dir, resume=True, progress=not args.quiet)
+    missing = [flag for flag, value in (("--particles", args.particles), ("--ref", args.ref), ("--out", args.out))
+               if not value]
+    if missing:
+        raise CryocvError(f"refine needs {', '.join(missing)} (or --continue DIR)")
+    params = RefineParams(regularizer=args.regularizer, symmetry=args.sym, initial_lowpass_A=args.initial_lowpass_A,
+                          max_iterations=args.max_iterations, base_step_deg=args.base_step_deg,
+                          fine_step_deg=args.fine_step_deg, max_shift_A=args.max_shift_A,
+                          n_candidates=args.candidates, nu_cutoffs=args.nu_cutoffs, nu_order=args.nu_order,
+                          nu_awf=args.nu_awf, nu_half_map_noise=not args.nu_plain_cv, batch_size=args.batch_size, seed=args.seed)
+    return jobs.run_refine(args.particles, args.ref, args.out, params, device=args.device, gpu_ids=args.gpu,
+                           datadir=args.datadir, progress=not args.quiet)
 
 
 def main(argv=None) -> int:

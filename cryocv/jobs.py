@@ -185,3 +185,155 @@ def run_demo(out_dir: str, n: int = 3000, snr: float = 0.05, device: str = "auto
     curve = fsc_curve(full, truth)
     report["resolution_vs_truth_0.5_A"] = resolution_at(curve, 0.5, truth.shape[0], px)
     return report
+
+
+class JobLog:
+    """Log lines to stdout (through tqdm, so bars stay intact) and to ``run.log`` in the job folder."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, message: str):
+        from tqdm.auto import tqdm
+        tqdm.write(message)
+        with open(self.path, "a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}\n")
+
+
+def _select_gpu(gpu_ids):
+    """Use the first of ``gpu_ids`` ("0", "0,1") as the CuPy device; returns the ids."""
+    if gpu_ids is None:
+        return None
+    try:
+        ids = [int(i) for i in str(gpu_ids).replace(" ", "").split(",") if i != ""]
+    except ValueError:
+        raise CryocvError(f"--gpu takes device numbers like 0 or 0,1; got {gpu_ids!r}") from None
+    if not ids:
+        raise CryocvError("--gpu needs at least one device number")
+    from .backend import gpu_available
+    if not gpu_available():
+        raise CryocvError("--gpu was given but no CUDA GPU is visible to CuPy")
+    import cupy
+    count = cupy.cuda.runtime.getDeviceCount()
+    bad = [i for i in ids if not 0 <= i < count]
+    if bad:
+        raise CryocvError(f"--gpu {gpu_ids}: this machine has GPUs 0..{count - 1}")
+    cupy.cuda.Device(ids[0]).use()
+    return ids
+
+
+REFINE_CONFIG = "refine_config.json"
+
+
+def run_refine(particles_path: str | None, reference_path: str | None, out_dir: str, params=None,
+               device: str = "auto", gpu_ids=None, datadir=None, resume: bool = False,
+               progress: bool = True) -> dict:
+    """Gold-standard refinement job (see :mod:`cryocv.refine`); ``resume`` continues ``out_dir``
+    from its last checkpoint with the settings it was started with."""
+    from dataclasses import asdict
+    from .plotting import plot_fsc, plot_poses
+    from .refine import CheckpointStore, RefineParams, initial_state, pose_change_deg, refine
+    started = time.time()
+    config_path = os.path.join(out_dir, REFINE_CONFIG)
+    store = CheckpointStore(out_dir)
+    if resume:
+        if not os.path.isfile(config_path):
+            raise CryocvError(f"{out_dir} holds no refinement to continue (no {REFINE_CONFIG})")
+        with open(config_path) as handle:
+            config = json.load(handle)
+        particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
+        params = RefineParams(**config["parameters"])
+        device, gpu_ids = config["device"], config["gpu"]
+    else:
+        params = params or RefineParams()
+        params.validate()
+        params.symmetry = _parse_symmetry(params.symmetry)
+        if os.path.isfile(os.path.join(out_dir, "checkpoint.json")):
+            raise CryocvError(f"{out_dir} already holds a refinement: continue it with --continue {out_dir} "
+                              f"or choose another --out")
+    ids = _select_gpu(gpu_ids)
+    xp = resolve_xp("gpu" if ids else device)
+    particles = load_particles(particles_path, datadir)
+    particles.check_metadata()
+    particles.check_images()
+    if particles.ctf is None:
+        raise CryocvError(f"{particles_path} has no CTF parameters (rlnDefocusU...): refinement needs them")
+    reference, reference_px = read_map(reference_path)
+    _check_map(reference, reference_path)
+    os.makedirs(out_dir, exist_ok=True)
+    log = JobLog(os.path.join(out_dir, "run.log"))
+    if not resume:
+        for stale in ("map.mrc", "job.json"):
+            if os.path.isfile(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        write_json(config_path, {"particles": os.path.abspath(particles_path),
+                                 "reference": os.path.abspath(reference_path),
+                                 "datadir": datadir, "device": device, "gpu": gpu_ids, "parameters": asdict(params)})
+    state = store.load_latest() if resume else None
+    if np.all(particles.half_set == 0):  # seeded: a resumed job gets the same split
+        particles.half_set = random_half_sets(len(particles), params.seed)
+        log(f"no rlnRandomSubset in {particles_path}: split the particles at random into two half-sets "
+            f"(seed {params.seed}); particles.star records the split")
+    elif np.any(particles.half_set == 0):
+        raise CryocvError(f"{particles_path}: some particles have rlnRandomSubset and others not")
+    for half in (1, 2):
+        if np.count_nonzero(particles.half_set == half) < 2:
+            raise CryocvError(f"half-set {half} has fewer than 2 particles; refinement needs both half-sets")
+    input_rotations = particles.rotations if particles.has_alignment else None
+    if state is None:
+        state = initial_state(reference, reference_px, particles, params)
+        log(f"refining {len(particles)} particles ({particles.box_size} px, {particles.pixel_size_A:.3f} Å/px), "
+            f"{params.regularizer.upper()} regularizer, symmetry {params.symmetry}, start low-passed to "
+            f"{params.initial_lowpass_A:g} Å, on {'GPU ' + str(ids[0]) if ids else ('GPU' if xp is not np else 'CPU')}")
+        if ids and len(ids) > 1:
+            log(f"  note: using GPU {ids[0]} of {ids}; multi-GPU refinement is not implemented yet")
+    else:
+        log(f"continuing from the checkpoint of iteration {state.iteration} ({state.resolution_A:.2f} Å)")
+    if not state.final_done:
+        state, maps, _ = refine(particles, state, params, xp, store, progress=progress, log=log)
+        half_maps, mask, report, full = ([to_numpy(m) for m in maps.half_maps],
+                                         None if maps.mask is None else to_numpy(maps.mask), maps.report,
+                                         to_numpy(maps.full_map))
+        cutoff_A = maps.cutoff_A
+    else:
+        half_maps, mask, report, full, cutoff_A = _final_from_checkpoint(store, state, particles.pixel_size_A)
+    particles.euler_deg = state.euler_deg.astype(np.float64)
+    particles.origin_A = state.origin_A.astype(np.float64)
+    particles.has_alignment = True
+    px = particles.pixel_size_A
+    report.update(symmetry=params.symmetry, n_particles=len(particles), regularizer=params.regularizer,
+                  iterations=state.history)
+    write_map(os.path.join(out_dir, "half_map_1.mrc"), half_maps[0], px)
+    write_map(os.path.join(out_dir, "half_map_2.mrc"), half_maps[1], px)
+    if mask is not None:
+        write_map(os.path.join(out_dir, "mask.mrc"), mask, px)
+    if cutoff_A is not None:
+        write_map(os.path.join(out_dir, "nu_cutoff_A.mrc"), cutoff_A, px)
+    save_particles(particles, os.path.join(out_dir, "particles.star"))
+    write_json(os.path.join(out_dir, "fsc.json"), report)
+    title = (f"{len(particles)} particles, {params.regularizer.upper()}, {params.symmetry}: "
+             f"{report['resolution_A']:.2f} Å")
+    plot_fsc(report, os.path.join(out_dir, "fsc.png"), title=title)
+    change_vs_input = (None if input_rotations is None
+                       else pose_change_deg(particles.rotations, input_rotations, params.symmetry))
+    plot_poses(particles.euler_deg, os.path.join(out_dir, "poses.png"), state.history, change_vs_input,
+               title=f"{len(particles)} particles after {state.iteration} iterations")
+    write_json(os.path.join(out_dir, "job.json"), _job_record("refine", {
+        "particles": os.path.abspath(particles_path), "reference": os.path.abspath(reference_path),
+        "resumed": resume, **asdict(params)}, xp, started))
+    write_map(os.path.join(out_dir, "map.mrc"), full, px)  # last: marks the job finished
+    log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
+        f"{state.iteration} iterations; map {os.path.join(out_dir, 'map.mrc')}")
+    return report
+
+
+def _final_from_checkpoint(store, state, pixel_size_A: float):
+    """Outputs of a refinement whose final pass was checkpointed before the process stopped."""
+    folder = store.folder(state.iteration)
+    halves = [read_map(os.path.join(folder, f"half_map_{h}.mrc"))[0] for h in (1, 2)]
+    with open(os.path.join(folder, "fsc.json")) as handle:
+        report = json.load(handle)
+    full = read_map(os.path.join(folder, "map.mrc"))[0]
+    cutoff_path = os.path.join(folder, "nu_cutoff_A.mrc")
+    cutoff = read_map(cutoff_path)[0] if os.path.isfile(cutoff_path) else None
+    return halves, state.mask, report, full, cutoff

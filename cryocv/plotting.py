@@ -1,4 +1,4 @@
-"""Figures (matplotlib, Agg backend): FSC curves."""
+"""Figures (matplotlib, Agg backend): FSC curves and pose diagnostics."""
 from __future__ import annotations
 
 import matplotlib
@@ -35,6 +35,48 @@ def plot_fsc(report: dict, path: str, title: str = "Gold-standard FSC"):
     top.set_xticklabels([f"{1 / t:.1f}" for t in ticks])
     top.set_xlabel("resolution (Å)")
     ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_poses(euler_deg, path: str, history=None, change_vs_input_deg=None, title: str = "Poses"):
+    """Pose diagnostics to ``path`` (PNG): viewing-direction distribution (rot/tilt,
+    Hammer projection), per-iteration resolution and median pose change, and the
+    per-particle pose change from the input alignment when given."""
+    euler = np.asarray(euler_deg, dtype=float)
+    panels = 2 + (change_vs_input_deg is not None)
+    fig = plt.figure(figsize=(4.6 * panels, 3.8), dpi=110)
+    ax = fig.add_subplot(1, panels, 1, projection="hammer")
+    lon = np.deg2rad((euler[:, 0] + 180) % 360 - 180)
+    lat = np.deg2rad(90 - euler[:, 1])
+    counts, xedges, yedges = np.histogram2d(lon, lat, bins=[72, 36], range=[[-np.pi, np.pi], [-np.pi / 2, np.pi / 2]])
+    mesh = ax.pcolormesh(xedges, yedges, counts.T, cmap="viridis", shading="flat")
+    fig.colorbar(mesh, ax=ax, orientation="horizontal", pad=0.08, fraction=0.05, label="particles")
+    ax.set_title("viewing directions (rot, 90−tilt)", fontsize=9)
+    ax.tick_params(labelsize=6)
+    ax = fig.add_subplot(1, panels, 2)
+    if history:
+        iters = [h["iteration"] for h in history]
+        ax.plot(iters, [h["resolution_A"] for h in history], "o-", color="tab:blue", label="resolution (Å)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("resolution (Å)", color="tab:blue")
+        twin = ax.twinx()
+        changes = [(h["iteration"], h["pose_change_median_deg"]) for h in history if "pose_change_median_deg" in h]
+        if changes:
+            twin.plot(*zip(*changes), "s--", color="tab:red")
+            twin.set_ylabel("median pose change (°)", color="tab:red")
+        ax.set_title("convergence", fontsize=9)
+    if change_vs_input_deg is not None:
+        ax = fig.add_subplot(1, panels, 3)
+        change = np.asarray(change_vs_input_deg)
+        ax.hist(change, bins=np.linspace(0, max(float(np.percentile(change, 99)), 1.0), 50), color="tab:gray")
+        ax.axvline(np.median(change), color="tab:red", ls=":")
+        ax.set_xlabel("pose change from input alignment (°)")
+        ax.set_ylabel("particles")
+        ax.set_title(f"median {np.median(change):.2f}°", fontsize=9)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -34,6 +34,16 @@ def prepare_images_ft(images, origin_px, ctf_matrix, pixel_size_A: float):
     return ft, ctf
 
 
+def insert_with_symmetry(accumulator, rotations, points, values, weights, operators, padding: int = DEFAULT_PADDING):
+    """Insert a batch once per symmetry operator g at pose ``A·gᵀ`` into ``accumulator``
+    (data, weight); ``rotations`` (B, 3, 3) on the accumulator's device, ``operators``
+    (G, 3, 3) numpy; ``values``/``weights`` (B, M) at ``points``."""
+    xp = get_array_module(rotations)
+    for g in operators:
+        rot_g = xp.matmul(rotations, xp.asarray(g.T.astype(np.float32)))
+        insert_slices(*accumulator, rot_g, points, values, weights, padding)
+
+
 def backproject(particles: Particles, xp=np, symmetry: str = "C1", batch_size: int = 256,
                 padding: int = DEFAULT_PADDING, progress: bool = True):
     """Accumulate every particle into its half-set: returns {1: (data, weight), 2: (data, weight)}
@@ -59,11 +69,8 @@ def backproject(particles: Particles, xp=np, symmetry: str = "C1", batch_size: i
             if not in_half.any():
                 continue
             idx = to_device(np.nonzero(in_half)[0], xp)
-            rot = rotations_all[sel][in_half]
-            half_values, half_weights = values[idx], weights[idx]  # gathered once for all operators
-            for g in ops:
-                rot_g = to_device((rot @ g.T).astype(np.float32), xp)
-                insert_slices(*acc[half], rot_g, points, half_values, half_weights, padding)
+            rot = to_device(rotations_all[sel][in_half].astype(np.float32), xp)
+            insert_with_symmetry(acc[half], rot, points, values[idx], weights[idx], ops, padding)
         bar.update(len(sel))
     bar.close()
     return acc

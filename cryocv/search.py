@@ -1,0 +1,268 @@
+"""Global pose search: coarse-to-fine branch-and-bound over SO(3) × shifts
+(Punjani, Rubinstein, Fleet & Brubaker, Nat. Methods 14, 290 (2017)).
+
+Score of image X (half-plane FT, CTF C) at pose (A, t) against reference slices P:
+whitened by a per-shell noise variance σ²(k) and counting each half-plane
+point for itself and its Friedel mate (weight w(k) = 2 for kx > 0, else 1),
+
+    c = Σ_k w(k)/σ²(k) · Re( conj(P_A(k)) · C(k) · X_t(k) ),   n = Σ_k w(k)/σ²(k) · C(k)² |P_A(k)|²,
+    score = c / √n,
+
+where ``X_t`` is X re-centred by shift t (RELION's origin, content moved by +t).
+``c/√n`` is the Gaussian log-likelihood maximised over a per-image amplitude
+scale (up to a pose-independent term), so references and images need no
+common intensity scale. The DC term is left out.
+
+Search (one level = one frequency cutoff r):
+1. base level: every rotation of a ~15° SO(3) grid × a grid of shifts, scored at
+   a low cutoff as one matrix product per batch (images·shifts × rotations);
+2. keep the best ``n_candidates`` (rotation, best shift) per image; the rest are
+   pruned;
+3. subdivide each kept rotation into 8 children (axis-angle offsets ±step/4 on
+   each axis) and its shift into 4 children (±step/4), halve both steps, raise
+   the cutoff so that r·step stays constant, score the children as batched
+   products, keep the best again;
+4. stop when the rotation step reaches the fine alignment step.
+All arrays live on the device of the reference (numpy or CuPy).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_array_module, to_device
+from .geometry import axis_angle_to_matrix, euler_to_matrix, so3_grid
+from .projector import DEFAULT_PADDING, FrequencyPoints, extract_slices, frequency_points
+
+# r·step (px·rad) that keeps the angular grid adequate for the cutoff: a pose off by
+# half a step moves the outermost scored frequency by < 1 pixel
+CUTOFF_TIMES_STEP = 1.5
+
+
+@dataclass
+class SearchParams:
+    """Branch-and-bound settings (angles in degrees, shifts in pixels)."""
+
+    base_step_deg: float = 15.0
+    fine_step_deg: float = 0.5          # never subdivide below this
+    max_shift_px: float = 5.0           # base shift grid spans ±max_shift_px
+    n_candidates: int = 8               # kept per image at each level
+    min_cutoff_px: float = 4.0          # base level never scores fewer shells than this
+
+
+@dataclass
+class SearchLevel:
+    rotation_step_rad: float
+    shift_step_px: float
+    cutoff_px: float
+
+
+def search_schedule(box_size: int, alignment_cutoff_px: float, params: SearchParams) -> list[SearchLevel]:
+    """Levels of the search for alignment up to ``alignment_cutoff_px`` (Fourier radius, px).
+
+    Rotation steps halve from ``base_step_deg`` until the step is at most
+    ``max(fine_step_deg, 0.5 / cutoff)`` (finer steps move no scored frequency
+    by a useful fraction of a pixel); cutoffs are ``1.5 / step`` capped at the
+    alignment cutoff; shift steps start at N/(4·r₀) px and halve too.
+    """
+    nyquist = box_size / 2
+    cutoff_max = float(min(max(alignment_cutoff_px, params.min_cutoff_px), nyquist))
+    final_step = max(math.radians(params.fine_step_deg), 0.5 / cutoff_max)
+    step = math.radians(params.base_step_deg)
+    base_cutoff = min(max(CUTOFF_TIMES_STEP / step, params.min_cutoff_px), cutoff_max)
+    shift_step = max(min(box_size / (4.0 * base_cutoff), max(params.max_shift_px, 0.5)), 0.5)
+    levels = [SearchLevel(step, shift_step, base_cutoff)]
+    while step > final_step * (1 + 1e-6):
+        step /= 2
+        shift_step /= 2
+        levels.append(SearchLevel(step, shift_step, min(max(CUTOFF_TIMES_STEP / step, base_cutoff), cutoff_max)))
+    return levels
+
+
+def shift_grid(max_shift_px: float, step_px: float) -> np.ndarray:
+    """Square grid of shifts (T, 2) within ±max_shift_px (disc), step ``step_px``; includes 0."""
+    n = int(math.floor(max_shift_px / step_px + 1e-6))
+    offsets = np.arange(-n, n + 1) * step_px
+    sx, sy = np.meshgrid(offsets, offsets, indexing="xy")
+    grid = np.stack([sx.ravel(), sy.ravel()], axis=1)
+    keep = np.hypot(grid[:, 0], grid[:, 1]) <= max_shift_px + 1e-6 + step_px * 0.5
+    return grid[keep].astype(np.float32)
+
+
+_CHILD_SIGNS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+_SHIFT_SIGNS = np.array([[sx, sy] for sx in (-1, 1) for sy in (-1, 1)], dtype=np.float32)
+
+
+def rotation_children(rotations, step_rad: float):
+    """8 children of each rotation cell: ``Δ(δ)·A`` with axis-angle δ ∈ {±step/4}³.
+
+    ``rotations`` (..., 3, 3) → (..., 8, 3, 3), same array module.
+    """
+    xp = get_array_module(rotations)
+    deltas = to_device(axis_angle_to_matrix(_CHILD_SIGNS * (step_rad / 4)).astype(np.float32), xp)
+    return xp.matmul(deltas, rotations[..., None, :, :])
+
+
+def shift_children(shifts, step_px: float):
+    """4 children of each shift cell: ``t + {±step/4}²``; (..., 2) → (..., 4, 2)."""
+    xp = get_array_module(shifts)
+    return shifts[..., None, :] + xp.asarray(_SHIFT_SIGNS * (step_px / 4))
+
+
+def point_weights(points: FrequencyPoints, noise_var_shell):
+    """w(k)/σ²(k) per point (M,): Friedel multiplicity over the shell noise variance; 0 at DC.
+
+    ``noise_var_shell`` (N//2+1,) per integer shell, on the points' device.
+    """
+    xp = get_array_module(points.kx)
+    shell = xp.minimum(xp.rint(xp.sqrt(points.kx ** 2 + points.ky ** 2)).astype(xp.int32),
+                       noise_var_shell.shape[0] - 1)
+    mult = xp.where(points.kx > 0, 2.0, 1.0).astype(xp.float32)
+    weights = mult / xp.maximum(noise_var_shell[shell], 1e-30).astype(xp.float32)
+    return xp.where(shell == 0, 0.0, weights).astype(xp.float32)
+
+
+def shift_phases(points: FrequencyPoints, shifts_px):
+    """Phase factors (..., M) that re-centre an image by ``shifts_px`` (..., 2)
+    (as :func:`cryocv.fourier.phase_shift_images`: content moves by +shift)."""
+    xp = get_array_module(shifts_px)
+    n = points.box_size
+    phase = (-2.0 * np.pi / n) * (shifts_px[..., 0:1] * points.kx + shifts_px[..., 1:2] * points.ky)
+    return (xp.cos(phase) + 1j * xp.sin(phase)).astype(xp.complex64)
+
+
+@dataclass
+class ImageTerms:
+    """Per-image quantities at one cutoff: ``data`` (B, M) = w/σ²·C·X (complex64) and
+    ``ctf2`` (B, M) = w/σ²·C² (float32)."""
+
+    data: object
+    ctf2: object
+
+
+def image_terms(images_ft, ctf, points: FrequencyPoints, weights) -> ImageTerms:
+    """Gather whitened, CTF-multiplied image terms at ``points``.
+
+    ``images_ft`` (B, N, N//2+1) raw (not re-centred); ``ctf`` same shape or None.
+    """
+    xp = get_array_module(images_ft)
+    x = points.gather(images_ft)
+    if ctf is None:
+        return ImageTerms((x * weights).astype(xp.complex64), xp.broadcast_to(weights, x.shape).astype(xp.float32))
+    c = points.gather(ctf)
+    return ImageTerms((x * (c * weights)).astype(xp.complex64), (c * c * weights).astype(xp.float32))
+
+
+def _complex_cross(a, p):
+    """Re(a · conj(p)ᵀ) as real matrix products: a (..., S, M), p (..., R, M) → (..., S, R)."""
+    xp = get_array_module(a)
+    return xp.matmul(a.real, xp.swapaxes(p.real, -1, -2)) + xp.matmul(a.imag, xp.swapaxes(p.imag, -1, -2))
+
+
+def score_base(terms: ImageTerms, slices, phases):
+    """Base level: every image × shift × rotation.
+
+    ``slices`` (R, M) reference slices, ``phases`` (T, M) shift factors →
+    scores (B, T, R) float32.
+    """
+    xp = get_array_module(slices)
+    b, m = terms.data.shape
+    t = phases.shape[0]
+    shifted = (terms.data[:, None, :] * phases[None]).reshape(b * t, m)
+    cross = _complex_cross(shifted, slices).reshape(b, t, -1)
+    norm = xp.matmul(terms.ctf2, (slices.real ** 2 + slices.imag ** 2).T)  # (B, R)
+    return (cross / xp.sqrt(xp.maximum(norm, 1e-30))[:, None, :]).astype(xp.float32)
+
+
+def score_children(terms: ImageTerms, slices, phases):
+    """Subdivision level: per image and candidate, shift children × rotation children.
+
+    ``slices`` (B, K, Rc, M), ``phases`` (B, K, Sc, M) → scores (B, K, Sc, Rc).
+    """
+    xp = get_array_module(slices)
+    shifted = terms.data[:, None, None, :] * phases                           # (B, K, Sc, M)
+    cross = _complex_cross(shifted, slices)                                    # (B, K, Sc, Rc)
+    power = slices.real ** 2 + slices.imag ** 2                                # (B, K, Rc, M)
+    norm = xp.matmul(power, terms.ctf2[:, None, :, None])[..., 0]              # (B, K, Rc)
+    return (cross / xp.sqrt(xp.maximum(norm, 1e-30))[:, :, None, :]).astype(xp.float32)
+
+
+def _top_k(scores, k: int):
+    """Indices (B, k) of the k largest entries of each row of (B, L), best first."""
+    xp = get_array_module(scores)
+    k = min(k, scores.shape[1])
+    if k < scores.shape[1]:
+        idx = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        idx = xp.broadcast_to(xp.arange(scores.shape[1]), scores.shape).copy()
+    order = xp.argsort(-xp.take_along_axis(scores, idx, axis=1), axis=1)
+    return xp.take_along_axis(idx, order, axis=1)
+
+
+class BaseGrid:
+    """Base-level rotations and their reference slices for one reference, reused by all batches."""
+
+    def __init__(self, volume_ft, box_size: int, level: SearchLevel, params: SearchParams,
+                 padding: int = DEFAULT_PADDING):
+        xp = get_array_module(volume_ft)
+        self.rotations = to_device(euler_to_matrix(so3_grid(math.degrees(level.rotation_step_rad)))
+                                   .astype(np.float32), xp)
+        self.points = frequency_points(box_size, level.cutoff_px, xp)
+        self.slices = extract_slices(volume_ft, self.rotations, self.points, padding)
+        self.shifts = to_device(shift_grid(params.max_shift_px, level.shift_step_px), xp)
+        self.phases = shift_phases(self.points, self.shifts)
+
+
+@dataclass
+class SearchResult:
+    """Best pose per image: ``rotations`` (B, 3, 3), ``shifts_px`` (B, 2) (RELION origin in
+    pixels: re-centre by +shift), ``scores`` (B,) at the last level's cutoff."""
+
+    rotations: object
+    shifts_px: object
+    scores: object
+
+
+def search_poses(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLevel], params: SearchParams,
+                 base: BaseGrid | None = None, padding: int = DEFAULT_PADDING) -> SearchResult:
+    """Branch-and-bound search of a batch of images against one reference.
+
+    ``volume_ft`` from :func:`cryocv.projector.prepare_volume`; ``images_ft``
+    (B, N, N//2+1) raw half-plane FTs; ``ctf`` same shape or None;
+    ``noise_var_shell`` (N//2+1,). ``base`` caches the base level across batches.
+    """
+    xp = get_array_module(volume_ft)
+    n = images_ft.shape[-2]
+    b = images_ft.shape[0]
+    if base is None:
+        base = BaseGrid(volume_ft, n, levels[0], params, padding)
+    k = params.n_candidates
+    terms = image_terms(images_ft, ctf, base.points, point_weights(base.points, noise_var_shell))
+    scores = score_base(terms, base.slices, base.phases)                      # (B, T, R)
+    best_shift = xp.argmax(scores, axis=1)                                    # (B, R)
+    best = xp.max(scores, axis=1)
+    keep = _top_k(best, k)                                                    # (B, K)
+    rotations = base.rotations[keep]                                          # (B, K, 3, 3)
+    shifts = base.shifts[xp.take_along_axis(best_shift, keep, axis=1)]        # (B, K, 2)
+    kept_scores = xp.take_along_axis(best, keep, axis=1)
+    for level, previous in zip(levels[1:], levels[:-1]):
+        points = frequency_points(n, level.cutoff_px, xp)
+        terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
+        rot_children = rotation_children(rotations, previous.rotation_step_rad)      # (B, K, 8, 3, 3)
+        sh_children = shift_children(shifts, previous.shift_step_px)                # (B, K, 4, 2)
+        kk = rotations.shape[1]
+        slices = extract_slices(volume_ft, rot_children.reshape(-1, 3, 3), points, padding)
+        slices = slices.reshape(b, kk, 8, -1)
+        phases = shift_phases(points, sh_children)                                   # (B, K, 4, M)
+        child_scores = score_children(terms, slices, phases)                          # (B, K, 4, 8)
+        shift_pick = xp.argmax(child_scores, axis=2)                                  # (B, K, 8)
+        child_best = xp.max(child_scores, axis=2).reshape(b, kk * 8)
+        keep = _top_k(child_best, k)
+        rotations = rot_children.reshape(b, kk * 8, 3, 3)[xp.arange(b)[:, None], keep]
+        pick = xp.take_along_axis(shift_pick.reshape(b, kk * 8), keep, axis=1)
+        parent = keep // 8
+        shifts = sh_children[xp.arange(b)[:, None], parent, pick]
+        kept_scores = xp.take_along_axis(child_best, keep, axis=1)
+    return SearchResult(rotations[:, 0], shifts[:, 0], kept_scores[:, 0])
