@@ -141,9 +141,13 @@ class ImageSource:
         return self.cache[to_device(index, xp)]
 
 
+SEARCH_BUDGET_GPU_BYTES = 12 << 30
+
+
 def memory_budget_bytes(xp) -> int:
-    """Working-memory budget for batches: 40% of free GPU memory, or 1 GiB on the CPU."""
-    return int(0.4 * free_gpu_memory_bytes()) if xp is not np else 1 << 30
+    """Working-memory budget for the search's batches: 40% of free GPU memory capped at
+    12 GiB (enough for full-size batches at box 256), or 1 GiB on the CPU."""
+    return int(min(0.4 * free_gpu_memory_bytes(), SEARCH_BUDGET_GPU_BYTES)) if xp is not np else 1 << 30
 
 
 def auto_batch_size(box_size: int, n_base_rotations: int, n_base_shifts: int, n_candidates: int,
@@ -300,7 +304,8 @@ class MapResult:
     half_maps: list             # two unfiltered half-maps
     mask: object                # dynamic mask from the references' average (None if empty)
     report: dict                # gold-standard FSC of the unfiltered half-maps, masked and corrected
-    full_map: object            # FSC-weighted average (uniform: unfiltered halves; NU: filtered halves)
+    full_map: object            # FSC-weighted average of the unfiltered half-maps
+    nu_filtered_map: object     # NU: average of the NU-filtered half-maps (locally low-passed), else None
     cutoff_A: np.ndarray | None  # NU: chosen cutoff per voxel (Å), mean of the two halves in frequency
 
 
@@ -336,9 +341,9 @@ def regularize_and_assess(accumulators: dict, box_size: int, pixel_size_A: float
     except ValueError:
         mask = None
     report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
-    shown = raw if params.regularizer == "uniform" else regularized
-    full = combine_half_maps(shown[0], shown[1], report.get("fsc_corrected", report["fsc_unmasked"]))
-    return MapResult(regularized, raw, mask, report, full, cutoff_A)
+    full = combine_half_maps(raw[0], raw[1], report.get("fsc_corrected", report["fsc_unmasked"]))
+    nu_map = average if params.regularizer == "nu" else None
+    return MapResult(regularized, raw, mask, report, full, nu_map, cutoff_A)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -406,6 +411,7 @@ class CheckpointStore:
             write_map(os.path.join(folder, "mask.mrc"), state.mask, pixel_size_A)
         if maps.cutoff_A is not None:
             write_map(os.path.join(folder, "nu_cutoff_A.mrc"), maps.cutoff_A, pixel_size_A)
+            write_map(os.path.join(folder, "map_nu_filtered.mrc"), to_numpy(maps.nu_filtered_map), pixel_size_A)
         poses = os.path.join(folder, "poses.npz")
         with open(poses + ".tmp", "wb") as handle:
             np.savez(handle, euler_deg=state.euler_deg, origin_A=state.origin_A, half_set=half_set,

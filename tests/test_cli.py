@@ -148,6 +148,22 @@ def test_rerun_failure_leaves_no_stale_finished_map(simulated_dir, tmp_path):
 
 def test_help_documents_every_subcommand():
     r = cryocv("--help")
-    for sub in ("simulate", "reconstruct", "fsc", "convert", "demo"):
+    for sub in ("simulate", "reconstruct", "refine", "fsc", "convert", "demo"):
         assert sub in r.stdout
     assert "--snr" in cryocv("simulate", "--help").stdout
+    assert "--regularizer" in cryocv("refine", "--help").stdout
+
+
+def test_refine_rejects_bad_input_with_one_line(simulated_dir, truth_map, tmp_path):
+    star = os.path.join(simulated_dir, "particles.star")
+    r = cryocv("refine", "--particles", star, "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "--ref" in r.stderr and "Traceback" not in r.stderr
+    small = str(tmp_path / "small.mrc")
+    write_map(small, np.zeros((24, 24, 24), np.float32) + 1, 2.0)
+    r = cryocv("refine", "--particles", star, "--ref", small, "--out", str(tmp_path / "b"), "--device", "cpu")
+    assert r.returncode == 2 and "24 px" in r.stderr and "32 px" in r.stderr
+    r = cryocv("refine", "--particles", star, "--ref", truth_map, "--out", str(tmp_path / "c"), "--sym", "X7")
+    assert r.returncode == 2 and "X7" in r.stderr
+    r = cryocv("refine", "--continue", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "no refinement to continue" in r.stderr
+    assert not os.path.exists(str(tmp_path / "b" / "map.mrc"))
