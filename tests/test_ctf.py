@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from cryocv.ctf import CTFParams, ctf_half_plane, electron_wavelength_A, evaluate_ctf
 

@@ -5,7 +5,6 @@
 2. particles made by cryocv simulate, reconstructed by relion_reconstruct --ctf, do
    the same against cryocv's own reconstruction.
 """
-import os
 import subprocess
 
 import numpy as np
