@@ -241,7 +241,7 @@ def run_refine(particles_path: str | None, reference_path: str | None, out_dir: 
     from its last checkpoint with the settings it was started with."""
     from dataclasses import asdict
     from .plotting import plot_fsc, plot_poses
-    from .refine import CheckpointStore, RefineParams, initial_state, pose_change_deg, refine
+    from .refine import CheckpointStore, RefineParams, initial_state, refine
     started = time.time()
     config_path = os.path.join(out_dir, REFINE_CONFIG)
     store = CheckpointStore(out_dir)
@@ -288,7 +288,6 @@ def run_refine(particles_path: str | None, reference_path: str | None, out_dir: 
     for half in (1, 2):
         if np.count_nonzero(particles.half_set == half) < 2:
             raise CryocvError(f"half-set {half} has fewer than 2 particles; refinement needs both half-sets")
-    input_rotations = particles.rotations if particles.has_alignment else None
     if state is None:
         state = initial_state(reference, reference_px, particles, params)
         log(f"refining {len(particles)} particles ({particles.box_size} px, {particles.pixel_size_A:.3f} Å/px), "
@@ -325,10 +324,7 @@ def run_refine(particles_path: str | None, reference_path: str | None, out_dir: 
     title = (f"{len(particles)} particles, {params.regularizer.upper()}, {params.symmetry}: "
              f"{report['resolution_A']:.2f} Å")
     plot_fsc(report, os.path.join(out_dir, "fsc.png"), title=title)
-    change_vs_input = (None if input_rotations is None
-                       else pose_change_deg(particles.rotations, input_rotations, params.symmetry))
-    plot_poses(particles.euler_deg, os.path.join(out_dir, "poses.png"), state.history, change_vs_input,
-               title=f"{len(particles)} particles after {state.iteration} iterations")
+    plot_poses(**refine_pose_diagnostics(out_dir), path=os.path.join(out_dir, "poses.png"))
     write_json(os.path.join(out_dir, "job.json"), _job_record("refine", {
         "particles": os.path.abspath(particles_path), "reference": os.path.abspath(reference_path),
         "resumed": resume, **asdict(params)}, xp, started))
@@ -336,6 +332,27 @@ def run_refine(particles_path: str | None, reference_path: str | None, out_dir: 
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
         f"{state.iteration} iterations; map {os.path.join(out_dir, 'map.mrc')}")
     return report
+
+
+def refine_pose_diagnostics(job_dir: str) -> dict:
+    """What the pose plot of a refine job shows, read from its files: ``euler_deg``
+    (n, 3) refined poses, ``history`` (per-iteration resolution and pose change),
+    ``change_vs_input_deg`` (n,) angle (°, smallest over the symmetry group) between
+    each refined pose and the input alignment (None if the input had none), ``title``.
+    Keyword arguments of :func:`cryocv.plotting.plot_poses` / ``draw_poses``."""
+    from .refine import pose_change_deg
+    with open(os.path.join(job_dir, REFINE_CONFIG)) as handle:
+        config = json.load(handle)
+    with open(os.path.join(job_dir, "fsc.json")) as handle:
+        report = json.load(handle)
+    refined = load_particles(os.path.join(job_dir, "particles.star"))
+    start = load_particles(config["particles"], config["datadir"])
+    change = None
+    if start.has_alignment and len(start) == len(refined):
+        change = pose_change_deg(refined.rotations, start.rotations, report["symmetry"])
+    history = report.get("iterations") or []
+    return {"euler_deg": refined.euler_deg, "history": history, "change_vs_input_deg": change,
+            "title": f"{len(refined)} particles after {len(history)} iterations"}
 
 
 def _final_from_checkpoint(store, state, pixel_size_A: float):

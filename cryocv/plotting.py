@@ -1,19 +1,42 @@
-"""Figures (matplotlib, Agg backend): FSC curves and pose diagnostics."""
+"""Figures: FSC curves and pose diagnostics.
+
+``draw_*`` fill a matplotlib Figure given by the caller (a Scipion viewer passes
+one from its interactive backend); ``plot_*`` draw into a new off-screen
+Figure and save it as PNG. Neither touches pyplot's global backend.
+"""
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .io.mrc import atomic_path
 
-from .io.mrc import atomic_path  # noqa: E402
+FSC_FIGSIZE = (6.4, 4.2)
+
+
+def poses_figsize(with_change: bool) -> tuple:
+    """Figure size for :func:`draw_poses` (2 or 3 panels)."""
+    return (4.6 * (3 if with_change else 2), 3.8)
+
+
+def _save(fig: Figure, path: str):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def plot_fsc(report: dict, path: str, title: str = "Gold-standard FSC"):
     """Plot the curves of a :func:`cryocv.fsc.gold_standard_fsc` report to ``path`` (PNG)."""
+    fig = Figure(figsize=FSC_FIGSIZE, dpi=110)
+    draw_fsc(fig, report, title)
+    _save(fig, path)
+
+
+def draw_fsc(fig, report: dict, title: str = "Gold-standard FSC"):
+    """Half-map FSC curves of ``report`` (unmasked, masked, phase-randomized, corrected;
+    frequencies in 1/Å) with the 0.143 line and the resolution, into ``fig``."""
     freq = np.asarray(report["frequency_per_A"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.add_subplot(1, 1, 1)
     styles = [("fsc_unmasked", "unmasked", "tab:gray"), ("fsc_masked", "masked", "tab:blue"),
               ("fsc_phase_randomized", "phase-randomized (masked)", "tab:orange"),
               ("fsc_corrected", "corrected", "tab:green")]
@@ -36,18 +59,22 @@ def plot_fsc(report: dict, path: str, title: str = "Gold-standard FSC"):
     top.set_xlabel("resolution (Å)")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def plot_poses(euler_deg, path: str, history=None, change_vs_input_deg=None, title: str = "Poses"):
-    """Pose diagnostics to ``path`` (PNG): viewing-direction distribution (rot/tilt,
-    Hammer projection), per-iteration resolution and median pose change, and the
-    per-particle pose change from the input alignment when given."""
+    """Pose diagnostics (see :func:`draw_poses`) to ``path`` (PNG)."""
+    fig = Figure(figsize=poses_figsize(change_vs_input_deg is not None), dpi=110)
+    draw_poses(fig, euler_deg, history, change_vs_input_deg, title)
+    _save(fig, path)
+
+
+def draw_poses(fig, euler_deg, history=None, change_vs_input_deg=None, title: str = "Poses"):
+    """Pose diagnostics into ``fig``: viewing-direction distribution of ``euler_deg``
+    (n, 3) RELION ZYZ (rot/tilt, Hammer projection), per-iteration resolution and
+    median pose change from ``history`` (refinement iterations), and the histogram of
+    per-particle pose change (°) from the input alignment when given."""
     euler = np.asarray(euler_deg, dtype=float)
     panels = 2 + (change_vs_input_deg is not None)
-    fig = plt.figure(figsize=(4.6 * panels, 3.8), dpi=110)
     ax = fig.add_subplot(1, panels, 1, projection="hammer")
     lon = np.deg2rad((euler[:, 0] + 180) % 360 - 180)
     lat = np.deg2rad(90 - euler[:, 1])
@@ -61,6 +88,7 @@ def plot_poses(euler_deg, path: str, history=None, change_vs_input_deg=None, tit
         iters = [h["iteration"] for h in history]
         ax.plot(iters, [h["resolution_A"] for h in history], "o-", color="tab:blue", label="resolution (Å)")
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("resolution (Å)", color="tab:blue")
         twin = ax.twinx()
         changes = [(h["iteration"], h["pose_change_median_deg"]) for h in history if "pose_change_median_deg" in h]
@@ -78,6 +106,3 @@ def plot_poses(euler_deg, path: str, history=None, change_vs_input_deg=None, tit
         ax.set_title(f"median {np.median(change):.2f}°", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
