@@ -1,5 +1,7 @@
 from setuptools import setup
 
+SCIPION = ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion>=5"]
+
 setup(
     name="cryocv",
     version="0.1.0",
@@ -12,13 +14,15 @@ setup(
     packages=["cryocv", "cryocv.io", "cryocv.protocols", "cryocv.viewers", "cryocv.tests"],
     package_dir={"cryocv": "cryocv", "cryocv.protocols": "protocols", "cryocv.viewers": "viewers",
                  "cryocv.tests": "tests"},
-    package_data={"cryocv": ["data/*.mrc.gz"]},
+    package_data={"cryocv": ["data/*.mrc.gz", "protocols.conf"]},
     install_requires=["numpy>=1.26", "scipy>=1.9", "mrcfile>=1.4", "starfile>=0.5", "pandas>=1.5",
                       "tqdm>=4.60", "matplotlib>=3.7"],
     extras_require={
         "gpu": ["cupy-cuda12x>=13"],
-        "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion"],
-        "test": ["pytest>=7", "gemmi>=0.6", "cryosparc-tools>=4"],
+        "scipion": SCIPION,
+        # the Scipion stack is part of the tests (headless projects); it pins numpy 1.26,
+        # the oldest numpy the core supports
+        "test": ["pytest>=7", "gemmi>=0.6", "cryosparc-tools>=4"] + SCIPION,
     },
     entry_points={
         "console_scripts": ["cryocv = cryocv.cli:main"],

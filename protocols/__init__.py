@@ -1,1 +1,5 @@
-"""Scipion protocols for cryocv (see issue: Scipion plugin)."""
+"""Scipion protocols of cryocv (installed as ``cryocv.protocols``)."""
+from .protocol_reconstruct import ProtCryocvReconstruct
+from .protocol_refine import ProtCryocvRefine
+
+__all__ = ["ProtCryocvReconstruct", "ProtCryocvRefine"]

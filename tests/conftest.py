@@ -1,12 +1,30 @@
 """Shared fixtures: the ``xp`` array module (numpy, and CuPy when a GPU is present),
 the ../shared/data folder, RELION availability and small ground-truth maps."""
+import atexit
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 from cryocv.backend import gpu_available
+from cryocv.scipion_env import headless_scipion
+
+
+def _scipion_sandbox():
+    """Headless Scipion for the plugin tests, set before anything imports pyworkflow
+    (its Config reads the environment once): projects, logs and config in a temporary
+    SCIPION_HOME / SCIPION_USER_DATA (never the user's), protocols run by this interpreter."""
+    root = tempfile.mkdtemp(prefix="cryocv-scipion-")
+    atexit.register(shutil.rmtree, root, True)
+    for name in ("SCIPION_HOME", "SCIPION_USER_DATA", "SCIPION_HOSTS"):
+        os.environ.pop(name, None)
+    headless_scipion(home=root, user_data=os.path.join(root, "data"))
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+
+
+_scipion_sandbox()
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _CANDIDATES = [os.environ.get("CRYOCV_SHARED_DATA", ""),
@@ -55,6 +73,18 @@ def blob_volume(box_size: int, seed: int = 0, n_blobs: int = 8, extent: float = 
         c = rng.uniform(-extent * box_size, extent * box_size, 3)
         s = rng.uniform(1.2, 2.5)
         vol += np.exp(-((grid[2] - c[0]) ** 2 + (grid[1] - c[1]) ** 2 + (grid[0] - c[2]) ** 2) / (2 * s * s))
+    return vol
+
+
+def asymmetric_map(n: int, seed: int = 5, n_atoms: int = 60, sigma_px: float = 0.9):
+    """A pseudo-atomic map: sharp Gaussian "atoms" at random places within 0.3·N of
+    the centre (a protein-like power spectrum, no symmetry, so poses are unique)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((n,) * 3).astype(np.float32) - n // 2
+    vol = np.zeros((n,) * 3, np.float32)
+    for _ in range(n_atoms):
+        c = rng.normal(0, 0.13 * n, 3).clip(-0.3 * n, 0.3 * n)
+        vol += np.exp(-((grid - c[:, None, None, None]) ** 2).sum(0) / (2 * sigma_px ** 2))
     return vol
 
 

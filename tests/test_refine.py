@@ -18,19 +18,7 @@ from cryocv.regularize import butterworth_lowpass, nu_candidate_cutoffs, nu_filt
 from cryocv.search import (SearchParams, rotation_children, search_poses, search_schedule, shift_children,
                            shift_grid)
 from cryocv.simulate import clean_projections, random_ctf, simulate
-from .conftest import blob_volume, needs_gpu
-
-
-def asymmetric_map(n: int, seed: int = 5, n_atoms: int = 60, sigma_px: float = 0.9):
-    """A pseudo-atomic map: sharp Gaussian "atoms" at random places within 0.3·N of
-    the centre (a protein-like power spectrum, no symmetry, so poses are unique)."""
-    rng = np.random.default_rng(seed)
-    grid = np.indices((n,) * 3).astype(np.float32) - n // 2
-    vol = np.zeros((n,) * 3, np.float32)
-    for _ in range(n_atoms):
-        c = rng.normal(0, 0.13 * n, 3).clip(-0.3 * n, 0.3 * n)
-        vol += np.exp(-((grid - c[:, None, None, None]) ** 2).sum(0) / (2 * sigma_px ** 2))
-    return vol
+from .conftest import asymmetric_map, blob_volume, needs_gpu
 
 
 def noisy_images(volume, n_images, snr, seed, xp, max_shift_px=2.0, pixel_size_A=2.0):

@@ -1,0 +1,273 @@
+"""The Scipion plugin, headless, in a temporary project (conftest sets up SCIPION_HOME):
+particles simulated from a known map are imported from a RELION 3.1 STAR file with a
+wrong (random) alignment, refined with ProtCryocvRefine, reconstructed with
+ProtCryocvReconstruct, and the outputs are checked against the true map and poses.
+Skipped when the Scipion stack (``pip install cryocv[scipion]``) is not installed."""
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyworkflow")
+pytest.importorskip("pwem")
+pytest.importorskip("relion")
+
+import starfile  # noqa: E402
+
+from cryocv.fsc import fsc_curve, resolution_at  # noqa: E402
+from cryocv.geometry import angular_distance_deg, matrix_to_euler, random_rotations  # noqa: E402
+from cryocv.io.mrc import read_map, write_map  # noqa: E402
+from cryocv.particles import load_particles  # noqa: E402
+from cryocv.refine import lowpass_map  # noqa: E402
+from cryocv.simulate import simulate  # noqa: E402
+from .conftest import asymmetric_map  # noqa: E402
+
+BOX, PIXEL_A, N_PARTICLES = 32, 2.0, 300
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """truth.mrc, start.mrc (20 Å low-pass), sim/particles.star (true poses) and
+    sim/particles_random_poses.star (the same images with random poses: what is imported)."""
+    root = tmp_path_factory.mktemp("scipion_data")
+    truth = asymmetric_map(BOX, seed=8)
+    write_map(str(root / "truth.mrc"), truth, PIXEL_A)
+    write_map(str(root / "start.mrc"), lowpass_map(truth, PIXEL_A, 20.0), PIXEL_A)
+    simulate(truth, PIXEL_A, N_PARTICLES, str(root / "sim"), snr=0.3, seed=3, progress=False, shift_sigma_A=2.0)
+    tables = starfile.read(str(root / "sim" / "particles.star"), always_dict=True)
+    euler = matrix_to_euler(random_rotations(N_PARTICLES, np.random.default_rng(11)))
+    for column, values in zip(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], euler.T):
+        tables["particles"][column] = values
+    starfile.write(tables, str(root / "sim" / "particles_random_poses.star"), overwrite=True)
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from pyworkflow.project import Manager
+    manager = Manager()
+    project = manager.createProject(f"cryocv_tests_{os.getpid()}")
+    cwd = os.getcwd()
+    os.chdir(project.getPath())  # protocols resolve their paths from the project folder
+    yield project
+    os.chdir(cwd)
+
+
+def launch(project, protocol):
+    project.launchProtocol(protocol, wait=True)
+    if not protocol.isFinished():
+        logs = [p for p in protocol.getLogPaths() if os.path.exists(p)]
+        tails = "\n".join(open(p).read()[-3000:] for p in logs)
+        pytest.fail(f"{protocol.getRunName()} did not finish ({protocol.getStatus()}):\n{tails}")
+    return protocol
+
+
+@pytest.fixture(scope="module")
+def imported(project, dataset):
+    """Particles imported from the RELION STAR (CTF, random alignment, half-sets) and the start map."""
+    from pwem.protocols import ProtImportParticles, ProtImportVolumes
+    root, _ = dataset
+    particles = project.newProtocol(ProtImportParticles, objLabel="import particles from RELION",
+                                    importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+                                    starFile=str(root / "sim" / "particles_random_poses.star"),
+                                    samplingRate=PIXEL_A, voltage=300, sphericalAberration=2.7,
+                                    amplitudeContrast=0.1)
+    launch(project, particles)
+    volume = project.newProtocol(ProtImportVolumes, objLabel="import start map",
+                                 filesPath=str(root / "start.mrc"), samplingRate=PIXEL_A)
+    launch(project, volume)
+    return particles.outputParticles, volume.outputVolume
+
+
+@pytest.fixture(scope="module")
+def refined(project, imported):
+    from cryocv.protocols import ProtCryocvRefine
+    particles, reference = imported
+    protocol = project.newProtocol(ProtCryocvRefine, objLabel="cryocv refine", maxIterations=2,
+                                   initialLowpass=20.0, useGpu=False)
+    protocol.inputParticles.set(particles)
+    protocol.referenceVolume.set(reference)
+    return launch(project, protocol)
+
+
+def scipion_poses(particle_set, folder):
+    """Poses of a Scipion SetOfParticles as cryocv Particles, through relion.convert's writer."""
+    import relion.convert
+    from pwem.constants import ALIGN_PROJ
+    path = os.path.join(folder, f"{particle_set.getObjId()}_poses.star")
+    relion.convert.writeSetOfParticles(particle_set, path, alignType=ALIGN_PROJ)
+    return load_particles(path)
+
+
+def vs_truth_A(path, truth):
+    volume, _ = read_map(path)
+    return resolution_at(fsc_curve(volume, truth), 0.5, BOX, PIXEL_A)
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_plugin_loads_with_protocols_viewers_bibtex_and_menu():
+    from pyworkflow.plugin import Domain
+    from pyworkflow.viewer import DESKTOP_TKINTER
+    assert "cryocv" in Domain.getPlugins(), "Scipion did not load the cryocv plugin (import error?)"
+    protocols = Domain.getProtocols()
+    assert {"ProtCryocvRefine", "ProtCryocvReconstruct"} <= set(protocols)
+    viewers = Domain.findViewers(protocols["ProtCryocvRefine"].getClassName(), DESKTOP_TKINTER)
+    assert "CryocvViewer" in [v.__name__ for v in viewers]
+    module = Domain.getPlugins()["cryocv"]
+    assert {"Punjani2017", "Punjani2020", "Scheres2012", "Chen2013"} <= set(module._bibtex.keys())
+    assert module.Plugin.getVar("CRYOCV_PYTHON")
+    from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
+    tree = ProtocolTreeConfig.load(Domain, os.path.join(module.__path__[0], "protocols.conf"))
+    section = next(c for c in tree["Protocols SPA"].childs if str(c.text) == "cryocv")
+    assert {str(c.value) for c in section.childs} == {"ProtCryocvRefine", "ProtCryocvReconstruct"}
+
+
+def test_plugin_runs_the_core_in_its_configured_environment(monkeypatch):
+    import cryocv
+    plugin = cryocv.Plugin
+    monkeypatch.setitem(plugin._vars, "CRYOCV_PYTHON", "/opt/gpu-env/bin/python")
+    monkeypatch.setitem(plugin._vars, "CRYOCV_ACTIVATION", "")
+    assert plugin.getProgram() == "/opt/gpu-env/bin/python -m cryocv.cli"
+    assert plugin.getProgram(gpu=True) == "CUDA_VISIBLE_DEVICES=%(GPU)s /opt/gpu-env/bin/python -m cryocv.cli"
+    monkeypatch.setitem(plugin._vars, "CRYOCV_ACTIVATION", "source /opt/conda/bin/activate gpu")
+    assert plugin.getProgram(gpu=True).startswith("source /opt/conda/bin/activate gpu && CUDA_VISIBLE_DEVICES=")
+    from pyworkflow.utils.process import buildRunCommand  # pyworkflow fills in the protocol's GPUs
+    command = buildRunCommand(plugin.getProgram(gpu=True), ["refine"], 1, gpuList=[2, 3])
+    assert "CUDA_VISIBLE_DEVICES=2,3 python" in command.replace("/opt/gpu-env/bin/", "")
+
+
+def test_validate_catches_bad_inputs(project, imported, dataset, tmp_path):
+    from pwem.protocols import ProtImportParticles, ProtImportVolumes
+    from cryocv.protocols import ProtCryocvReconstruct, ProtCryocvRefine
+    particles, reference = imported
+    root, truth = dataset
+    refine = project.newProtocol(ProtCryocvRefine, symmetryGroup="C4x")
+    refine.inputParticles.set(particles)
+    refine.referenceVolume.set(reference)
+    assert any("Symmetry" in e for e in refine.validate())
+    write_map(str(tmp_path / "big.mrc"), np.zeros((BOX + 8,) * 3, np.float32), PIXEL_A)
+    big = launch(project, project.newProtocol(ProtImportVolumes, filesPath=str(tmp_path / "big.mrc"),
+                                              samplingRate=PIXEL_A)).outputVolume
+    refine = project.newProtocol(ProtCryocvRefine)
+    refine.inputParticles.set(particles)
+    refine.referenceVolume.set(big)
+    assert any(f"{BOX + 8} px" in e and f"{BOX} px" in e for e in refine.validate())
+    # particles without CTF (a STAR without defocus columns) and without alignment
+    tables = starfile.read(str(root / "sim" / "particles.star"), always_dict=True)
+    tables["particles"] = tables["particles"].drop(columns=[c for c in tables["particles"].columns
+                                                            if c.startswith(("rlnDefocus", "rlnAngle"))])
+    starfile.write(tables, str(root / "sim" / "no_ctf.star"), overwrite=True)
+    bare = launch(project, project.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+                                               starFile=str(root / "sim" / "no_ctf.star"), samplingRate=PIXEL_A))
+    refine = project.newProtocol(ProtCryocvRefine)
+    refine.inputParticles.set(bare.outputParticles)
+    refine.referenceVolume.set(reference)
+    assert any("no CTF" in e for e in refine.validate())
+    reconstruct = project.newProtocol(ProtCryocvReconstruct)
+    reconstruct.inputParticles.set(bare.outputParticles)
+    assert any("no 3D alignment" in e for e in reconstruct.validate())
+    refine = project.newProtocol(ProtCryocvRefine)
+    refine.inputParticles.set(particles)
+    refine.referenceVolume.set(reference)
+    assert refine.validate() == []
+
+
+def test_refine_protocol_recovers_poses_and_map(refined, imported, dataset, tmp_path):
+    root, truth = dataset
+    particles, _ = imported
+    out = refined.outputParticles
+    assert out.getSize() == N_PARTICLES and out.hasAlignmentProj() and out.hasCTF()
+    truth_poses = load_particles(str(root / "sim" / "particles.star"))
+    before = scipion_poses(particles, str(tmp_path))
+    after = scipion_poses(out, str(tmp_path))
+    # the imported alignment was random; the refined one is the truth's
+    assert np.median(angular_distance_deg(before.rotations, truth_poses.rotations)) > 60
+    error = angular_distance_deg(after.rotations, truth_poses.rotations)
+    assert np.median(error) < 6.0, np.percentile(error, [50, 90])
+    assert np.median(np.linalg.norm(after.origin_A - truth_poses.origin_A, axis=1)) < 1.0
+    halves = np.array([p._rlnRandomSubset.get() for p in out.iterItems(orderBy="id")])
+    np.testing.assert_array_equal(halves, truth_poses.half_set)          # half-sets kept from the STAR
+    volume = refined.outputVolume
+    half1, half2 = volume.getHalfMaps().split(",")
+    assert all(os.path.exists(p) for p in (volume.getFileName(), half1, half2))
+    assert volume.getSamplingRate() == pytest.approx(PIXEL_A) and volume.getDim() == (BOX, BOX, BOX)
+    assert vs_truth_A(volume.getFileName(), truth) < 9.0                 # from a 20 Å start
+    resolution = float(refined.outputFSC.calculateResolution())
+    report = refined._fscReport()
+    assert resolution == pytest.approx(report["resolution_A"], rel=0.05) and 4.0 <= resolution < 10.0
+    assert f"{report['resolution_A']:.2f} Å" in refined.summary()[0]
+    assert "[Punjani2020]" in refined.methods()[0]
+
+
+def test_reconstruct_protocol_from_refined_poses(project, refined, dataset):
+    from cryocv.protocols import ProtCryocvReconstruct
+    root, truth = dataset
+    protocol = project.newProtocol(ProtCryocvReconstruct, objLabel="cryocv reconstruct", useGpu=False)
+    protocol.inputParticles.set(refined.outputParticles)
+    launch(project, protocol)
+    volume = protocol.outputVolume
+    assert all(os.path.exists(p) for p in [volume.getFileName()] + volume.getHalfMaps().split(","))
+    assert vs_truth_A(volume.getFileName(), truth) < 9.0
+    report = protocol._fscReport()
+    assert report["n_particles"] == N_PARTICLES
+    # the refinement's half-sets travel through Scipion (_rlnRandomSubset) into the reconstruction
+    used = load_particles(protocol._jobPath("particles.star"))
+    np.testing.assert_array_equal(used.half_set, load_particles(str(root / "sim" / "particles.star")).half_set)
+    assert float(protocol.outputFSC.calculateResolution()) == pytest.approx(report["resolution_A"], rel=0.05)
+
+
+def test_viewers_render_fsc_and_pose_plots(refined, tmp_path):
+    from pyworkflow.viewer import DESKTOP_TKINTER
+    from cryocv.viewers import CryocvViewer
+    import matplotlib.image
+    viewer = CryocvViewer(project=refined.getProject(), protocol=refined)
+    views = viewer._visualize(refined)
+    assert len(views) == 2 and DESKTOP_TKINTER in CryocvViewer._environments
+    for name, view in zip(["fsc", "poses"], views):
+        path = str(tmp_path / f"{name}.png")
+        view.figure.savefig(path)
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 300 and image[..., :3].std() > 0.05   # a drawn figure, not a blank canvas
+    fsc_axes = views[0].figure.axes[0]
+    assert any(abs(line.get_ydata()[0] - 0.143) < 1e-9 for line in fsc_axes.lines if len(line.get_ydata()) == 2)
+    assert {t.get_text() for t in fsc_axes.get_legend().get_texts()} >= {"unmasked", "masked", "corrected"}
+    change_axes = views[1].figure.axes[-1]
+    assert "pose change from input" in change_axes.get_xlabel()
+    assert sum(p.get_height() for p in change_axes.patches) >= 0.98 * N_PARTICLES  # bins to the 99th percentile
+
+
+def readme_script():
+    """The project-scripting example of README.md (the python block after its marker)."""
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+    if not os.path.exists(readme):
+        pytest.skip("README.md not beside the tests (installed package)")
+    text = open(readme).read()
+    block = text.split("<!-- scipion-script -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_script_refines_relion_particles_on_a_fresh_account(dataset, tmp_path):
+    """README's script, run as a new user would (no SCIPION_* variables, empty home):
+    Scipion lists the plugin, the STAR file is imported, ProtCryocvRefine runs and the FSC
+    plot is saved; the map it made is checked against the truth."""
+    import subprocess
+    import sys
+    import matplotlib.image
+    root, truth = dataset
+    script = tmp_path / "refine_in_scipion.py"
+    script.write_text(readme_script())
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCIPION_")}
+    env.update(HOME=str(home), MPLBACKEND="Agg")
+    result = subprocess.run([sys.executable, str(script), str(root / "sim" / "particles_random_poses.star"),
+                             str(root / "start.mrc"), "--pixel-size-A", str(PIXEL_A), "--iterations", "2",
+                             "--cpu"], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "cryocv" in result.stdout.split("Scipion plugins:")[1].splitlines()[0]
+    assert "NU refinement:" in result.stdout and "Å gold-standard resolution" in result.stdout
+    png = result.stdout.split("FSC plot:")[1].strip().splitlines()[0]
+    assert matplotlib.image.imread(png)[..., :3].std() > 0.05
+    project = home / "ScipionUserData" / "projects" / "cryocv_refine"
+    maps = list(project.glob("Runs/*ProtCryocvRefine/extra/job/map.mrc"))
+    assert len(maps) == 1 and vs_truth_A(str(maps[0]), truth) < 9.0
