@@ -334,19 +334,21 @@ def run_refine(particles_path: str | None, reference_path: str | None, out_dir: 
     return report
 
 
-def refine_pose_diagnostics(job_dir: str) -> dict:
+def refine_pose_diagnostics(job_dir: str, input_particles: str | None = None) -> dict:
     """What the pose plot of a refine job shows, read from its files: ``euler_deg``
     (n, 3) refined poses, ``history`` (per-iteration resolution and pose change),
     ``change_vs_input_deg`` (n,) angle (°, smallest over the symmetry group) between
     each refined pose and the input alignment (None if the input had none), ``title``.
+    ``input_particles``: the job's input file (default: the path recorded at its start).
     Keyword arguments of :func:`cryocv.plotting.plot_poses` / ``draw_poses``."""
     from .refine import pose_change_deg
-    with open(os.path.join(job_dir, REFINE_CONFIG)) as handle:
-        config = json.load(handle)
+    if input_particles is None:
+        with open(os.path.join(job_dir, REFINE_CONFIG)) as handle:
+            input_particles = json.load(handle)["particles"]
     with open(os.path.join(job_dir, "fsc.json")) as handle:
         report = json.load(handle)
     refined = load_particles(os.path.join(job_dir, "particles.star"))
-    start = load_particles(config["particles"], config["datadir"])
+    start = load_particles(input_particles)  # metadata only: images are not read
     change = None
     if start.has_alignment and len(start) == len(refined):
         change = pose_change_deg(refined.rotations, start.rotations, report["symmetry"])

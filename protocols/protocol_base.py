@@ -45,17 +45,27 @@ class CryocvProtocolBase:
 
     # -------------------------- steps ---------------------------------------
     def _writeParticles(self, alignType):
-        """The input particles as RELION 3.1 STAR (stacks linked or converted into extra/)."""
+        """The input particles as RELION 3.1 STAR; MRC stacks are linked into extra/,
+        other formats (SPIDER, Xmipp .stk, ...) converted to MRC stacks there."""
         import relion.convert
-        relion.convert.writeSetOfParticles(self.inputParticles.get(), self._particlesStar(),
-                                           outputDir=self._getExtraPath(), alignType=alignType)
+        parts = self.inputParticles.get()
+        mrc = all(f.split(":")[0].endswith((".mrc", ".mrcs")) for f in parts.getFiles())
+        relion.convert.writeSetOfParticles(parts, self._particlesStar(), outputDir=self._getExtraPath(),
+                                           alignType=alignType, forceConvert=not mrc)
 
     def _runCryocv(self, command, args):
-        """``cryocv COMMAND ARGS --device …`` through runJob, in the core's environment."""
+        """``cryocv COMMAND ARGS --device …`` through runJob, in the core's environment.
+
+        With *Use GPU* the job sees only the protocol's GPUs (CUDA_VISIBLE_DEVICES);
+        under a queue the scheduler sets CUDA_VISIBLE_DEVICES itself and it is left alone.
+        The core runs on the GPU when CuPy finds one there, else on the CPU (the summary
+        says which). bash runs the command, so CRYOCV_ACTIVATION may use bash syntax.
+        """
         from cryocv import Plugin
         useGpu = bool(self.useGpu)
         args = [command] + [str(a) for a in args] + ["--device", "auto" if useGpu else "cpu", "--quiet"]
-        self.runJob(Plugin.getProgram(gpu=useGpu), args, env=Plugin.getEnviron(), numberOfMpi=1)
+        program = Plugin.getProgram(gpu=useGpu and not self.useQueue())
+        self.runJob(program, args, env=Plugin.getEnviron(), numberOfMpi=1, executable="/bin/bash")
 
     # -------------------------- outputs -------------------------------------
     def _fscReport(self):
@@ -85,6 +95,8 @@ class CryocvProtocolBase:
     # -------------------------- info ----------------------------------------
     def _validateCommon(self):
         errors = []
+        if self.useGpu and not self.useQueue() and not self.getGpuList():
+            errors.append("Use GPU is set but the GPU IDs are empty: give at least one (e.g. 0).")
         try:
             parse_symmetry(self.symmetryGroup.get() or "")
         except ValueError as exc:
@@ -93,6 +105,18 @@ class CryocvProtocolBase:
         if parts is not None and parts.getSize() < 4:
             errors.append(f"Only {parts.getSize()} particles: a gold-standard job needs at least 2 per half-set.")
         return errors
+
+    def _deviceSentence(self):
+        """Where the job ran, from its job.json (None before it has run)."""
+        path = self._jobPath("job.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as handle:
+            device = json.load(handle).get("device", "")
+        if self.useGpu and device == "cpu":
+            return ("Ran on the CPU although Use GPU was set: CuPy found no GPU in the core's environment "
+                    "(pip install 'cryocv[gpu]' there, or set CRYOCV_PYTHON).")
+        return f"Ran on the {device.upper()}." if device else None
 
     def _resolutionSentence(self):
         report = self._fscReport()
@@ -118,8 +142,13 @@ def copyAlignment(inputSet, outputSet, starFile):
 
     reader = convert.createReader(alignType=ALIGN_PROJ, pixelSize=inputSet.getSamplingRate())
     first = [True]
+    nRows = len(Table(fileName=starFile, tableName="particles"))
+    if nRows != inputSet.getSize():
+        raise ValueError(f"{starFile} has {nRows} particles, the input set {inputSet.getSize()}")
 
     def updateParticle(particle, row):
+        if int(row.rlnImageId) != particle.getObjId():
+            raise ValueError(f"{starFile}: row with rlnImageId {row.rlnImageId} met particle {particle.getObjId()}")
         reader.setParticleTransform(particle, row)
         if first[0]:
             reader.createExtraLabels(particle, row, PARTICLE_EXTRA_LABELS)

@@ -54,7 +54,13 @@ class ProtCryocvReconstruct(CryocvProtocolBase, ProtReconstruct3D):
 
     def _summary(self):
         sentence = self._resolutionSentence()
-        return [f"Reconstruction: {sentence}."] if sentence else ["Output not ready yet."]
+        return [f"Reconstruction: {sentence}.", self._deviceSentence()] if sentence else ["Output not ready yet."]
+
+    def _warnings(self):
+        parts = self.inputParticles.get()
+        if parts is not None and not parts.hasCTF():
+            return ["The particles have no CTF: the reconstruction will not correct for it."]
+        return []
 
     def _methods(self):
         sentence = self._resolutionSentence()

@@ -1,6 +1,8 @@
 """ProtCryocvRefine: gold-standard 3D refinement (global branch-and-bound pose search,
 NU or uniform regularization) with the ``cryocv refine`` CLI."""
+import json
 import os
+import shutil
 
 import pyworkflow.protocol.params as params
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ
@@ -53,8 +55,18 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
     # -------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep)
-        self._insertFunctionStep(self.refineStep)
+        self._insertFunctionStep(self.refineStep, self._refineArgs())
         self._insertFunctionStep(self.createOutputStep)
+
+    def _refineArgs(self):
+        """``cryocv refine`` arguments of the form's values (step argument: an edited form reruns the step)."""
+        args = ["--particles", self._particlesStar(), "--ref", self._getExtraPath("reference.mrc"),
+                "--out", self._jobPath(), "--regularizer", REGULARIZERS[self.regularizer.get()],
+                "--sym", self.symmetryGroup.get(), "--initial-lowpass-A", self.initialLowpass.get(),
+                "--max-iterations", self.maxIterations.get(), "--seed", self.seed.get()]
+        if self.maxShift.get() > 0:
+            args += ["--max-shift-A", self.maxShift.get()]
+        return [str(a) for a in args]
 
     # -------------------------- STEPS functions -----------------------------
     def convertInputStep(self):
@@ -65,17 +77,19 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
         ImageHandler().convert(self.referenceVolume.get(), reference)
         setVoxelSize(reference, self.referenceVolume.get().getSamplingRate())
 
-    def refineStep(self):
-        job = self._jobPath()
-        if os.path.exists(os.path.join(job, "checkpoint.json")):  # resumed after a kill: continue the job
-            self._runCryocv("refine", ["--continue", job])
-            return
-        args = ["--particles", self._particlesStar(), "--ref", self._getExtraPath("reference.mrc"), "--out", job,
-                "--regularizer", REGULARIZERS[self.regularizer.get()], "--sym", self.symmetryGroup.get(),
-                "--initial-lowpass-A", self.initialLowpass.get(), "--max-iterations", self.maxIterations.get(),
-                "--seed", self.seed.get()]
-        if self.maxShift.get() > 0:
-            args += ["--max-shift-A", self.maxShift.get()]
+    def refineStep(self, args):
+        """Run the refinement; a job killed earlier with the same arguments continues from
+        its last checkpoint (Scipion's Continue), one with other arguments starts over."""
+        job, record = self._jobPath(), self._getExtraPath("refine_args.json")
+        if os.path.exists(os.path.join(job, "checkpoint.json")) and os.path.exists(record):
+            with open(record) as handle:
+                same = json.load(handle) == args
+            if same:
+                self._runCryocv("refine", ["--continue", job])
+                return
+            shutil.rmtree(job)
+        with open(record, "w") as handle:
+            json.dump(args, handle)
         self._runCryocv("refine", args)
 
     def createOutputStep(self):
@@ -118,7 +132,7 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
             return ["Output not ready yet."]
         report = self._fscReport()
         return [f"{REGULARIZERS[self.regularizer.get()].upper()} refinement: {sentence}, "
-                f"after {len(report.get('iterations') or [])} iterations."]
+                f"after {len(report.get('iterations') or [])} iterations.", self._deviceSentence()]
 
     def _methods(self):
         sentence = self._resolutionSentence()

@@ -105,7 +105,7 @@ def vs_truth_A(path, truth):
 
 
 # ------------------------------------------------------------------------------------------- tests
-def test_plugin_loads_with_protocols_viewers_bibtex_and_menu():
+def test_plugin_loads_with_protocols_viewers_bibtex_and_menu(tmp_path):
     from pyworkflow.plugin import Domain
     from pyworkflow.viewer import DESKTOP_TKINTER
     assert "cryocv" in Domain.getPlugins(), "Scipion did not load the cryocv plugin (import error?)"
@@ -117,7 +117,9 @@ def test_plugin_loads_with_protocols_viewers_bibtex_and_menu():
     assert {"Punjani2017", "Punjani2020", "Scheres2012", "Chen2013"} <= set(module._bibtex.keys())
     assert module.Plugin.getVar("CRYOCV_PYTHON")
     from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
-    tree = ProtocolTreeConfig.load(Domain, os.path.join(module.__path__[0], "protocols.conf"))
+    base = tmp_path / "base_protocols.conf"   # the menu must come from the plugin's own protocols.conf
+    base.write_text("[PROTOCOLS]\nProtocols SPA = [\n ]\n")
+    tree = ProtocolTreeConfig.load(Domain, str(base))
     section = next(c for c in tree["Protocols SPA"].childs if str(c.text) == "cryocv")
     assert {str(c.value) for c in section.childs} == {"ProtCryocvRefine", "ProtCryocvReconstruct"}
 
@@ -131,9 +133,26 @@ def test_plugin_runs_the_core_in_its_configured_environment(monkeypatch):
     assert plugin.getProgram(gpu=True) == "CUDA_VISIBLE_DEVICES=%(GPU)s /opt/gpu-env/bin/python -m cryocv.cli"
     monkeypatch.setitem(plugin._vars, "CRYOCV_ACTIVATION", "source /opt/conda/bin/activate gpu")
     assert plugin.getProgram(gpu=True).startswith("source /opt/conda/bin/activate gpu && CUDA_VISIBLE_DEVICES=")
-    from pyworkflow.utils.process import buildRunCommand  # pyworkflow fills in the protocol's GPUs
-    command = buildRunCommand(plugin.getProgram(gpu=True), ["refine"], 1, gpuList=[2, 3])
-    assert "CUDA_VISIBLE_DEVICES=2,3 python" in command.replace("/opt/gpu-env/bin/", "")
+
+
+
+def test_core_command_runs_through_runjob_with_activation_and_gpus(monkeypatch, tmp_path):
+    """pyworkflow's runJob (as protocols call it) runs the activation, then the core's python
+    with the protocol's GPUs in CUDA_VISIBLE_DEVICES and the arguments intact."""
+    import cryocv
+    from pyworkflow.utils.process import runJob
+    record = tmp_path / "record.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$ACTIVATED|$CUDA_VISIBLE_DEVICES|$*" > {record}\n')
+    stub.chmod(0o755)
+    activate = tmp_path / "activate"
+    activate.write_text("export ACTIVATED=yes\n")
+    plugin = cryocv.Plugin
+    monkeypatch.setitem(plugin._vars, "CRYOCV_PYTHON", str(stub))
+    monkeypatch.setitem(plugin._vars, "CRYOCV_ACTIVATION", f"source {activate}")
+    runJob(None, plugin.getProgram(gpu=True), ["refine", "--out", "a dir"], gpuList=[2, 3],
+           executable="/bin/bash", env=plugin.getEnviron())
+    assert record.read_text().strip() == "yes|2,3|-m cryocv.cli refine --out a dir"
 
 
 def test_validate_catches_bad_inputs(project, imported, dataset, tmp_path):
@@ -166,6 +185,10 @@ def test_validate_catches_bad_inputs(project, imported, dataset, tmp_path):
     reconstruct = project.newProtocol(ProtCryocvReconstruct)
     reconstruct.inputParticles.set(bare.outputParticles)
     assert any("no 3D alignment" in e for e in reconstruct.validate())
+    refine = project.newProtocol(ProtCryocvRefine, gpuList="")
+    refine.inputParticles.set(particles)
+    refine.referenceVolume.set(reference)
+    assert any("GPU IDs are empty" in e for e in refine.validate())
     refine = project.newProtocol(ProtCryocvRefine)
     refine.inputParticles.set(particles)
     refine.referenceVolume.set(reference)
@@ -195,8 +218,15 @@ def test_refine_protocol_recovers_poses_and_map(refined, imported, dataset, tmp_
     resolution = float(refined.outputFSC.calculateResolution())
     report = refined._fscReport()
     assert resolution == pytest.approx(report["resolution_A"], rel=0.05) and 4.0 <= resolution < 10.0
-    assert f"{report['resolution_A']:.2f} Å" in refined.summary()[0]
+    assert f"{report['resolution_A']:.2f} Å" in refined.summary()[0] and "CPU" in refined.summary()[1]
     assert "[Punjani2020]" in refined.methods()[0]
+    project = refined.getProject()
+    sources = {o.getObjId() for o in project.getSourceChilds(particles)}
+    assert volume.getObjId() in sources
+    assert refined.outputFSC.getObjId() in {o.getObjId() for o in project.getSourceChilds(volume)}
+    from pyworkflow.object import RELATION_TRANSFORM
+    transformed = project.mapper.getRelationChilds(RELATION_TRANSFORM, particles)
+    assert out.getObjId() in {o.getObjId() for o in transformed}
 
 
 def test_reconstruct_protocol_from_refined_poses(project, refined, dataset):
@@ -214,6 +244,9 @@ def test_reconstruct_protocol_from_refined_poses(project, refined, dataset):
     used = load_particles(protocol._jobPath("particles.star"))
     np.testing.assert_array_equal(used.half_set, load_particles(str(root / "sim" / "particles.star")).half_set)
     assert float(protocol.outputFSC.calculateResolution()) == pytest.approx(report["resolution_A"], rel=0.05)
+    assert f"{report['resolution_A']:.2f} Å" in protocol.summary()[0]
+    assert "[Chen2013]" in protocol.methods()[0] and protocol._citations() == ["Scheres2012", "Chen2013"]
+    assert protocol.warnings() == []   # the particles have a CTF
 
 
 def test_viewers_render_fsc_and_pose_plots(refined, tmp_path):
@@ -256,15 +289,23 @@ def test_readme_script_refines_relion_particles_on_a_fresh_account(dataset, tmp_
     root, truth = dataset
     script = tmp_path / "refine_in_scipion.py"
     script.write_text(readme_script())
+    # optics other than the import form's defaults (300 kV, 2.7 mm, 0.1) must reach Scipion
+    tables = starfile.read(str(root / "sim" / "particles_random_poses.star"), always_dict=True)
+    tables["optics"]["rlnSphericalAberration"] = 2.0
+    tables["optics"]["rlnAmplitudeContrast"] = 0.07
+    starfile.write(tables, str(root / "sim" / "particles_cs2.star"), overwrite=True)
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCIPION_")}
     env.update(HOME=str(home), MPLBACKEND="Agg")
-    result = subprocess.run([sys.executable, str(script), str(root / "sim" / "particles_random_poses.star"),
-                             str(root / "start.mrc"), "--pixel-size-A", str(PIXEL_A), "--iterations", "2",
-                             "--cpu"], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    relative = [os.path.relpath(str(p), str(tmp_path)) for p in (root / "sim" / "particles_cs2.star",
+                                                                 root / "start.mrc")]
+    result = subprocess.run([sys.executable, str(script)] + relative + [
+        "--pixel-size-A", str(PIXEL_A), "--iterations", "2", "--cpu"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "cryocv" in result.stdout.split("Scipion plugins:")[1].splitlines()[0]
+    assert f"Imported {N_PARTICLES} particles: 300 kV, Cs 2 mm, amplitude contrast 0.07" in result.stdout
     assert "NU refinement:" in result.stdout and "Å gold-standard resolution" in result.stdout
     png = result.stdout.split("FSC plot:")[1].strip().splitlines()[0]
     assert matplotlib.image.imread(png)[..., :3].std() > 0.05

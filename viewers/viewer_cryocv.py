@@ -5,7 +5,7 @@ import json
 import os
 
 from pyworkflow.gui.plotter import Plotter
-from pyworkflow.viewer import DESKTOP_TKINTER, Viewer
+from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
 from cryocv.plotting import FSC_FIGSIZE, draw_fsc, draw_poses, poses_figsize
 
@@ -28,7 +28,7 @@ def fscPlotter(protocol):
 def posesPlotter(protocol):
     """Plotter of a refinement's pose diagnostics."""
     from cryocv.jobs import refine_pose_diagnostics
-    diagnostics = refine_pose_diagnostics(protocol._jobPath())
+    diagnostics = refine_pose_diagnostics(protocol._jobPath(), protocol._particlesStar())
     plotter = Plotter(figsize=poses_figsize(diagnostics["change_vs_input_deg"] is not None),
                       windowTitle=f"{protocol.getRunName()}: poses")
     draw_poses(plotter.figure, **diagnostics)
@@ -43,6 +43,8 @@ class CryocvViewer(Viewer):
     _environments = [DESKTOP_TKINTER]
 
     def _visualize(self, obj, **kwargs):
+        if not os.path.exists(obj._jobPath("fsc.json")):
+            return [MessageView(f"{obj.getRunName()} has no results yet.", title="cryocv", msgType=MSG_INFO)]
         views = [fscPlotter(obj)]
         if isinstance(obj, ProtCryocvRefine):
             views.append(posesPlotter(obj))
