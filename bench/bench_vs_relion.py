@@ -161,11 +161,17 @@ def summarise(out_dir: str, results_prefix: str):
              "| job | vs truth FSC 0.5 (Å) | vs truth FSC 0.143 (Å) | gold-standard 0.143 (Å) | "
              "median pose error (°) | median shift error (Å) | iterations | wall (s) | CPU (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def cell(value, digits=2):
+        return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
     for name, r in jobs.items():
-        lines.append(f"| {name} | {r['vs_truth_0.5_A']:.2f} | {r['vs_truth_0.143_A']:.2f} | "
-                     f"{r['gold_standard_0.143_A']:.2f} | {r['pose_error_median_deg']:.2f} | "
-                     f"{r['shift_error_median_A']:.2f} | {r['iterations']} | {r['wall_time_s']:.0f} | "
-                     f"{r['cpu_time_s']:.0f} |")
+        lines.append(f"| {name} | {cell(r['vs_truth_0.5_A'])} | {cell(r['vs_truth_0.143_A'])} | "
+                     f"{cell(r['gold_standard_0.143_A'])} | {cell(r['pose_error_median_deg'])} | "
+                     f"{cell(r['shift_error_median_A'])} | {r['iterations']} | {cell(r['wall_time_s'], 0)} | "
+                     f"{cell(r['cpu_time_s'], 0)} |")
+    if any(r.get("unfinished") for r in jobs.values()):
+        lines += ["", "RELION had not finished: its row is the average of the two half-maps of its last "
+                      "iteration, with the wall time up to then."]
     if "cryocv_nu" in jobs:
         lines += ["", f"NU's locally filtered map (map_nu_filtered.mrc) vs truth: "
                       f"{jobs['cryocv_nu']['nu_filtered_vs_truth_0.5_A']:.2f} Å at FSC 0.5."]
