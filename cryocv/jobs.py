@@ -342,13 +342,15 @@ def refine_pose_diagnostics(job_dir: str, input_particles: str | None = None) ->
     ``input_particles``: the job's input file (default: the path recorded at its start).
     Keyword arguments of :func:`cryocv.plotting.plot_poses` / ``draw_poses``."""
     from .refine import pose_change_deg
+    datadir = None
     if input_particles is None:
         with open(os.path.join(job_dir, REFINE_CONFIG)) as handle:
-            input_particles = json.load(handle)["particles"]
+            config = json.load(handle)
+        input_particles, datadir = config["particles"], config["datadir"]
     with open(os.path.join(job_dir, "fsc.json")) as handle:
         report = json.load(handle)
     refined = load_particles(os.path.join(job_dir, "particles.star"))
-    start = load_particles(input_particles)  # metadata only: images are not read
+    start = load_particles(input_particles, datadir)  # metadata only: images are not read
     change = None
     if start.has_alignment and len(start) == len(refined):
         change = pose_change_deg(refined.rotations, start.rotations, report["symmetry"])
