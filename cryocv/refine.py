@@ -381,8 +381,11 @@ def convergence(history: list, params: RefineParams, final_step_deg: float) -> t
     poses_stalled = (change is not None and change_before is not None
                      and (change >= 0.9 * change_before or change <= final_step_deg))
     if resolution_stalled and poses_stalled:
-        return True, (f"resolution stopped improving ({last['resolution_A']:.2f} Å vs best {best_before:.2f} Å) "
-                      f"and pose changes stopped decreasing (median {change:.2f}° vs {change_before:.2f}°)")
+        poses = (f"median pose change {change:.2f}° is within the finest search step ({final_step_deg:.2f}°)"
+                 if change <= final_step_deg else
+                 f"pose changes stopped decreasing (median {change:.2f}° vs {change_before:.2f}°)")
+        return True, (f"resolution improved by less than 1% ({last['resolution_A']:.2f} Å vs best "
+                      f"{best_before:.2f} Å before) and {poses}")
     return False, ""
 
 
