@@ -150,8 +150,10 @@ def summarise(out_dir: str, results_prefix: str):
         if os.path.isfile(path):
             with open(path) as handle:
                 jobs[name] = json.load(handle)
-        elif name == "relion" and relion_in_progress(out_dir) is not None:
-            jobs["relion (unfinished)"] = relion_in_progress(out_dir)
+        elif name == "relion":
+            partial = relion_in_progress(out_dir)
+            if partial is not None:
+                jobs["relion (unfinished)"] = partial
     os.makedirs(os.path.dirname(os.path.abspath(results_prefix)), exist_ok=True)
     with open(results_prefix + ".json", "w") as handle:
         json.dump({"dataset": dataset, "jobs": jobs, "cpu_count": os.cpu_count()}, handle, indent=1)

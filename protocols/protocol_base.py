@@ -142,9 +142,9 @@ def copyAlignment(inputSet, outputSet, starFile):
 
     reader = convert.createReader(alignType=ALIGN_PROJ, pixelSize=inputSet.getSamplingRate())
     first = [True]
-    nRows = len(Table(fileName=starFile, tableName="particles"))
-    if nRows != inputSet.getSize():
-        raise ValueError(f"{starFile} has {nRows} particles, the input set {inputSet.getSize()}")
+    table = Table(fileName=starFile, tableName="particles", types=convert.LABELS_DICT)  # read once
+    if len(table) != inputSet.getSize():
+        raise ValueError(f"{starFile} has {len(table)} particles, the input set {inputSet.getSize()}")
 
     def updateParticle(particle, row):
         if int(row.rlnImageId) != particle.getObjId():
@@ -156,5 +156,5 @@ def copyAlignment(inputSet, outputSet, starFile):
         else:
             reader.setExtraLabels(particle, row)
 
-    rows = Table.iterRows("particles@" + starFile, key="rlnImageId", types=convert.LABELS_DICT)
+    rows = iter(sorted(table, key=lambda row: int(row.rlnImageId)))  # the set iterates by id
     outputSet.copyItems(inputSet, updateItemCallback=updateParticle, itemDataIterator=rows, doClone=False)

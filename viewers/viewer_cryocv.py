@@ -1,9 +1,6 @@
 """Viewers of the cryocv protocols: the half-map FSC curves and the pose diagnostics
 (viewing-direction distribution, convergence, per-particle pose change from the input
 alignment), drawn by :mod:`cryocv.plotting` into pyworkflow plotters."""
-import json
-import os
-
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
@@ -14,11 +11,9 @@ from ..protocols import ProtCryocvReconstruct, ProtCryocvRefine
 
 def fscPlotter(protocol):
     """Plotter (its ``figure`` a matplotlib Figure) of the protocol's gold-standard FSC curves."""
-    path = protocol._jobPath("fsc.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{protocol.getRunName()} has no FSC yet ({path})")
-    with open(path) as handle:
-        report = json.load(handle)
+    report = protocol._fscReport()
+    if report is None:
+        raise FileNotFoundError(f"{protocol.getRunName()} has no FSC yet ({protocol._jobPath('fsc.json')})")
     plotter = Plotter(figsize=FSC_FIGSIZE, windowTitle=f"{protocol.getRunName()}: FSC")
     draw_fsc(plotter.figure, report, title=f"{protocol.getRunName()}: {report['resolution_A']:.2f} Å "
                                            f"({report['n_particles']} particles, {report['symmetry']})")
@@ -43,7 +38,7 @@ class CryocvViewer(Viewer):
     _environments = [DESKTOP_TKINTER]
 
     def _visualize(self, obj, **kwargs):
-        if not os.path.exists(obj._jobPath("fsc.json")):
+        if obj._fscReport() is None:
             return [MessageView(f"{obj.getRunName()} has no results yet.", title="cryocv", msgType=MSG_INFO)]
         views = [fscPlotter(obj)]
         if isinstance(obj, ProtCryocvRefine):
