@@ -86,28 +86,31 @@ def _slice_coordinates(rotations, kx, ky, padding):
 
 
 def _trilinear_corners(qx, qy, qz, shape):
-    """Yield (flat_index, weight, valid) for the 8 corners of each point (numpy)."""
+    """Yield (flat_index, weight) for the 8 corners of each point (numpy); corners outside
+    the grid get weight 0 (and a clipped index). Per-axis weights and index sums are
+    formed once and combined, not recomputed per corner."""
     np_, _, nh = shape
     center = np_ // 2
-    x0 = np.floor(qx)
-    y0 = np.floor(qy)
-    z0 = np.floor(qz)
-    fx, fy, fz = qx - x0, qy - y0, qz - z0
-    x0 = x0.astype(np.int64)
-    y0 = y0.astype(np.int64) + center
-    z0 = z0.astype(np.int64) + center
-    for dz in (0, 1):
-        wz = fz if dz else 1 - fz
-        zi = z0 + dz
-        for dy in (0, 1):
-            wy = fy if dy else 1 - fy
-            yi = y0 + dy
-            for dx in (0, 1):
-                wx = fx if dx else 1 - fx
-                xi = x0 + dx
-                valid = (xi >= 0) & (xi < nh) & (yi >= 0) & (yi < np_) & (zi >= 0) & (zi < np_)
-                flat = (zi * np_ + yi) * nh + xi
-                yield np.where(valid, flat, 0), wx * wy * wz, valid
+
+    def axis(coordinate, offset, size):
+        start = np.floor(coordinate)
+        frac = (coordinate - start).astype(np.float32)
+        start = start.astype(np.int64) + offset
+        pairs = []
+        for step, weight in ((0, 1 - frac), (1, frac)):
+            index = start + step
+            inside = (index >= 0) & (index < size)
+            pairs.append((np.clip(index, 0, size - 1), weight * inside))
+        return pairs
+
+    xs, ys, zs = axis(qx, 0, nh), axis(qy, center, np_), axis(qz, center, np_)
+    for zi, wz in zs:
+        z_flat = zi * (np_ * nh)
+        for yi, wy in ys:
+            zy_flat = z_flat + yi * nh
+            wzy = wz * wy
+            for xi, wx in xs:
+                yield zy_flat + xi, wzy * wx
 
 
 def extract_slices(volume_ft, rotations, points: FrequencyPoints, padding: int = DEFAULT_PADDING):
@@ -124,8 +127,8 @@ def extract_slices(volume_ft, rotations, points: FrequencyPoints, padding: int =
         mate = qx < 0
         qx, qy, qz = np.where(mate, -qx, qx), np.where(mate, -qy, qy), np.where(mate, -qz, qz)
         acc = np.zeros(qx.shape, dtype=np.complex64)
-        for flat, weight, valid in _trilinear_corners(qx, qy, qz, volume_ft.shape):
-            acc += np.where(valid, weight, 0).astype(np.float32) * flat_volume[flat]
+        for flat, weight in _trilinear_corners(qx, qy, qz, volume_ft.shape):
+            acc += weight * flat_volume[flat]
         out[start:start + rot.shape[0]] = np.where(mate, np.conj(acc), acc)
     return out
 
@@ -160,8 +163,7 @@ def insert_slices(data_ft, weight, rotations, points: FrequencyPoints, values, v
         near = qx < 1  # the mate at -q also reaches the x = 0 plane
         passes = [(qx, qy, qz, val, wgt), (-qx[near], -qy[near], -qz[near], np.conj(val[near]), wgt[near])]
         for px, py, pz, pv, pw in passes:
-            for flat, tri, valid in _trilinear_corners(px, py, pz, data_ft.shape):
-                w = np.where(valid, tri, 0.0)
+            for flat, w in _trilinear_corners(px, py, pz, data_ft.shape):
                 idx = flat.ravel()
                 sum_re += np.bincount(idx, weights=(w * pv.real).ravel(), minlength=size)
                 sum_im += np.bincount(idx, weights=(w * pv.imag).ravel(), minlength=size)
