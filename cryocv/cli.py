@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shift-A", type=float, help="shift search range ± (default 10%% of the box)")
     p.add_argument("--base-step-deg", type=float, default=15.0, help="base angular grid of the search (default 15)")
     p.add_argument("--fine-step-deg", type=float, default=0.5, help="finest angular step (default 0.5)")
-    p.add_argument("--candidates", type=int, default=8, help="poses kept per image at each search level (default 8)")
+    p.add_argument("--candidates", type=int, default=4,
+                   help="poses kept per image at the fine search levels (default 4)")
+    p.add_argument("--base-candidates", type=int, default=32,
+                   help="poses kept per image after the coarse base grid, halved per level down to --candidates "
+                        "(default 32)")
     p.add_argument("--nu-cutoffs", type=int, default=50, help="NU: candidate cutoffs (default 50)")
     p.add_argument("--nu-order", type=int, default=8, help="NU: Butterworth filter order (default 8)")
     p.add_argument("--nu-awf", type=float, default=3.0, help="NU: adaptive window factor (default 3)")
@@ -172,8 +176,8 @@ def _refine(args) -> dict:
     params = RefineParams(regularizer=args.regularizer, symmetry=args.sym, initial_lowpass_A=args.initial_lowpass_A,
                           max_iterations=args.max_iterations, base_step_deg=args.base_step_deg,
                           fine_step_deg=args.fine_step_deg, max_shift_A=args.max_shift_A,
-                          n_candidates=args.candidates, nu_cutoffs=args.nu_cutoffs, nu_order=args.nu_order,
-                          nu_awf=args.nu_awf, nu_half_map_noise=not args.nu_plain_cv, batch_size=args.batch_size, seed=args.seed)
+                          n_candidates=args.candidates, n_base_candidates=args.base_candidates,
+                          nu_cutoffs=args.nu_cutoffs, nu_order=args.nu_order, nu_awf=args.nu_awf, nu_half_map_noise=not args.nu_plain_cv, batch_size=args.batch_size, seed=args.seed)
     return jobs.run_refine(args.particles, args.ref, args.out, params, device=args.device, gpu_ids=args.gpu,
                            datadir=args.datadir, progress=not args.quiet)
 

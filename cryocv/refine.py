@@ -38,7 +38,7 @@ from .projector import (DEFAULT_PADDING, accumulators_to_map, empty_accumulators
                         prepare_volume)
 from .reconstruct import combine_half_maps, insert_with_symmetry
 from .regularize import cutoff_map_A, nu_filter, wiener_regularization
-from .search import BaseGrid, SearchParams, search_poses, search_schedule
+from .search import BaseGrid, SearchParams, candidates_per_level, search_poses, search_schedule
 from .symmetry import symmetry_operators
 
 
@@ -54,7 +54,8 @@ class RefineParams:
     base_step_deg: float = 15.0
     fine_step_deg: float = 0.5
     max_shift_A: float | None = None    # default: 10% of the box
-    n_candidates: int = 8
+    n_candidates: int = 4               # poses kept per image at the fine search levels
+    n_base_candidates: int = 32         # kept after the base level (then halved per level)
     extra_shells: int = 4               # alignment uses the resolution shell + this many
     nu_cutoffs: int = 50
     nu_order: int = 8
@@ -72,6 +73,7 @@ class RefineParams:
                   (0 < self.fine_step_deg <= self.base_step_deg <= 60, "need 0 < fine step <= base step <= 60°"),
                   (self.max_shift_A is None or self.max_shift_A >= 0, "--max-shift-A must be >= 0"),
                   (self.n_candidates >= 1, "--candidates must be >= 1"),
+                  (self.n_base_candidates >= 1, "--base-candidates must be >= 1"),
                   (self.nu_cutoffs >= 2, "--nu-cutoffs must be >= 2"),
                   (self.nu_order >= 1, "--nu-order must be >= 1"),
                   (self.nu_awf > 0, "--nu-awf must be positive"),
@@ -83,7 +85,8 @@ class RefineParams:
     def search_params(self, box_size: int, pixel_size_A: float) -> SearchParams:
         max_shift_A = 0.1 * box_size * pixel_size_A if self.max_shift_A is None else self.max_shift_A
         return SearchParams(base_step_deg=self.base_step_deg, fine_step_deg=self.fine_step_deg,
-                            max_shift_px=max_shift_A / pixel_size_A, n_candidates=self.n_candidates)
+                            max_shift_px=max_shift_A / pixel_size_A, n_candidates=self.n_candidates,
+                            n_base_candidates=self.n_base_candidates)
 
 
 @dataclass
@@ -150,12 +153,15 @@ def memory_budget_bytes(xp) -> int:
     return int(min(0.4 * free_gpu_memory_bytes(), SEARCH_BUDGET_GPU_BYTES)) if xp is not np else 1 << 30
 
 
-def auto_batch_size(box_size: int, n_base_rotations: int, n_base_shifts: int, n_candidates: int,
-                    max_points: int, budget_bytes: int, cpu: bool) -> int:
-    """Images per batch so the search's largest temporaries fit ``budget_bytes``."""
+def auto_batch_size(box_size: int, n_base_rotations: int, n_base_shifts: int, candidate_points: int,
+                    budget_bytes: int, cpu: bool) -> int:
+    """Images per batch so the search's largest temporaries fit ``budget_bytes``.
+
+    ``candidate_points``: the largest, over subdivision levels, of candidates
+    entering the level × Fourier points scored at it."""
     per_image = (4 * 3 * n_base_shifts * n_base_rotations            # base scores and temporaries
-                 + 8 * 3 * n_candidates * 8 * max_points              # child slices, |P|², products
-                 + 8 * 2 * n_candidates * 4 * max_points              # shifted image terms
+                 + 8 * 4 * 8 * candidate_points                       # child slices (+ stacked), |P|², products
+                 + 8 * 3 * 4 * candidate_points                       # shifted image terms (+ stacked)
                  + 8 * 6 * box_size * (box_size // 2 + 1))           # FT, CTF, re-centred copies
     batch = int(budget_bytes // max(per_image, 1))
     return int(np.clip(batch, 8, 256 if cpu else 4096))
@@ -225,10 +231,11 @@ def refinement_pass(particles: Particles, source: ImageSource, references: list,
     rotations_out = np.zeros((len(particles), 3, 3), dtype=np.float32)
     origins_out = np.zeros((len(particles), 2), dtype=np.float32)
     scores_out = np.zeros(len(particles), dtype=np.float32)
-    max_points = int(frequency_points(n, levels[-1].cutoff_px).kx.size)
+    kept = candidates_per_level(len(levels), search)
+    candidate_points = max([kept[i - 1] * int(frequency_points(n, levels[i].cutoff_px).kx.size)
+                            for i in range(1, len(levels))] or [0])
     batch = params.batch_size or auto_batch_size(n, bases[0].rotations.shape[0], bases[0].shifts.shape[0],
-                                                  search.n_candidates, max_points, memory_budget_bytes(xp),
-                                                  cpu=xp is np)
+                                                  candidate_points, memory_budget_bytes(xp), cpu=xp is np)
     ctf_all = particles.ctf.as_matrix() if particles.ctf is not None else None
     bar = tqdm(total=len(particles), desc="  aligning", unit="particle", disable=not progress, leave=False)
     for half in (1, 2):

@@ -15,13 +15,16 @@ common intensity scale. The DC term is left out.
 
 Search (one level = one frequency cutoff r):
 1. base level: every rotation of a ~15° SO(3) grid × a grid of shifts, scored at
-   a low cutoff as one matrix product per batch (images·shifts × rotations);
-2. keep the best ``n_candidates`` (rotation, best shift) per image; the rest are
-   pruned;
+   a low cutoff (``BASE_CUTOFF_TIMES_STEP / step``) as one matrix product per batch
+   (images·shifts × rotations);
+2. keep the best ``n_base_candidates`` (rotation, best shift) per image; the rest
+   are pruned;
 3. subdivide each kept rotation into 8 children (axis-angle offsets ±step/4 on
    each axis) and its shift into 4 children (±step/4), halve both steps, raise
    the cutoff so that r·step stays constant, score the children as batched
-   products, keep the best again;
+   products, keep the best again: half as many as before, never fewer than
+   ``n_candidates`` (many candidates where the cutoff is low and a child is
+   cheap, few where it is high; 32 → 16 → 8 → 4 by default);
 4. stop when the rotation step reaches the fine alignment step.
 All arrays live on the device of the reference (numpy or CuPy).
 """
@@ -36,9 +39,15 @@ from .backend import get_array_module, to_device
 from .geometry import axis_angle_to_matrix, euler_to_matrix, so3_grid
 from .projector import DEFAULT_PADDING, FrequencyPoints, extract_slices, frequency_points
 
-# r·step (px·rad) that keeps the angular grid adequate for the cutoff: a pose off by
-# half a step moves the outermost scored frequency by < 1 pixel
+# r·step (px·rad) of the subdivision levels: a pose off by half a step moves the outermost
+# scored frequency by < 1 pixel
 CUTOFF_TIMES_STEP = 1.5
+# the same for the base grid, scored further out: at 1.5 (~30 Å for a 15° grid in a box twice
+# the particle) 2–12 % of simulated TRPV1 particles settled > 10° from the truth
+# (bench/results/vs_relion*.md); the base level is one matrix product, so this is cheap
+BASE_CUTOFF_TIMES_STEP = 2.0
+# candidates kept shrink by this factor per level, from n_base_candidates to n_candidates
+CANDIDATE_DECAY = 2
 
 
 @dataclass
@@ -48,7 +57,8 @@ class SearchParams:
     base_step_deg: float = 15.0
     fine_step_deg: float = 0.5          # never subdivide below this
     max_shift_px: float = 5.0           # base shift grid spans ±max_shift_px
-    n_candidates: int = 8               # kept per image at each level
+    n_candidates: int = 4               # kept per image at the fine levels
+    n_base_candidates: int = 32         # kept after the base level, then halved per level down to n_candidates
     min_cutoff_px: float = 4.0          # base level never scores fewer shells than this
 
 
@@ -64,21 +74,33 @@ def search_schedule(box_size: int, alignment_cutoff_px: float, params: SearchPar
 
     Rotation steps halve from ``base_step_deg`` until the step is at most
     ``max(fine_step_deg, 0.5 / cutoff)`` (finer steps move no scored frequency
-    by a useful fraction of a pixel); cutoffs are ``1.5 / step`` capped at the
+    by a useful fraction of a pixel); cutoffs are ``CUTOFF_TIMES_STEP / step`` capped at the
     alignment cutoff; shift steps start at N/(4·r₀) px and halve too.
     """
     nyquist = box_size / 2
     cutoff_max = float(min(max(alignment_cutoff_px, params.min_cutoff_px), nyquist))
     final_step = max(math.radians(params.fine_step_deg), 0.5 / cutoff_max)
     step = math.radians(params.base_step_deg)
-    base_cutoff = min(max(CUTOFF_TIMES_STEP / step, params.min_cutoff_px), cutoff_max)
-    shift_step = max(min(box_size / (4.0 * base_cutoff), max(params.max_shift_px, 0.5)), 0.5)
+    base_cutoff = min(max(BASE_CUTOFF_TIMES_STEP / step, params.min_cutoff_px), cutoff_max)
+    # the shift grid follows the subdivision rule's cutoff, not the base level's higher one:
+    # as many base shifts as before (the base level's cost is images × shifts × rotations)
+    shift_cutoff = min(max(CUTOFF_TIMES_STEP / step, params.min_cutoff_px), cutoff_max)
+    shift_step = max(min(box_size / (4.0 * shift_cutoff), max(params.max_shift_px, 0.5)), 0.5)
     levels = [SearchLevel(step, shift_step, base_cutoff)]
     while step > final_step * (1 + 1e-6):
         step /= 2
         shift_step /= 2
         levels.append(SearchLevel(step, shift_step, min(max(CUTOFF_TIMES_STEP / step, base_cutoff), cutoff_max)))
     return levels
+
+
+def candidates_per_level(n_levels: int, params: SearchParams) -> list[int]:
+    """Candidates kept per image after each level (the base level first): ``n_base_candidates``,
+    then divided by ``CANDIDATE_DECAY`` per level, never below ``n_candidates``."""
+    kept = [max(params.n_base_candidates, params.n_candidates)]
+    for _ in range(n_levels - 1):
+        kept.append(max(kept[-1] // CANDIDATE_DECAY, params.n_candidates))
+    return kept
 
 
 def shift_grid(max_shift_px: float, step_px: float) -> np.ndarray:
@@ -155,24 +177,36 @@ def image_terms(images_ft, ctf, points: FrequencyPoints, weights) -> ImageTerms:
     return ImageTerms((x * (c * weights)).astype(xp.complex64), (c * c * weights).astype(xp.float32))
 
 
-def _complex_cross(a, p):
-    """Re(a · conj(p)ᵀ) as real matrix products: a (..., S, M), p (..., R, M) → (..., S, R)."""
+def stack_real_imag(z):
+    """(…, M) complex → (…, 2M) float32: real parts, then imaginary parts (contiguous)."""
+    xp = get_array_module(z)
+    return xp.concatenate([z.real, z.imag], axis=-1).astype(xp.float32, copy=False)
+
+
+def _complex_cross(a, p, p_stacked=None):
+    """Re(a · conj(p)ᵀ) as one real matrix product of stacked [Re, Im] rows:
+    a (..., S, M), p (..., R, M) → (..., S, R). ``p_stacked`` is ``stack_real_imag(p)``
+    if already made. (Products of the strided ``.real``/``.imag`` views were ~25× slower
+    in numpy.)"""
     xp = get_array_module(a)
-    return xp.matmul(a.real, xp.swapaxes(p.real, -1, -2)) + xp.matmul(a.imag, xp.swapaxes(p.imag, -1, -2))
+    p_stacked = stack_real_imag(p) if p_stacked is None else p_stacked
+    return xp.matmul(stack_real_imag(a), xp.swapaxes(p_stacked, -1, -2))
 
 
-def score_base(terms: ImageTerms, slices, phases):
+def score_base(terms: ImageTerms, slices, phases, slices_stacked=None, slices_power=None):
     """Base level: every image × shift × rotation.
 
     ``slices`` (R, M) reference slices, ``phases`` (T, M) shift factors →
-    scores (B, T, R) float32.
+    scores (B, T, R) float32. ``slices_stacked`` (R, 2M) and ``slices_power``
+    (R, M) = |slices|² may be passed precomputed (:class:`BaseGrid` does).
     """
     xp = get_array_module(slices)
     b, m = terms.data.shape
     t = phases.shape[0]
     shifted = (terms.data[:, None, :] * phases[None]).reshape(b * t, m)
-    cross = _complex_cross(shifted, slices).reshape(b, t, -1)
-    norm = xp.matmul(terms.ctf2, (slices.real ** 2 + slices.imag ** 2).T)  # (B, R)
+    cross = _complex_cross(shifted, slices, slices_stacked).reshape(b, t, -1)
+    power = slices.real ** 2 + slices.imag ** 2 if slices_power is None else slices_power
+    norm = xp.matmul(terms.ctf2, power.T)                                   # (B, R)
     return (cross / xp.sqrt(xp.maximum(norm, 1e-30))[:, None, :]).astype(xp.float32)
 
 
@@ -211,6 +245,8 @@ class BaseGrid:
                                    .astype(np.float32), xp)
         self.points = frequency_points(box_size, level.cutoff_px, xp)
         self.slices = extract_slices(volume_ft, self.rotations, self.points, padding)
+        self.slices_stacked = stack_real_imag(self.slices)
+        self.slices_power = xp.ascontiguousarray((self.slices.real ** 2 + self.slices.imag ** 2).astype(xp.float32))
         self.shifts = to_device(shift_grid(params.max_shift_px, level.shift_step_px), xp)
         self.phases = shift_phases(self.points, self.shifts)
 
@@ -238,16 +274,17 @@ def search_poses(volume_ft, images_ft, ctf, noise_var_shell, levels: list[Search
     b = images_ft.shape[0]
     if base is None:
         base = BaseGrid(volume_ft, n, levels[0], params, padding)
-    k = params.n_candidates
+    kept_per_level = candidates_per_level(len(levels), params)
+    k = kept_per_level[0]
     terms = image_terms(images_ft, ctf, base.points, point_weights(base.points, noise_var_shell))
-    scores = score_base(terms, base.slices, base.phases)                      # (B, T, R)
+    scores = score_base(terms, base.slices, base.phases, base.slices_stacked, base.slices_power)  # (B, T, R)
     best_shift = xp.argmax(scores, axis=1)                                    # (B, R)
     best = xp.max(scores, axis=1)
     keep = _top_k(best, k)                                                    # (B, K)
     rotations = base.rotations[keep]                                          # (B, K, 3, 3)
     shifts = base.shifts[xp.take_along_axis(best_shift, keep, axis=1)]        # (B, K, 2)
     kept_scores = xp.take_along_axis(best, keep, axis=1)
-    for level, previous in zip(levels[1:], levels[:-1]):
+    for level, previous, k in zip(levels[1:], levels[:-1], kept_per_level[1:]):
         points = frequency_points(n, level.cutoff_px, xp)
         terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
         rot_children = rotation_children(rotations, previous.rotation_step_rad)      # (B, K, 8, 3, 3)

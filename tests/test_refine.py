@@ -15,8 +15,8 @@ from cryocv.io.mrc import read_map, write_map
 from cryocv.particles import load_particles
 from cryocv.projector import prepare_volume
 from cryocv.regularize import butterworth_lowpass, nu_candidate_cutoffs, nu_filter, wiener_regularization
-from cryocv.search import (SearchParams, rotation_children, search_poses, search_schedule, shift_children,
-                           shift_grid)
+from cryocv.search import (SearchParams, candidates_per_level, rotation_children, search_poses, search_schedule,
+                           shift_children, shift_grid)
 from cryocv.simulate import clean_projections, random_ctf, simulate
 from .conftest import asymmetric_map, blob_volume, needs_gpu
 
@@ -43,6 +43,21 @@ def test_search_schedule_halves_steps_and_raises_cutoff():
     assert np.degrees(levels[-1].rotation_step_rad) <= max(0.5, np.degrees(0.5 / 20)) + 1e-9
     cutoffs = [lv.cutoff_px for lv in levels]
     assert cutoffs == sorted(cutoffs) and cutoffs[-1] == pytest.approx(20.0)
+
+
+def test_base_level_scores_further_out_and_keeps_more_candidates():
+    """The base grid is scored to BASE_CUTOFF_TIMES_STEP / step (beyond the subdivision rule),
+    its shift grid follows the subdivision rule, and the candidates kept shrink 32 → 16 → 8 → 4."""
+    import cryocv.search as search
+    params = SearchParams(base_step_deg=15, fine_step_deg=0.5, max_shift_px=12)
+    levels = search_schedule(128, 40.0, params)
+    step = np.radians(15)
+    assert levels[0].cutoff_px == pytest.approx(search.BASE_CUTOFF_TIMES_STEP / step)
+    assert levels[0].cutoff_px > search.CUTOFF_TIMES_STEP / step
+    assert levels[0].shift_step_px == pytest.approx(128 / (4 * search.CUTOFF_TIMES_STEP / step))
+    assert levels[1].cutoff_px == pytest.approx(search.CUTOFF_TIMES_STEP / (step / 2))
+    assert candidates_per_level(6, params) == [32, 16, 8, 4, 4, 4]
+    assert candidates_per_level(3, SearchParams(n_candidates=8, n_base_candidates=4)) == [8, 8, 8]
 
 
 def test_children_subdivide_cells(xp):
