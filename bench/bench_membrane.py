@@ -126,7 +126,8 @@ def main(argv=None):
     info = build_dataset(data_dir, max(args.n), box_size=args.box_size, pixel_size_A=args.pixel_size_A, snr=args.snr,
                          seed=0, wobble_sigma_deg=args.wobble_sigma_deg, xp=xp, progress=False, model_path=model)
     all_particles = load_particles(os.path.join(data_dir, "particles.star"))
-    results = {"dataset": {k: v for k, v in info.items() if k in ("box_size", "pixel_size_A", "snr", "n")},
+    kept = ("box_size", "pixel_size_A", "snr", "n", "wobble_sigma_deg")
+    results = {"dataset": {k: v for k, v in info.items() if k in kept},
                "box_size": all_particles.box_size, "pixel_size_A": all_particles.pixel_size_A,
                "simulate_s": round(time.time() - started, 1), "runs": {}}
     for count in sorted(args.n):

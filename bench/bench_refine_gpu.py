@@ -35,6 +35,9 @@ def main(argv=None):
     parser.add_argument("--sym", default="C1")
     parser.add_argument("--regularizer", default="nu")
     parser.add_argument("--max-iterations", type=int, default=6)
+    parser.add_argument("--base-step-deg", type=float, default=RefineParams.base_step_deg)
+    parser.add_argument("--candidates", type=int, default=RefineParams.n_candidates)
+    parser.add_argument("--base-candidates", type=int, default=RefineParams.n_base_candidates)
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True)
     args = parser.parse_args(argv)
@@ -42,25 +45,33 @@ def main(argv=None):
     truth, px = read_map(args.map)
     n_box = truth.shape[0]
     t0 = time.time()
-    simulate(truth, px, args.n, os.path.join(args.out, "sim"), snr=args.snr, seed=1, xp=xp, progress=False)
+    sim_star = os.path.join(args.out, "sim", "particles.star")
+    if os.path.isfile(sim_star) and len(load_particles(sim_star)) == args.n:
+        print(f"reusing the simulated particles in {sim_star}")
+    else:
+        simulate(truth, px, args.n, os.path.join(args.out, "sim"), snr=args.snr, seed=1, xp=xp, progress=False)
     simulate_s = time.time() - t0
     if xp is not np:
         xp.get_default_memory_pool().free_all_blocks()
     t0 = time.time()
-    params = RefineParams(regularizer=args.regularizer, symmetry=args.sym, max_iterations=args.max_iterations)
-    report = run_refine(os.path.join(args.out, "sim", "particles.star"), args.map, os.path.join(args.out, "refine"),
+    params = RefineParams(regularizer=args.regularizer, symmetry=args.sym, max_iterations=args.max_iterations,
+                          base_step_deg=args.base_step_deg, n_candidates=args.candidates,
+                          n_base_candidates=args.base_candidates)
+    job = os.path.join(args.out, f"refine_base{args.base_step_deg:g}_b{args.base_candidates}_c{args.candidates}")
+    report = run_refine(sim_star, args.map, job,
                         params, device="auto", progress=False)
     refine_s = time.time() - t0
     peak_bytes = int(xp.get_default_memory_pool().total_bytes()) if xp is not np else 0
     truth_p = load_particles(os.path.join(args.out, "sim", "particles.star"))
-    refined = load_particles(os.path.join(args.out, "refine", "particles.star"))
+    refined = load_particles(os.path.join(job, "particles.star"))
     err = pose_change_deg(refined.rotations, truth_p.rotations, args.sym)
-    full, _ = read_map(os.path.join(args.out, "refine", "map.mrc"))
+    full, _ = read_map(os.path.join(job, "map.mrc"))
     iterations = report["iterations"]
     pass_s = [it["pass_seconds"] for it in iterations]
     result = {
         "device": _device_name(xp), "box": n_box, "pixel_size_A": px, "n_particles": args.n, "snr": args.snr,
-        "symmetry": args.sym, "regularizer": args.regularizer, "simulate_s": round(simulate_s, 1),
+        "symmetry": args.sym, "regularizer": args.regularizer, "base_step_deg": args.base_step_deg,
+        "n_candidates": args.candidates, "n_base_candidates": args.base_candidates, "simulate_s": round(simulate_s, 1),
         "refine_wall_s": round(refine_s, 1), "iterations": len(iterations),
         "seconds_per_iteration": [round(s, 2) for s in pass_s],
         "particle_iterations_per_s_passes": round(args.n * len(pass_s) / sum(pass_s), 0),

@@ -318,13 +318,59 @@ def run_relion_autorefine(particles_star, reference_mrc, out_dir, symmetry="C1",
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"relion_refine_mpi exited with {proc.returncode}; see {log_path}")
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return _report(out_dir, star, cmd, wall, cpu, truth_map, truth_symmetry or symmetry)
+
+
+def continue_relion_autorefine(out_dir, threads=2, mpi_procs=3, nice_leader=True, truth_map=None,
+                               truth_symmetry="C1") -> dict:
+    """Continue an interrupted auto-refine in ``out_dir`` from its last ``run_itNNN_optimiser.star``.
+
+    RELION's ``--continue`` (the GUI's "Continue" button) reads every refinement
+    setting from the optimiser file; only ``--j`` and the I/O options are
+    given again. The wall time reported is the time up to the last completed
+    iteration before the interruption (file mtimes since the prepared
+    ``particles.star``) plus the continued run's; the work lost in the
+    interrupted iteration is not counted. CPU time is the continued run's only.
+    """
+    out_dir = os.path.abspath(out_dir)
+    files = _iteration_files(out_dir)
+    star = os.path.join(out_dir, "particles.star")
+    if not files or not os.path.exists(star):
+        raise FileNotFoundError(f"{out_dir} holds no interrupted RELION auto-refine to continue")
+    last = max(files)
+    before_s = os.path.getmtime(files[last]) - os.path.getmtime(star)
+    cmd = mpi_command(["relion_refine_mpi", "--continue", files[last], "--o", os.path.join(out_dir, OUTPUT_ROOT),
+                       "--j", str(threads), "--dont_combine_weights_via_disc", "--pool", "3"], mpi_procs, nice_leader)
+    log_path = os.path.join(out_dir, "relion.log")
+    with open(log_path, "a") as log:
+        log.write(f"\n# continued from iteration {last} (after {before_s:.0f} s)\n"
+                  + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"relion_refine_mpi --continue exited with {proc.returncode}; see {log_path}")
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    result = _report(out_dir, star, cmd, before_s + wall, cpu, truth_map, truth_symmetry)
+    result.update({"continued_from_iteration": last, "wall_time_before_interruption_s": round(before_s, 1),
+                   "cpu_time_s_covers": "continued run only"})
+    with open(os.path.join(out_dir, "relion_autorefine.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    return result
+
+
+def _report(out_dir, star, cmd, wall, cpu, truth_map, symmetry) -> dict:
+    """Summary of a finished run in ``out_dir`` (also written to ``relion_autorefine.json``)."""
     result = {
         "wall_time_s": round(wall, 1),
-        "cpu_time_s": round((cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime), 1),
+        "cpu_time_s": round(cpu, 1),
         **summarise(out_dir, truth_map),
         "iteration_log": iteration_log(out_dir),
-        "pose_errors_vs_input": pose_errors(star, os.path.join(out_dir, f"{OUTPUT_ROOT}_data.star"),
-                                            truth_symmetry or symmetry),
+        "pose_errors_vs_input": pose_errors(star, os.path.join(out_dir, f"{OUTPUT_ROOT}_data.star"), symmetry),
         "n_particles": int(len(starfile.read(star, always_dict=True)["particles"])),
         "command": " ".join(shlex.quote(c) for c in cmd), "cwd": out_dir,
         "relion_version": subprocess.run(["relion_refine", "--version"], capture_output=True,
