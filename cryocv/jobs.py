@@ -234,6 +234,16 @@ def _select_gpu(gpu_ids):
 REFINE_CONFIG = "refine_config.json"
 
 
+def refine_params_from_config(parameters: dict):
+    """The :class:`~cryocv.refine.RefineParams` a job was started with, from its refine_config.json.
+    Runs started before the base-candidate schedule kept ``n_candidates`` at every level and
+    keep doing so when continued."""
+    from .refine import RefineParams
+    parameters = dict(parameters)
+    parameters.setdefault("n_base_candidates", parameters.get("n_candidates", RefineParams.n_candidates))
+    return RefineParams(**parameters)
+
+
 def run_refine(particles_path: str | None, reference_path: str | None, out_dir: str, params=None,
                device: str = "auto", gpu_ids=None, datadir=None, resume: bool = False,
                progress: bool = True) -> dict:
@@ -251,7 +261,7 @@ def run_refine(particles_path: str | None, reference_path: str | None, out_dir: 
         with open(config_path) as handle:
             config = json.load(handle)
         particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
-        params = RefineParams(**config["parameters"])
+        params = refine_params_from_config(config["parameters"])
         device, gpu_ids = config["device"], config["gpu"]
     else:
         params = params or RefineParams()

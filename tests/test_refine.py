@@ -197,6 +197,17 @@ def test_refine_recovers_poses_and_map(refine_case, regularizer):
         assert cutoff.min() >= 4.0 - 1e-3 and cutoff.max() <= 80.0 + 1e-3 and cutoff.std() > 0
 
 
+def test_resume_of_a_run_from_before_the_base_candidate_schedule_keeps_its_search():
+    from dataclasses import asdict
+    from cryocv.jobs import refine_params_from_config
+    from cryocv.refine import RefineParams
+    old = asdict(RefineParams(n_candidates=8))
+    del old["n_base_candidates"]
+    params = refine_params_from_config(old)
+    assert params.n_candidates == 8 and params.n_base_candidates == 8
+    assert refine_params_from_config(asdict(RefineParams())) == RefineParams()
+
+
 def test_refine_resumes_after_kill(refine_case, monkeypatch):
     from cryocv import refine as refine_module
     from cryocv.jobs import run_refine
