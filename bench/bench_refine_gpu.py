@@ -46,10 +46,18 @@ def main(argv=None):
     n_box = truth.shape[0]
     t0 = time.time()
     sim_star = os.path.join(args.out, "sim", "particles.star")
-    if os.path.isfile(sim_star) and len(load_particles(sim_star)) == args.n:
+    sim_key = {"map": os.path.abspath(args.map), "n": args.n, "snr": args.snr, "seed": 1}
+    key_path = os.path.join(args.out, "sim", "bench_key.json")
+    reuse = False
+    if os.path.isfile(key_path):
+        with open(key_path) as handle:
+            reuse = json.load(handle) == sim_key
+    if reuse:
         print(f"reusing the simulated particles in {sim_star}")
     else:
         simulate(truth, px, args.n, os.path.join(args.out, "sim"), snr=args.snr, seed=1, xp=xp, progress=False)
+        with open(key_path, "w") as handle:
+            json.dump(sim_key, handle)
     simulate_s = time.time() - t0
     if xp is not np:
         xp.get_default_memory_pool().free_all_blocks()

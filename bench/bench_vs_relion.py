@@ -244,6 +244,11 @@ def summarise(out_dir: str, results_prefix: str):
                      f"{cell(r['gold_standard_0.143_A'])} | {cell(r['pose_error_median_deg'])} | "
                      f"{cell(r['shift_error_median_A'])} | {r['iterations']} | {cell(r['wall_time_s'], 0)} | "
                      f"{cell(r['cpu_time_s'], 0)} |")
+    resumed = jobs.get("relion", {}).get("continued_from_iteration")
+    if resumed is not None:
+        lines += ["", f"RELION was interrupted after iteration {resumed} and continued from it: its wall time "
+                      "adds the time up to that iteration to the continued run's, its CPU time is the "
+                      "continued run's only."]
     if any(r.get("unfinished") for r in jobs.values()):
         lines += ["", "RELION had not finished: its row is the average of the two half-maps of its last "
                       "iteration, with the wall time up to then."]

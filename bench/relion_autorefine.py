@@ -309,17 +309,23 @@ def run_relion_autorefine(particles_star, reference_mrc, out_dir, symmetry="C1",
                                 particle_diameter_A, threads, healpix_order, offset_range_px, offset_step_px,
                                 firstiter_cc, extra_args, out_dir)
         cmd = mpi_command(args, mpi_procs, nice_leader)
-        log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
-        log.flush()
-        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - t0
-        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"relion_refine_mpi exited with {proc.returncode}; see {log_path}")
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        wall, cpu = _run_logged(cmd, out_dir, log, log_path)
     return _report(out_dir, star, cmd, wall, cpu, truth_map, truth_symmetry or symmetry)
+
+
+def _run_logged(cmd, cwd: str, log, log_path: str) -> tuple[float, float]:
+    """Run ``cmd`` in ``cwd`` with its output appended to ``log`` (after the command line);
+    returns (wall seconds, CPU seconds of the children). Raises if it fails."""
+    log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+    log.flush()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:2])}… exited with {proc.returncode}; see {log_path}")
+    return wall, (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
 
 
 def continue_relion_autorefine(out_dir, threads=2, mpi_procs=3, nice_leader=True, truth_map=None,
@@ -331,7 +337,9 @@ def continue_relion_autorefine(out_dir, threads=2, mpi_procs=3, nice_leader=True
     given again. The wall time reported is the time up to the last completed
     iteration before the interruption (file mtimes since the prepared
     ``particles.star``) plus the continued run's; the work lost in the
-    interrupted iteration is not counted. CPU time is the continued run's only.
+    interrupted iteration is not counted (for one interruption: after a second one, the
+    idle time before the first continue would be counted too). CPU time is the continued
+    run's only.
     """
     out_dir = os.path.abspath(out_dir)
     files = _iteration_files(out_dir)
@@ -344,17 +352,8 @@ def continue_relion_autorefine(out_dir, threads=2, mpi_procs=3, nice_leader=True
                        "--j", str(threads), "--dont_combine_weights_via_disc", "--pool", "3"], mpi_procs, nice_leader)
     log_path = os.path.join(out_dir, "relion.log")
     with open(log_path, "a") as log:
-        log.write(f"\n# continued from iteration {last} (after {before_s:.0f} s)\n"
-                  + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        log.flush()
-        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - t0
-        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"relion_refine_mpi --continue exited with {proc.returncode}; see {log_path}")
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        log.write(f"\n# continued from iteration {last} (after {before_s:.0f} s)\n")
+        wall, cpu = _run_logged(cmd, out_dir, log, log_path)
     result = _report(out_dir, star, cmd, before_s + wall, cpu, truth_map, truth_symmetry)
     result.update({"continued_from_iteration": last, "wall_time_before_interruption_s": round(before_s, 1),
                    "cpu_time_s_covers": "continued run only"})
