@@ -43,8 +43,8 @@ from .projector import DEFAULT_PADDING, FrequencyPoints, extract_slices, frequen
 # scored frequency by < 1 pixel
 CUTOFF_TIMES_STEP = 1.5
 # the same for the base grid, scored further out: at 1.5 (~30 Å for a 15° grid in a box twice
-# the particle) 2–12 % of simulated TRPV1 particles settled > 10° from the truth
-# (bench/results/vs_relion*.md); the base level is one matrix product, so this is cheap
+# the particle), with 8 candidates kept, 3–12 % of simulated TRPV1 particles settled > 10° from
+# the truth (bench/results/search_tail.md); the base level is one matrix product, so this is cheap
 BASE_CUTOFF_TIMES_STEP = 2.0
 # candidates kept shrink by this factor per level, from n_base_candidates to n_candidates
 CANDIDATE_DECAY = 2
