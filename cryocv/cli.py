@@ -177,7 +177,8 @@ def _refine(args) -> dict:
                           max_iterations=args.max_iterations, base_step_deg=args.base_step_deg,
                           fine_step_deg=args.fine_step_deg, max_shift_A=args.max_shift_A,
                           n_candidates=args.candidates, n_base_candidates=args.base_candidates,
-                          nu_cutoffs=args.nu_cutoffs, nu_order=args.nu_order, nu_awf=args.nu_awf, nu_half_map_noise=not args.nu_plain_cv, batch_size=args.batch_size, seed=args.seed)
+                          nu_cutoffs=args.nu_cutoffs, nu_order=args.nu_order, nu_awf=args.nu_awf,
+                          nu_half_map_noise=not args.nu_plain_cv, batch_size=args.batch_size, seed=args.seed)
     return jobs.run_refine(args.particles, args.ref, args.out, params, device=args.device, gpu_ids=args.gpu,
                            datadir=args.datadir, progress=not args.quiet)
 
