@@ -32,37 +32,17 @@ sys.path.insert(0, HERE)
 
 import cryocv.search as search  # noqa: E402
 from cryocv.backend import resolve_xp, to_numpy  # noqa: E402
-from cryocv.fsc import fsc_curve, resolution_at  # noqa: E402
-from cryocv.io.mrc import read_map  # noqa: E402
 from cryocv.jobs import run_refine  # noqa: E402
 from cryocv.particles import load_particles  # noqa: E402
 from cryocv.reconstruct import reconstruct  # noqa: E402
-from cryocv.refine import RefineParams, pose_change_deg  # noqa: E402
+from cryocv.refine import RefineParams  # noqa: E402
+from bench_vs_relion import judge, make_dataset, make_membrane_dataset  # noqa: E402
 
 DATASETS = {"rigid box 40": ("rigid", None, None, 0.05),
             "membrane box 64": ("membrane", 64, 2.7, 0.05),
             "membrane box 96": ("membrane", 96, 1.8, 0.02)}
 SEARCHES = {"before": {"n_candidates": 8, "n_base_candidates": 8, "base_cutoff_times_step": search.CUTOFF_TIMES_STEP},
             "after": {"base_cutoff_times_step": search.BASE_CUTOFF_TIMES_STEP}}
-
-
-def judge(volume, data_dir: str, star: str | None = None) -> dict:
-    """Resolution of ``volume`` against the truth and, given ``star``, its poses' errors."""
-    truth, px = read_map(os.path.join(data_dir, "truth.mrc"))
-    n = truth.shape[0]
-    out = {"vs_truth_0.5_A": resolution_at(fsc_curve(volume, truth), 0.5, n, px)}
-    core_path = os.path.join(data_dir, "core_mask.mrc")
-    if os.path.isfile(core_path):
-        out["core_vs_truth_0.5_A"] = resolution_at(fsc_curve(volume, truth, read_map(core_path)[0]), 0.5, n, px)
-    if star is not None:
-        true_poses = load_particles(os.path.join(data_dir, "sim", "particles.star"))
-        refined = load_particles(star, datadir=os.path.join(data_dir, "sim"))
-        by_index = {int(k): i for i, k in enumerate(true_poses.stack_indices)}
-        order = np.array([by_index[int(k)] for k in refined.stack_indices])
-        err = pose_change_deg(refined.rotations, true_poses.rotations[order], "C4")
-        out.update({"pose_error_median_deg": float(np.median(err)), "pose_error_p90_deg": float(np.percentile(err, 90)),
-                    "fraction_over_10deg": float(np.mean(err > 10))})
-    return out
 
 
 def refine_with(setting: dict, data_dir: str, job: str, device: str) -> dict:
@@ -76,7 +56,7 @@ def refine_with(setting: dict, data_dir: str, job: str, device: str) -> dict:
         wall = time.perf_counter() - t0
     finally:
         search.BASE_CUTOFF_TIMES_STEP = saved
-    return {**judge(read_map(os.path.join(job, "map.mrc"))[0], data_dir, os.path.join(job, "particles.star")),
+    return {**judge(os.path.join(job, "map.mrc"), os.path.join(job, "particles.star"), data_dir),
             "wall_s": round(wall, 1)}
 
 
@@ -89,7 +69,6 @@ def main(argv=None):
     parser.add_argument("--model", default=os.path.join(HERE, "..", "..", "shared", "data", "models",
                                                         "3j5p_trpv1_c4.pdb"))
     args = parser.parse_args(argv)
-    from bench_vs_relion import make_dataset, make_membrane_dataset
     results = {"device": args.device, "cpu_count": os.cpu_count(), "searches": SEARCHES, "runs": {}}
     for name, (kind, box, px, snr) in DATASETS.items():
         data_dir = os.path.join(args.out, name.replace(" ", "_"))
@@ -110,7 +89,7 @@ def main(argv=None):
             stack = load_particles(os.path.join(data_dir, "sim", "particles.star")).stack_paths[0]
             poses.stack_paths = np.full(len(poses), stack, dtype=object)
             _, _, full, _ = reconstruct(poses, resolve_xp(args.device), "C4", progress=False)
-            rows["RELION's poses, cryocv reconstruction"] = judge(to_numpy(full), data_dir, args.relion_poses)
+            rows["RELION's poses, cryocv reconstruction"] = judge(to_numpy(full), args.relion_poses, data_dir)
             print(name, "relion poses", json.dumps(rows["RELION's poses, cryocv reconstruction"]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results + ".json", "w") as handle:

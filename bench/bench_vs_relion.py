@@ -107,10 +107,13 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def judge(map_path: str, data_star: str, truth_dir: str) -> dict:
-    """Resolution of ``map_path`` against the truth (FSC 0.5 and 0.143) and pose errors (modulo C4)."""
+def judge(volume, data_star: str, truth_dir: str) -> dict:
+    """Resolution of ``volume`` (a map or its MRC path) against the truth (FSC 0.5 and 0.143, and
+    inside the rigid core's mask where ``truth_dir`` has one) and the poses of ``data_star``
+    against the true poses (modulo C4)."""
     truth, px = read_map(os.path.join(truth_dir, "truth.mrc"))
-    volume, _ = read_map(map_path)
+    if isinstance(volume, str):
+        volume = read_map(volume)[0]
     curve = fsc_curve(volume, truth)
     true_poses = load_particles(os.path.join(truth_dir, "sim", "particles.star"))
     refined = load_particles(data_star)
@@ -124,11 +127,11 @@ def judge(map_path: str, data_star: str, truth_dir: str) -> dict:
     if os.path.isfile(core_path):  # membrane dataset: also the FSC inside the rigid core
         core_curve = fsc_curve(volume, truth, read_map(core_path)[0])
         core = {"core_vs_truth_0.5_A": resolution_at(core_curve, 0.5, truth.shape[0], px)}
-    return {**core,"vs_truth_0.5_A": resolution_at(curve, 0.5, truth.shape[0], px),
+    return {**core, "vs_truth_0.5_A": resolution_at(curve, 0.5, truth.shape[0], px),
             "vs_truth_0.143_A": resolution_at(curve, 0.143, truth.shape[0], px),
             "fsc_vs_truth": [round(float(v), 4) for v in curve],
             "pose_error_median_deg": float(np.median(err)), "pose_error_p90_deg": float(np.percentile(err, 90)),
-            "shift_error_median_A": float(np.median(shift))}
+            "fraction_over_10deg": float(np.mean(err > 10)), "shift_error_median_A": float(np.median(shift))}
 
 
 def run_cryocv(out_dir: str, regularizer: str, seed: int, device: str = "cpu") -> dict:
@@ -208,16 +211,8 @@ def summarise(out_dir: str, results_prefix: str):
                 jobs["relion (unfinished)"] = partial
     nu_map = os.path.join(out_dir, "cryocv_nu", "map_nu_filtered.mrc")
     if "cryocv_nu" in jobs and os.path.isfile(nu_map):  # NU's locally filtered map (same run and poses)
-        truth, px = read_map(os.path.join(out_dir, "truth.mrc"))
-        volume, n = read_map(nu_map)[0], truth.shape[0]
-        curve = fsc_curve(volume, truth)
-        core_path = os.path.join(out_dir, "core_mask.mrc")
-        core = (resolution_at(fsc_curve(volume, truth, read_map(core_path)[0]), 0.5, n, px)
-                if os.path.isfile(core_path) else None)
         jobs["cryocv_nu (map_nu_filtered.mrc)"] = {
-            **jobs["cryocv_nu"], "vs_truth_0.5_A": resolution_at(curve, 0.5, n, px),
-            "vs_truth_0.143_A": resolution_at(curve, 0.143, n, px), "core_vs_truth_0.5_A": core,
-            "fsc_vs_truth": [round(float(v), 4) for v in curve]}
+            **jobs["cryocv_nu"], **judge(nu_map, os.path.join(out_dir, "cryocv_nu", "particles.star"), out_dir)}
     os.makedirs(os.path.dirname(os.path.abspath(results_prefix)), exist_ok=True)
     with open(results_prefix + ".json", "w") as handle:
         json.dump({"dataset": dataset, "jobs": jobs, "cpu_count": os.cpu_count()}, handle, indent=1)
