@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["cryocv", "cryocv.io", "cryocv.protocols", "cryocv.viewers", "cryocv.tests"],
+    packages=["cryocv", "cryocv.io", "cryocv.jobs", "cryocv.protocols", "cryocv.viewers", "cryocv.tests"],
     package_dir={"cryocv": "cryocv", "cryocv.protocols": "protocols", "cryocv.viewers": "viewers",
                  "cryocv.tests": "tests"},
     package_data={"cryocv": ["data/*.mrc.gz", "protocols.conf"]},

@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cryocv.backend import resolve_xp  # noqa: E402
 from cryocv.fsc import fsc_curve, resolution_at  # noqa: E402
 from cryocv.io.mrc import read_map  # noqa: E402
-from cryocv.jobs import run_refine  # noqa: E402
-from cryocv.particles import load_particles  # noqa: E402
-from cryocv.refine import RefineParams, pose_change_deg  # noqa: E402
+from cryocv.jobs.refine import RefineParams, run as run_refine  # noqa: E402
+from cryocv.io.particle_files import load_particles  # noqa: E402
+from cryocv.symmetry import pose_distance_deg as pose_change_deg  # noqa: E402
 from cryocv.simulate import simulate  # noqa: E402
 
 

@@ -30,32 +30,25 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import cryocv.search as search  # noqa: E402
 from cryocv.backend import resolve_xp, to_numpy  # noqa: E402
-from cryocv.jobs import run_refine  # noqa: E402
-from cryocv.particles import load_particles  # noqa: E402
+from cryocv.jobs.refine import RefineParams, run as run_refine  # noqa: E402
+from cryocv.io.particle_files import load_particles  # noqa: E402
 from cryocv.reconstruct import reconstruct  # noqa: E402
-from cryocv.refine import RefineParams  # noqa: E402
 from bench_vs_relion import judge, make_dataset, make_membrane_dataset  # noqa: E402
 
 DATASETS = {"rigid box 40": ("rigid", None, None, 0.05),
             "membrane box 64": ("membrane", 64, 2.7, 0.05),
             "membrane box 96": ("membrane", 96, 1.8, 0.02)}
-SEARCHES = {"before": {"n_candidates": 8, "n_base_candidates": 8, "base_cutoff_times_step": search.CUTOFF_TIMES_STEP},
-            "after": {"base_cutoff_times_step": search.BASE_CUTOFF_TIMES_STEP}}
+SEARCHES = {"before": {"n_candidates": 8, "n_base_candidates": 8,
+                       "base_cutoff_times_step": RefineParams.cutoff_times_step},
+            "after": {"base_cutoff_times_step": RefineParams.base_cutoff_times_step}}
 
 
 def refine_with(setting: dict, data_dir: str, job: str, device: str) -> dict:
-    options = dict(setting)
-    saved = search.BASE_CUTOFF_TIMES_STEP
-    search.BASE_CUTOFF_TIMES_STEP = options.pop("base_cutoff_times_step")
-    try:
-        t0 = time.perf_counter()
-        run_refine(os.path.join(data_dir, "sim", "particles.star"), os.path.join(data_dir, "start.mrc"), job,
-                   RefineParams(regularizer="uniform", symmetry="C4", seed=1, **options), device=device, progress=False)
-        wall = time.perf_counter() - t0
-    finally:
-        search.BASE_CUTOFF_TIMES_STEP = saved
+    t0 = time.perf_counter()
+    run_refine(os.path.join(data_dir, "sim", "particles.star"), os.path.join(data_dir, "start.mrc"), job,
+               RefineParams(regularizer="uniform", symmetry="C4", seed=1, **setting), device=device, progress=False)
+    wall = time.perf_counter() - t0
     return {**judge(os.path.join(job, "map.mrc"), os.path.join(job, "particles.star"), data_dir),
             "wall_s": round(wall, 1)}
 

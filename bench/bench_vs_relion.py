@@ -44,9 +44,12 @@ sys.path.insert(0, HERE)
 
 from cryocv.fsc import fsc_curve, resolution_at  # noqa: E402
 from cryocv.io.mrc import read_map, write_map  # noqa: E402
-from cryocv.jobs import DEMO_MAP, run_refine, run_simulate  # noqa: E402
-from cryocv.particles import load_particles  # noqa: E402
-from cryocv.refine import RefineParams, lowpass_map, pose_change_deg  # noqa: E402
+from cryocv.fourier import lowpass_map  # noqa: E402
+from cryocv.jobs import simulate  # noqa: E402
+from cryocv.jobs.demo import DEMO_MAP  # noqa: E402
+from cryocv.jobs.refine import RefineParams, run as run_refine  # noqa: E402
+from cryocv.io.particle_files import load_particles  # noqa: E402
+from cryocv.symmetry import pose_distance_deg as pose_change_deg  # noqa: E402
 
 SYMMETRY = "C4"
 BOX = 40
@@ -96,8 +99,8 @@ def make_dataset(out_dir: str, n_particles: int, snr: float, seed: int) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     write_map(os.path.join(out_dir, "truth.mrc"), truth, truth_px)
     write_map(os.path.join(out_dir, "start.mrc"), lowpass_map(truth, truth_px, 30.0), truth_px)
-    run_simulate(os.path.join(out_dir, "truth.mrc"), n_particles, os.path.join(out_dir, "sim"), snr=snr, seed=seed,
-                 device="cpu", progress=False)
+    simulate.run(os.path.join(out_dir, "truth.mrc"), os.path.join(out_dir, "sim"),
+                 simulate.SimulateParams(n=n_particles, snr=snr, seed=seed), device="cpu", progress=False)
     return {"dataset": "rigid", "box_size": BOX, "pixel_size_A": truth_px, "n_particles": n_particles, "snr": snr,
             "seed": seed, "particle_diameter_A": PARTICLE_DIAMETER_A}
 

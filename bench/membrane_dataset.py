@@ -67,7 +67,8 @@ from cryocv.geometry import (axis_angle_to_matrix, euler_to_matrix, matrix_to_eu
                              rotation_about_axis)
 from cryocv.io.mrc import write_map, write_stack
 from cryocv.masks import threshold_mask
-from cryocv.particles import Particles, random_half_sets, save_particles
+from cryocv.particles import Particles, random_half_sets
+from cryocv.io.particle_files import save_particles
 from cryocv.projector import prepare_volume, project
 from cryocv.simulate import random_ctf
 

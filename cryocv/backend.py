@@ -71,3 +71,23 @@ def free_gpu_memory_bytes() -> int:
         return 0
     free, _total = _cupy.cuda.runtime.memGetInfo()
     return int(free + _cupy.get_default_memory_pool().free_bytes())
+
+
+def free_device_memory(xp):
+    """Return CuPy's cached blocks to the device (no-op on the CPU)."""
+    if xp is not np:
+        xp.get_default_memory_pool().free_all_blocks()
+
+
+SEARCH_BUDGET_GPU_BYTES = 12 << 30
+
+
+def memory_budget_bytes(xp) -> int:
+    """Working-memory budget for a pass's batches: 40% of free GPU memory capped at
+    12 GiB (enough for full-size batches at box 256), or 1 GiB on the CPU."""
+    return int(min(0.4 * free_gpu_memory_bytes(), SEARCH_BUDGET_GPU_BYTES)) if xp is not np else 1 << 30
+
+
+def image_cache_budget_bytes(xp) -> int:
+    """Device memory the image FTs of a job may occupy: 30% of free GPU memory, or 4 GiB on the CPU."""
+    return int(0.3 * free_gpu_memory_bytes()) if xp is not np else 4 << 30

@@ -61,7 +61,43 @@ def half_volume_radius(box_size: int, xp=np):
 
 def shell_index_3d(box_size: int, xp=np):
     """Integer shell (rounded |k|) of each voxel of the 3D half-space grid."""
-    return xp.rint(half_volume_radius(box_size, xp)).astype(xp.int32)
+    return shell_index(half_volume_radius(box_size, xp))
+
+
+def shell_index(radius, max_shell: int | None = None):
+    """The one shell rule: integer shell ``rint(|k|)`` of frequencies of radius ``radius``
+    (any shape, in pixels of the transform), int32, capped at ``max_shell`` when given."""
+    xp = get_array_module(radius)
+    shells = xp.rint(radius).astype(xp.int32)
+    return shells if max_shell is None else xp.minimum(shells, max_shell)
+
+
+def shell_index_2d(kx, ky, max_shell: int | None = None):
+    """Integer shell of 2D frequencies ``kx``, ``ky`` (same shape), see :func:`shell_index`."""
+    xp = get_array_module(kx)
+    return shell_index(xp.sqrt(kx ** 2 + ky ** 2), max_shell)
+
+
+def rfft_frequency_squared(box_size: int, xp=np):
+    """|f|² in (cycles/px)² on the *unshifted* rfftn grid of a cubic volume (N, N, N//2+1) float32."""
+    f = xp.fft.fftfreq(box_size).astype(xp.float32)
+    fx = xp.fft.rfftfreq(box_size).astype(xp.float32)
+    return f[:, None, None] ** 2 + f[None, :, None] ** 2 + fx[None, None, :] ** 2
+
+
+def rfft_radius_cycles(box_size: int, xp=np):
+    """|f| in cycles/px on the *unshifted* rfftn grid of a cubic volume (N, N, N//2+1) float32."""
+    return xp.sqrt(rfft_frequency_squared(box_size, xp))
+
+
+def phase_factors(kx, ky, shifts_px, box_size: int):
+    """exp(−2πi(k·t)/N): factors that translate content by ``shifts_px`` (..., 2) = (sx, sy) px.
+
+    ``kx``, ``ky`` broadcast against ``shifts_px[..., 0:1]`` (e.g. (M,) points or (N, N//2+1)
+    grids with shifts reshaped to (..., 1, 1)); complex64."""
+    xp = get_array_module(shifts_px, kx)
+    phase = (-2.0 * np.pi / box_size) * (shifts_px[..., 0] * kx + shifts_px[..., 1] * ky)
+    return (xp.cos(phase) + 1j * xp.sin(phase)).astype(xp.complex64)
 
 
 def phase_shift_images(ft, shifts_px):
@@ -73,11 +109,8 @@ def phase_shift_images(ft, shifts_px):
     xp = get_array_module(ft)
     box_size = ft.shape[-2]
     kx, ky = half_plane_frequencies(box_size, xp)
-    shifts_px = xp.asarray(shifts_px, dtype=xp.float32)
-    sx = shifts_px[..., 0][..., None, None]
-    sy = shifts_px[..., 1][..., None, None]
-    phase = (-2.0 * np.pi / box_size) * (kx * sx + ky * sy)
-    return ft * (xp.cos(phase) + 1j * xp.sin(phase)).astype(ft.dtype)
+    shifts_px = xp.asarray(shifts_px, dtype=xp.float32)[..., None, None, :]
+    return ft * phase_factors(kx, ky, shifts_px, box_size).astype(ft.dtype)
 
 
 def pad_volume(volume, padded_size: int):
@@ -115,3 +148,14 @@ def radial_average(values, shells, n_shells: int):
     sums = xp.bincount(flat_shell[keep], weights=values.ravel()[keep], minlength=n_shells)
     counts = xp.bincount(flat_shell[keep], minlength=n_shells)
     return sums[:n_shells] / xp.maximum(counts[:n_shells], 1)
+
+
+def lowpass_map(volume, pixel_size_A: float, resolution_A: float, edge_shells: float = 2.0):
+    """Low-pass a map to ``resolution_A`` with a raised-cosine edge of ``edge_shells`` shells."""
+    xp = get_array_module(volume)
+    n = volume.shape[0]
+    cutoff = n * pixel_size_A / resolution_A
+    radius = half_volume_radius(n, xp)
+    t = xp.clip((radius - cutoff) / edge_shells + 0.5, 0, 1)
+    profile = 0.5 * (1 + xp.cos(np.pi * t))
+    return ift3_centered(ft3_centered(volume.astype(xp.float32)) * profile, n).astype(xp.float32)

@@ -112,3 +112,8 @@ def apply_shell_filter(volume, shell_values):
     profile = xp.asarray(np.concatenate([np.asarray(shell_values, dtype=np.float64), [0.0]]))
     shells = xp.minimum(shell_index_3d(n, xp), len(shell_values))
     return ift3_centered(ft3_centered(volume.astype(xp.float64)) * profile[shells], n).astype(xp.float32)
+
+
+def combine_half_maps(half1, half2, fsc):
+    """Average of the half-maps filtered by √(2FSC/(1+FSC)) per shell."""
+    return apply_shell_filter((half1 + half2) / 2, fsc_weighting(fsc))

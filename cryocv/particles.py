@@ -140,27 +140,3 @@ def random_half_sets(n: int, seed: int = 0) -> np.ndarray:
     halves = np.where(np.arange(n) % 2 == 0, 1, 2).astype(np.int8)
     rng.shuffle(halves)
     return halves
-
-
-def load_particles(path: str, datadir: str | None = None) -> Particles:
-    """Load a RELION STAR or cryoSPARC .cs particle file."""
-    if not os.path.exists(path):
-        raise CryocvError(f"file not found: {path}")
-    if path.endswith(".cs"):
-        from .io.cs import read_cs
-        return read_cs(path, datadir)
-    if path.endswith(".star"):
-        from .io.star import read_star
-        return read_star(path, datadir)
-    raise CryocvError(f"unknown particle file type: {path} (expected .star or .cs)")
-
-
-def save_particles(particles: Particles, path: str):
-    """Write particles as RELION 3.1 STAR or cryoSPARC .cs (chosen by extension)."""
-    if path.endswith(".cs"):
-        from .io.cs import write_cs
-        return write_cs(particles, path)
-    if path.endswith(".star"):
-        from .io.star import write_star
-        return write_star(particles, path)
-    raise CryocvError(f"unknown particle file type: {path} (expected .star or .cs)")

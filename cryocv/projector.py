@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_array_module, is_cupy
-from .fourier import (crop_volume, ft3_centered, half_plane_frequencies, ift3_centered,
-                      pad_volume, trilinear_gridding_profile)
+from .fourier import (crop_volume, ft3_centered, half_plane_frequencies, half_volume_radius, ift3_centered,
+                      pad_volume, phase_shift_images, trilinear_gridding_profile)
+from .masks import spherical_mask
 
 DEFAULT_PADDING = 2
 _ROTATION_CHUNK = 256  # numpy twin: rotations per chunk (bounds temporary memory)
@@ -174,7 +175,6 @@ def insert_slices(data_ft, weight, rotations, points: FrequencyPoints, values, v
 
 def project(volume_ft, rotations, box_size: int, shifts_px=None, padding: int = DEFAULT_PADDING):
     """Full projection images' half-plane FTs (B, N, N//2+1), optionally phase-shifted."""
-    from .fourier import phase_shift_images
     xp = get_array_module(volume_ft)
     points = frequency_points(box_size, xp=xp)
     slices = points.scatter(extract_slices(volume_ft, rotations, points, padding))
@@ -207,10 +207,8 @@ def accumulators_to_map(data_ft, weight, box_size: int, regularization=None,
         nonzero = weight[weight > 0]
         regularization = 1e-3 * float(nonzero.mean()) if nonzero.size else 1.0
     ft = data_ft / (weight + regularization)
-    from .fourier import half_volume_radius
     ft = xp.where(half_volume_radius(np_, xp) <= padding * box_size / 2, ft, 0)
     real = ift3_centered(ft.astype(xp.complex64), np_)
     cropped = crop_volume(real, box_size)
-    from .masks import spherical_mask
     window = spherical_mask(box_size, box_size / 2 - 3, 3.0, xp)
     return (cropped * window / trilinear_gridding_profile(box_size, np_, xp)).astype(xp.float32)

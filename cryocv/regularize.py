@@ -1,37 +1,29 @@
-"""Regularizers of the M-step: uniform FSC-Wiener and non-uniform (cross-validated) filtering.
+"""Regularization of the M-step and the assessment of its maps.
 
-Uniform (RELION's gold-standard scheme, Scheres & Chen 2012): from the FSC of
-the two unregularized half-maps, SNR(k) = FSC/(1 − FSC) per shell, and each
-half-map is ``Σ C·X / (Σ C² + W̄(k)·(1 − FSC)/FSC)`` with W̄ the mean weight of
-that shell (σ²/τ² in the units of the accumulators). Both halves share the
-per-shell term; they share no data.
+Uniform (RELION's gold-standard scheme, Scheres & Chen, Nat. Methods 9, 853 (2012)):
+from the FSC of the two unregularized half-maps, SNR(k) = FSC/(1 − FSC) per shell,
+and each half-map is ``Σ C·X / (Σ C² + W̄(k)·(1 − FSC)/FSC)`` with W̄ the mean weight
+of that shell (σ²/τ² in the units of the accumulators). Both halves share the
+per-shell term; they share no data. The non-uniform regularizer
+(:mod:`cryocv.nonuniform`) filters these Wiener half-maps locally.
 
-Non-uniform (Punjani, Zhang & Fleet, Nat. Methods 17, 1214 (2020), Methods):
-each half-set is split into two quarter-sets with maps m_a, m_b. For candidate
-cutoffs f_j (``n_cutoffs`` equispaced in (0, 0.5] cycles/px) and the
-Butterworth low-pass B_j of order ``order``, the cross-validation residual
-``(B_j m_a − m_b)² + (B_j m_b − m_a)²`` is averaged over a ball of radius
-``awf / f_j`` voxels (the adaptive window factor times the cutoff's
-wavelength); each voxel takes the cutoff θ*(x) with the least windowed
-residual, and the half-map becomes ``(B_θ*(x) m)(x)``. The two half-maps are
-filtered independently; they are the Wiener-regularized half-maps (the same
-σ²/τ² as the uniform regularizer), so NU only adds local low-passing.
-
-Two refinements of the paper's recipe, both measured on simulated data against
-the true map (see ``bench/``): (1) the quarter-maps carry twice the noise of the
-half-map the filter is applied to, so plain CV picks cutoffs that are too low
-for it; with ``half_map_noise`` the windowed loss subtracts half of the filtered
-noise, estimated from the quarter-map difference (an unbiased risk estimate
-for the half-map); (2) the per-voxel cutoff field is smoothed and neighbouring
-filters are blended, because a hard per-voxel switch acts like a sharp,
-signal-shaped mask and adds high-frequency content correlated between halves.
+After regularization: a dynamic mask from the regularized half-maps' average, the
+masked and phase-randomization-corrected FSC of the *unfiltered* half-maps, and
+the FSC-weighted full map.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .backend import get_array_module, to_numpy
-from .fourier import half_volume_radius, radial_average
+from .accumulate import Accumulators
+from .backend import get_array_module, to_device
+from .fourier import half_volume_radius, radial_average, shell_index
+from .fsc import combine_half_maps, gold_standard_fsc
+from .masks import auto_threshold_mask
+from .nonuniform import NUParams, cutoff_map_A, nu_filter
+from .projector import accumulators_to_map
 
 
 def wiener_regularization(weight, fsc, box_size: int, padding: int):
@@ -42,8 +34,7 @@ def wiener_regularization(weight, fsc, box_size: int, padding: int):
     """
     xp = get_array_module(weight)
     np_ = padding * box_size
-    radius = half_volume_radius(np_, xp)
-    shells = xp.rint(radius).astype(xp.int32)
+    shells = shell_index(half_volume_radius(np_, xp))
     mean_weight = radial_average(weight, shells, np_ // 2 + 1)
     fsc = np.clip(np.asarray(fsc, dtype=np.float64), 1e-3, 0.999)
     ratio = (1 - fsc) / fsc
@@ -53,90 +44,56 @@ def wiener_regularization(weight, fsc, box_size: int, padding: int):
     return xp.where(shells > np_ // 2, 1e30, term).astype(xp.float32)
 
 
-def butterworth_lowpass(radius_cycles_per_px, cutoff_cycles_per_px: float, order: int = 8):
-    """Butterworth low-pass 1/√(1 + (|k|/f_c)^(2·order)) on frequencies in cycles/px."""
-    xp = get_array_module(radius_cycles_per_px)
-    ratio = radius_cycles_per_px / cutoff_cycles_per_px
-    return 1.0 / xp.sqrt(1.0 + ratio ** (2 * order))
+@dataclass
+class MapResult:
+    """Maps of one iteration, on the device.
 
-
-def nu_candidate_cutoffs(n_cutoffs: int = 50) -> np.ndarray:
-    """Candidate cutoffs (cycles/px) equispaced in Fourier frequency: 0.5·j/n, j = 1..n."""
-    if n_cutoffs < 2:
-        raise ValueError("NU needs at least 2 candidate cutoffs")
-    return 0.5 * np.arange(1, n_cutoffs + 1) / n_cutoffs
-
-
-def _ball_kernel_ft(box_size: int, radius_px: float, xp):
-    """rfft (unshifted) of a normalised ball of ``radius_px`` centred at the origin (periodic)."""
-    c = xp.fft.fftfreq(box_size, d=1.0 / box_size).astype(xp.float32)  # signed voxel offsets
-    r = xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    ball = (r <= max(radius_px, 0.5)).astype(xp.float32)
-    return xp.fft.rfftn(ball / ball.sum())
-
-
-def _gaussian_smooth(volume, sigma_px: float):
-    """Periodic Gaussian smoothing (FFT) of a real (N, N, N) volume."""
-    xp = get_array_module(volume)
-    n = volume.shape[0]
-    f = xp.fft.fftfreq(n).astype(xp.float32)
-    k2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + xp.fft.rfftfreq(n).astype(xp.float32)[None, None, :] ** 2
-    kernel = xp.exp(-2 * np.pi ** 2 * sigma_px ** 2 * k2)
-    return xp.fft.irfftn(xp.fft.rfftn(volume) * kernel, s=volume.shape, axes=(0, 1, 2)).astype(xp.float32)
-
-
-def nu_filter(half_map, quarter_a, quarter_b, n_cutoffs: int = 50, order: int = 8, awf: float = 3.0,
-              smoothing_px: float = 1.0, half_map_noise: bool = True):
-    """Space-varying low-pass of one half-map chosen by quarter-map cross-validation.
-
-    All maps (N, N, N) on one device. For each candidate cutoff the CV residual
-    of the quarter-maps is averaged over a ball of radius ``awf`` wavelengths and
-    each voxel takes the cutoff of least residual. The chosen cutoff field is
-    then smoothed (Gaussian, ``smoothing_px``) and the half-map is filtered by
-    blending the two candidate filters nearest to the smoothed cutoff: a hard
-    per-voxel switch between filters would act like a sharp mask shaped by the
-    signal and add high-frequency content correlated between the half-maps,
-    inflating their FSC. Returns (filtered half-map (N, N, N) float32, cutoff per
-    voxel (N, N, N) float32 in cycles/px).
+    The gold-standard FSC is measured on the *unfiltered* half-maps (as RELION's
+    ``_unfil`` maps): a filter that suppresses noise shells also lets the real-space
+    window's spread of shared low-resolution content dominate those shells and
+    inflates their FSC.
     """
-    xp = get_array_module(half_map)
-    n = half_map.shape[0]
-    shape = half_map.shape
-    f = xp.fft.fftfreq(n).astype(xp.float32)
-    k = xp.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + xp.fft.rfftfreq(n).astype(xp.float32)[None, None, :] ** 2)
-    quarter_a = quarter_a.astype(xp.float32)
-    quarter_b = quarter_b.astype(xp.float32)
-    fa, fb = xp.fft.rfftn(quarter_a), xp.fft.rfftn(quarter_b)
-    cutoffs = nu_candidate_cutoffs(n_cutoffs)
-    best_loss = xp.full(shape, xp.inf, dtype=xp.float32)
-    best_index = xp.zeros(shape, dtype=xp.float32)
-    for j, cutoff in enumerate(cutoffs):
-        lowpass = butterworth_lowpass(k, float(cutoff), order).astype(xp.float32)
-        a_f = xp.fft.irfftn(fa * lowpass, s=shape, axes=(0, 1, 2))
-        b_f = xp.fft.irfftn(fb * lowpass, s=shape, axes=(0, 1, 2))
-        residual = (a_f - quarter_b) ** 2 + (b_f - quarter_a) ** 2
-        if half_map_noise:
-            # the CV residual carries the filtered noise of a quarter-map; the half-map has half
-            # of it: remove ½·|B(n)|² per term, with n ≈ (m_a − m_b)/√2
-            residual -= 0.5 * (a_f - b_f) ** 2
-        local = xp.fft.irfftn(xp.fft.rfftn(residual) * _ball_kernel_ft(n, awf / float(cutoff), xp), s=shape, axes=(0, 1, 2))
-        better = local < best_loss
-        best_loss = xp.where(better, local, best_loss)
-        best_index = xp.where(better, xp.float32(j), best_index)
-    index = xp.clip(_gaussian_smooth(best_index, smoothing_px) if smoothing_px > 0 else best_index, 0, n_cutoffs - 1)
-    fh = xp.fft.rfftn(half_map.astype(xp.float32))
-    filtered = xp.zeros(shape, dtype=xp.float32)
-    lowest, highest = int(xp.floor(index.min())), int(xp.ceil(index.max()))
-    for j in range(lowest, highest + 1):
-        blend = xp.clip(1 - xp.abs(index - j), 0, None)
-        lowpass = butterworth_lowpass(k, float(cutoffs[j]), order).astype(xp.float32)
-        filtered += blend * xp.fft.irfftn(fh * lowpass, s=shape, axes=(0, 1, 2))
-    chosen = xp.asarray(cutoffs[0] + index * (cutoffs[1] - cutoffs[0]), dtype=xp.float32)
-    return filtered.astype(xp.float32), chosen
+
+    references: list            # two regularized half-maps (uniform: Wiener; NU: space-varying filter)
+    half_maps: list             # two unfiltered half-maps
+    mask: object                # dynamic mask from the references' average (None if empty)
+    report: dict                # gold-standard FSC of the unfiltered half-maps, masked and corrected
+    full_map: object            # FSC-weighted average of the unfiltered half-maps
+    nu_filtered_map: object     # NU: average of the NU-filtered half-maps (locally low-passed), else None
+    cutoff_A: np.ndarray | None  # NU: chosen cutoff per voxel (Å), mean of the two halves in frequency
 
 
-def cutoff_map_A(cutoffs_cycles_per_px, pixel_size_A: float):
-    """Chosen cutoffs (cycles/px) → resolution in Å (pixel_size / f), numpy."""
-    f = to_numpy(cutoffs_cycles_per_px)
-    return (pixel_size_A / np.maximum(f, 1e-6)).astype(np.float32)
-
+def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask, nu: NUParams | None,
+                          mask_threshold: float, seed: int = 0) -> MapResult:
+    """Regularized half-maps (Wiener; then the NU filter when ``nu`` is given, which needs
+    quarter-set accumulators), a dynamic mask at ``mask_threshold`` of the maximum, and the
+    FSC report of the unfiltered half-maps (masked with ``previous_mask`` for the Wiener term)."""
+    box_size, padding = acc.box_size, acc.padding
+    xp = get_array_module(acc.grids[(1, 0)][0])
+    halves = {h: acc.half(h) for h in (1, 2)}
+    raw = [accumulators_to_map(*halves[h], box_size, padding=padding) for h in (1, 2)]
+    mask = None if previous_mask is None else to_device(previous_mask, xp)
+    raw_report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
+    fsc = np.asarray(raw_report.get("fsc_corrected", raw_report["fsc_unmasked"]))
+    # σ²/τ² per shell: a property of the data and the signal, shared by a half-set and its quarters
+    terms = {h: wiener_regularization(halves[h][1], fsc, box_size, padding) for h in (1, 2)}
+    regularized = [accumulators_to_map(*halves[h], box_size, padding=padding, regularization=terms[h])
+                   for h in (1, 2)]
+    cutoff_A = None
+    if nu is not None:
+        cutoffs = []
+        for h in (1, 2):
+            qa, qb = (accumulators_to_map(*acc.quarter(h, q), box_size, padding=padding, regularization=terms[h])
+                      for q in (0, 1))
+            regularized[h - 1], cutoff = nu_filter(regularized[h - 1], qa, qb, nu.n_cutoffs, nu.order, nu.awf,
+                                                   nu.smoothing_px, nu.half_map_noise)
+            cutoffs.append(cutoff)
+        cutoff_A = cutoff_map_A((cutoffs[0] + cutoffs[1]) / 2, pixel_size_A)
+    average = (regularized[0] + regularized[1]) / 2
+    try:
+        mask = auto_threshold_mask(average, pixel_size_A, mask_threshold)
+    except ValueError:
+        mask = None
+    report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
+    full = combine_half_maps(raw[0], raw[1], report.get("fsc_corrected", report["fsc_unmasked"]))
+    return MapResult(regularized, raw, mask, report, full, average if nu is not None else None, cutoff_A)

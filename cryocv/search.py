@@ -15,7 +15,7 @@ common intensity scale. The DC term is left out.
 
 Search (one level = one frequency cutoff r):
 1. base level: every rotation of a ~15° SO(3) grid × a grid of shifts, scored at
-   a low cutoff (``BASE_CUTOFF_TIMES_STEP / step``) as one matrix product per batch
+   a low cutoff (``BASE_cutoff_times_step / step``) as one matrix product per batch
    (images·shifts × rotations);
 2. keep the best ``n_base_candidates`` (rotation, best shift) per image; the rest
    are pruned;
@@ -36,19 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_array_module, to_device
+from .fourier import phase_factors, shell_index_2d
 from .geometry import axis_angle_to_matrix, euler_to_matrix, so3_grid
 from .projector import DEFAULT_PADDING, FrequencyPoints, extract_slices, frequency_points
-
-# r·step (px·rad) of the subdivision levels: a pose off by half a step moves the outermost
-# scored frequency by < 1 pixel
-CUTOFF_TIMES_STEP = 1.5
-# the same for the base grid, scored further out: at 1.5 (~30 Å for a 15° grid in a box twice
-# the particle), with 8 candidates kept, 3–12 % of simulated TRPV1 particles settled > 10° from
-# the truth (bench/results/search_tail.md); the base level is one matrix product, so this is cheap
-BASE_CUTOFF_TIMES_STEP = 2.0
-# candidates kept shrink by this factor per level, from n_base_candidates to n_candidates
-CANDIDATE_DECAY = 2
-
 
 @dataclass
 class SearchParams:
@@ -60,6 +50,14 @@ class SearchParams:
     n_candidates: int = 4               # kept per image at the fine levels
     n_base_candidates: int = 32         # kept after the base level, then halved per level down to n_candidates
     min_cutoff_px: float = 4.0          # base level never scores fewer shells than this
+    # r·step (px·rad) of the subdivision levels: a pose off by half a step moves the outermost
+    # scored frequency by < 1 pixel
+    cutoff_times_step: float = 1.5
+    # the same for the base grid, scored further out: at 1.5 (~30 Å for a 15° grid in a box twice
+    # the particle), with 8 candidates kept, 3–12 % of simulated TRPV1 particles settled > 10° from
+    # the truth (bench/results/search_tail.md); the base level is one matrix product, so this is cheap
+    base_cutoff_times_step: float = 2.0
+    candidate_decay: int = 2            # candidates kept shrink by this factor per level
 
 
 @dataclass
@@ -74,32 +72,32 @@ def search_schedule(box_size: int, alignment_cutoff_px: float, params: SearchPar
 
     Rotation steps halve from ``base_step_deg`` until the step is at most
     ``max(fine_step_deg, 0.5 / cutoff)`` (finer steps move no scored frequency
-    by a useful fraction of a pixel); cutoffs are ``CUTOFF_TIMES_STEP / step`` capped at the
+    by a useful fraction of a pixel); cutoffs are ``cutoff_times_step / step`` capped at the
     alignment cutoff; shift steps start at N/(4·r₀) px and halve too.
     """
     nyquist = box_size / 2
     cutoff_max = float(min(max(alignment_cutoff_px, params.min_cutoff_px), nyquist))
     final_step = max(math.radians(params.fine_step_deg), 0.5 / cutoff_max)
     step = math.radians(params.base_step_deg)
-    base_cutoff = min(max(BASE_CUTOFF_TIMES_STEP / step, params.min_cutoff_px), cutoff_max)
+    base_cutoff = min(max(params.base_cutoff_times_step / step, params.min_cutoff_px), cutoff_max)
     # the shift grid follows the subdivision rule's cutoff, not the base level's higher one:
     # as many base shifts as before (the base level's cost is images × shifts × rotations)
-    shift_cutoff = min(max(CUTOFF_TIMES_STEP / step, params.min_cutoff_px), cutoff_max)
+    shift_cutoff = min(max(params.cutoff_times_step / step, params.min_cutoff_px), cutoff_max)
     shift_step = max(min(box_size / (4.0 * shift_cutoff), max(params.max_shift_px, 0.5)), 0.5)
     levels = [SearchLevel(step, shift_step, base_cutoff)]
     while step > final_step * (1 + 1e-6):
         step /= 2
         shift_step /= 2
-        levels.append(SearchLevel(step, shift_step, min(max(CUTOFF_TIMES_STEP / step, base_cutoff), cutoff_max)))
+        levels.append(SearchLevel(step, shift_step, min(max(params.cutoff_times_step / step, base_cutoff), cutoff_max)))
     return levels
 
 
 def candidates_per_level(n_levels: int, params: SearchParams) -> list[int]:
     """Candidates kept per image after each level (the base level first): ``n_base_candidates``,
-    then divided by ``CANDIDATE_DECAY`` per level, never below ``n_candidates``."""
+    then divided by ``candidate_decay`` per level, never below ``n_candidates``."""
     kept = [max(params.n_base_candidates, params.n_candidates)]
     for _ in range(n_levels - 1):
-        kept.append(max(kept[-1] // CANDIDATE_DECAY, params.n_candidates))
+        kept.append(max(kept[-1] // params.candidate_decay, params.n_candidates))
     return kept
 
 
@@ -139,8 +137,7 @@ def point_weights(points: FrequencyPoints, noise_var_shell):
     ``noise_var_shell`` (N//2+1,) per integer shell, on the points' device.
     """
     xp = get_array_module(points.kx)
-    shell = xp.minimum(xp.rint(xp.sqrt(points.kx ** 2 + points.ky ** 2)).astype(xp.int32),
-                       noise_var_shell.shape[0] - 1)
+    shell = shell_index_2d(points.kx, points.ky, noise_var_shell.shape[0] - 1)
     mult = xp.where(points.kx > 0, 2.0, 1.0).astype(xp.float32)
     weights = mult / xp.maximum(noise_var_shell[shell], 1e-30).astype(xp.float32)
     return xp.where(shell == 0, 0.0, weights).astype(xp.float32)
@@ -149,10 +146,7 @@ def point_weights(points: FrequencyPoints, noise_var_shell):
 def shift_phases(points: FrequencyPoints, shifts_px):
     """Phase factors (..., M) that re-centre an image by ``shifts_px`` (..., 2)
     (as :func:`cryocv.fourier.phase_shift_images`: content moves by +shift)."""
-    xp = get_array_module(shifts_px)
-    n = points.box_size
-    phase = (-2.0 * np.pi / n) * (shifts_px[..., 0:1] * points.kx + shifts_px[..., 1:2] * points.ky)
-    return (xp.cos(phase) + 1j * xp.sin(phase)).astype(xp.complex64)
+    return phase_factors(points.kx, points.ky, shifts_px[..., None, :], points.box_size)
 
 
 @dataclass
@@ -252,6 +246,16 @@ class BaseGrid:
 
 
 @dataclass
+class Candidates:
+    """Poses kept per image: ``rotations`` (B, K, 3, 3), ``shifts_px`` (B, K, 2), ``scores`` (B, K),
+    best first. Each is the centre of a cell of the level they were scored at."""
+
+    rotations: object
+    shifts_px: object
+    scores: object
+
+
+@dataclass
 class SearchResult:
     """Best pose per image: ``rotations`` (B, 3, 3), ``shifts_px`` (B, 2) (RELION origin in
     pixels: re-centre by +shift), ``scores`` (B,) at the last level's cutoff."""
@@ -261,29 +265,35 @@ class SearchResult:
     scores: object
 
 
-def search_poses(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLevel], params: SearchParams,
-                 base: BaseGrid | None = None, padding: int = DEFAULT_PADDING) -> SearchResult:
-    """Branch-and-bound search of a batch of images against one reference.
+def global_start(base: BaseGrid, images_ft, ctf, noise_var_shell, n_kept: int) -> Candidates:
+    """Start of a global search: score every base rotation × shift (one matrix product) and keep
+    the best ``n_kept`` rotations per image, each with its best shift.
 
-    ``volume_ft`` from :func:`cryocv.projector.prepare_volume`; ``images_ft``
-    (B, N, N//2+1) raw half-plane FTs; ``ctf`` same shape or None;
-    ``noise_var_shell`` (N//2+1,). ``base`` caches the base level across batches.
-    """
-    xp = get_array_module(volume_ft)
-    n = images_ft.shape[-2]
-    b = images_ft.shape[0]
-    if base is None:
-        base = BaseGrid(volume_ft, n, levels[0], params, padding)
-    kept_per_level = candidates_per_level(len(levels), params)
-    k = kept_per_level[0]
+    ``images_ft`` (B, N, N//2+1) raw half-plane FTs; ``ctf`` same shape or None."""
+    xp = get_array_module(images_ft)
     terms = image_terms(images_ft, ctf, base.points, point_weights(base.points, noise_var_shell))
     scores = score_base(terms, base.slices, base.phases, base.slices_stacked, base.slices_power)  # (B, T, R)
     best_shift = xp.argmax(scores, axis=1)                                    # (B, R)
     best = xp.max(scores, axis=1)
-    keep = _top_k(best, k)                                                    # (B, K)
-    rotations = base.rotations[keep]                                          # (B, K, 3, 3)
-    shifts = base.shifts[xp.take_along_axis(best_shift, keep, axis=1)]        # (B, K, 2)
-    kept_scores = xp.take_along_axis(best, keep, axis=1)
+    keep = _top_k(best, n_kept)                                               # (B, K)
+    return Candidates(base.rotations[keep], base.shifts[xp.take_along_axis(best_shift, keep, axis=1)],
+                      xp.take_along_axis(best, keep, axis=1))
+
+
+def subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLevel], params: SearchParams,
+              start: Candidates, padding: int = DEFAULT_PADDING) -> SearchResult:
+    """Branch-and-bound subdivision from ``start`` (cells of ``levels[0]``) through ``levels[1:]``:
+    8 rotation × 4 shift children per kept cell, scored at the level's cutoff, the best
+    :func:`candidates_per_level` kept. Any start works: the global grid (:func:`global_start`),
+    poses around a prior, symmetry mates.
+
+    ``volume_ft`` from :func:`cryocv.projector.prepare_volume`; ``images_ft`` (B, N, N//2+1)
+    raw half-plane FTs; ``ctf`` same shape or None; ``noise_var_shell`` (N//2+1,)."""
+    xp = get_array_module(volume_ft)
+    n = images_ft.shape[-2]
+    b = images_ft.shape[0]
+    rotations, shifts, kept_scores = start.rotations, start.shifts_px, start.scores
+    kept_per_level = candidates_per_level(len(levels), params)
     for level, previous, k in zip(levels[1:], levels[:-1], kept_per_level[1:]):
         points = frequency_points(n, level.cutoff_px, xp)
         terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
@@ -303,3 +313,29 @@ def search_poses(volume_ft, images_ft, ctf, noise_var_shell, levels: list[Search
         shifts = sh_children[xp.arange(b)[:, None], parent, pick]
         kept_scores = xp.take_along_axis(child_best, keep, axis=1)
     return SearchResult(rotations[:, 0], shifts[:, 0], kept_scores[:, 0])
+
+
+def search_poses(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLevel], params: SearchParams,
+                 base: BaseGrid | None = None, padding: int = DEFAULT_PADDING) -> SearchResult:
+    """Global branch-and-bound search of a batch of images against one reference:
+    :func:`global_start` then :func:`subdivide`. ``base`` caches the base level across batches."""
+    if base is None:
+        base = BaseGrid(volume_ft, images_ft.shape[-2], levels[0], params, padding)
+    start = global_start(base, images_ft, ctf, noise_var_shell, candidates_per_level(len(levels), params)[0])
+    return subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels, params, start, padding)
+
+
+def search_batch_size(box_size: int, levels: list[SearchLevel], params: SearchParams, base: BaseGrid,
+                      budget_bytes: int, cpu: bool) -> int:
+    """Images per batch so the search's largest temporaries fit ``budget_bytes`` (8 to 256 on
+    the CPU, to 4096 on a GPU)."""
+    kept = candidates_per_level(len(levels), params)
+    # the largest, over subdivision levels, of candidates entering the level × Fourier points scored
+    candidate_points = max([kept[i - 1] * int(frequency_points(box_size, levels[i].cutoff_px).kx.size)
+                            for i in range(1, len(levels))] or [0])
+    per_image = (4 * 3 * base.shifts.shape[0] * base.rotations.shape[0]   # base scores and temporaries
+                 + 8 * 4 * 8 * candidate_points                       # child slices (+ stacked), |P|², products
+                 + 8 * 3 * 4 * candidate_points                       # shifted image terms (+ stacked)
+                 + 8 * 6 * box_size * (box_size // 2 + 1))           # FT, CTF, re-centred copies
+    batch = int(budget_bytes // max(per_image, 1))
+    return int(np.clip(batch, 8, 256 if cpu else 4096))

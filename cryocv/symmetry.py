@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from .geometry import rotation_about_axis
+from .geometry import angular_distance_deg, rotation_about_axis
 
 _GENERATORS = {
     "T": [(3, (0, 0, 1)), (2, (0, 0.816496, 0.577350))],
@@ -24,6 +24,7 @@ _GENERATORS = {
     "I3": [(2, (-0.5257311143, 0, 0.8506508070)), (5, (0, 0, 1))],
     "I4": [(2, (0.5257311143, 0, 0.8506508070)), (5, (0.8944271932547096, 0, 0.4472135909903704))],
 }
+DEFAULT_SYMMETRY = "C1"
 _ORDERS = {"T": 12, "O": 24, "I1": 60, "I2": 60, "I3": 60, "I4": 60}
 
 
@@ -69,3 +70,9 @@ def symmetry_operators(name: str) -> np.ndarray:
         return _close_group(gens, n if sym[0] == "C" else 2 * n)
     gens = [rotation_about_axis(axis, 2 * np.pi / fold) for fold, axis in _GENERATORS[sym]]
     return _close_group(gens, _ORDERS[sym])
+
+
+def pose_distance_deg(rotations_a, rotations_b, symmetry: str) -> np.ndarray:
+    """Angle (n,) between poses (n, 3, 3), the smallest over the symmetry-equivalent poses B·g."""
+    ops = symmetry_operators(symmetry)
+    return np.min([angular_distance_deg(rotations_a, rotations_b @ g) for g in ops], axis=0)

@@ -9,7 +9,8 @@ from pwem.constants import ALIGN_PROJ
 from pwem.objects import FSC, Volume
 from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 
-from cryocv.symmetry import parse_symmetry
+from cryocv.jobs import jobdir
+from cryocv.symmetry import DEFAULT_SYMMETRY, parse_symmetry
 
 JOB_FOLDER = "job"
 PARTICLES_STAR = "input_particles.star"
@@ -23,7 +24,7 @@ class CryocvProtocolBase:
     # -------------------------- form pieces ---------------------------------
     @staticmethod
     def _defineSymmetryParam(form):
-        form.addParam("symmetryGroup", params.StringParam, default="C1", label="Symmetry",
+        form.addParam("symmetryGroup", params.StringParam, default=DEFAULT_SYMMETRY, label="Symmetry",
                       help="Point group imposed, RELION's conventions: C1, Cn, Dn, T, O, I (I1-I4), "
                            "e.g. C4 for a tetrameric channel.")
 
@@ -70,7 +71,7 @@ class CryocvProtocolBase:
     # -------------------------- outputs -------------------------------------
     def _fscReport(self):
         """The job's ``fsc.json`` as a dict, or None before the job has written it."""
-        path = self._jobPath("fsc.json")
+        path = self._jobPath(jobdir.FSC_JSON)
         if not os.path.exists(path):
             return None
         with open(path) as handle:
@@ -78,9 +79,9 @@ class CryocvProtocolBase:
 
     def _createOutputVolume(self, samplingRate):
         volume = Volume()
-        volume.setFileName(self._jobPath("map.mrc"))
+        volume.setFileName(self._jobPath(jobdir.MAP))
         volume.setSamplingRate(samplingRate)
-        volume.setHalfMaps([self._jobPath("half_map_1.mrc"), self._jobPath("half_map_2.mrc")])
+        volume.setHalfMaps([self._jobPath(name) for name in jobdir.HALF_MAPS])
         return volume
 
     def _createOutputFsc(self):
@@ -108,7 +109,7 @@ class CryocvProtocolBase:
 
     def _deviceSentence(self):
         """Where the job ran, from its job.json (None before it has run)."""
-        path = self._jobPath("job.json")
+        path = self._jobPath(jobdir.JOB_JSON)
         if not os.path.exists(path):
             return None
         with open(path) as handle:
@@ -120,7 +121,7 @@ class CryocvProtocolBase:
 
     def _resolutionSentence(self):
         report = self._fscReport()
-        if report is None or not os.path.exists(self._jobPath("map.mrc")):
+        if report is None or not os.path.exists(self._jobPath(jobdir.MAP)):
             return None
         return (f"{report['resolution_A']:.2f} Å gold-standard resolution (FSC 0.143, masked and "
                 f"phase-randomization corrected) from {report['n_particles']} particles, {report['symmetry']}")

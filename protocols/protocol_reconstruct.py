@@ -5,6 +5,8 @@ from pwem.constants import ALIGN_PROJ
 from pwem.objects import FSC, Volume
 from pwem.protocols import ProtReconstruct3D
 
+from cryocv.jobs.reconstruct import ReconstructParams
+
 from .protocol_base import CryocvProtocolBase
 
 
@@ -21,7 +23,7 @@ class ProtCryocvReconstruct(CryocvProtocolBase, ProtReconstruct3D):
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
                       label="Input particles", help="Particles with a 3D alignment (projection poses).")
         self._defineSymmetryParam(form)
-        form.addParam("seed", params.IntParam, default=0, label="Random seed", expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("seed", params.IntParam, default=ReconstructParams.seed, label="Random seed", expertLevel=params.LEVEL_ADVANCED,
                       help="Seed of the half-set split (when the input has none).")
         self._defineComputeParams(form)
 

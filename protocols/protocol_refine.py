@@ -9,9 +9,14 @@ from pwem.constants import ALIGN_NONE, ALIGN_PROJ
 from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 
+from cryocv.jobs import jobdir
+from cryocv.jobs.refine import RefineParams
+
 from .protocol_base import CryocvProtocolBase, copyAlignment, setVoxelSize
 
 REGULARIZERS = ["nu", "uniform"]
+REFERENCE_MRC = "reference.mrc"        # the input reference, in extra/
+ARGS_JSON = "refine_args.json"         # the arguments the job was started with, in extra/
 
 
 class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
@@ -37,18 +42,19 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
                                                      "it is low-passed to the initial resolution.")
         self._defineSymmetryParam(form)
         form.addSection(label="Refinement")
-        form.addParam("regularizer", params.EnumParam, choices=["non-uniform (NU)", "uniform"], default=0,
+        form.addParam("regularizer", params.EnumParam, choices=["non-uniform (NU)", "uniform"],
+                      default=REGULARIZERS.index(RefineParams.regularizer),
                       display=params.EnumParam.DISPLAY_HLIST, label="Regularizer",
                       help="NU: per-voxel low-pass chosen by cross-validation (best for membrane proteins in "
                            "micelles or flexible parts). Uniform: one FSC-derived Wiener filter.")
-        form.addParam("initialLowpass", params.FloatParam, default=30.0, label="Initial low-pass (Å)",
+        form.addParam("initialLowpass", params.FloatParam, default=RefineParams.initial_lowpass_A, label="Initial low-pass (Å)",
                       help="The reference is low-passed to this resolution before the first iteration.")
-        form.addParam("maxIterations", params.IntParam, default=10, label="Maximum iterations",
+        form.addParam("maxIterations", params.IntParam, default=RefineParams.max_iterations, label="Maximum iterations",
                       help="Refinement stops earlier when resolution and pose changes stop improving; a final "
                            "pass to Nyquist follows either way.")
         form.addParam("maxShift", params.FloatParam, default=-1, label="Maximum shift (Å)",
                       expertLevel=params.LEVEL_ADVANCED, help="Search range of origins; -1: 10% of the box.")
-        form.addParam("seed", params.IntParam, default=0, label="Random seed", expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("seed", params.IntParam, default=RefineParams.seed, label="Random seed", expertLevel=params.LEVEL_ADVANCED,
                       help="Seed of the half-set split (when the input has none).")
         self._defineComputeParams(form)
 
@@ -60,7 +66,7 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
 
     def _refineArgs(self):
         """``cryocv refine`` arguments of the form's values (step argument: an edited form reruns the step)."""
-        args = ["--particles", self._particlesStar(), "--ref", self._getExtraPath("reference.mrc"),
+        args = ["--particles", self._particlesStar(), "--ref", self._getExtraPath(REFERENCE_MRC),
                 "--out", self._jobPath(), "--regularizer", REGULARIZERS[self.regularizer.get()],
                 "--sym", self.symmetryGroup.get(), "--initial-lowpass-A", self.initialLowpass.get(),
                 "--max-iterations", self.maxIterations.get(), "--seed", self.seed.get()]
@@ -73,15 +79,15 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
         parts = self.inputParticles.get()
         self._writeParticles(ALIGN_PROJ if parts.hasAlignmentProj() else ALIGN_NONE)
         from pwem.emlib.image import ImageHandler
-        reference = self._getExtraPath("reference.mrc")
+        reference = self._getExtraPath(REFERENCE_MRC)
         ImageHandler().convert(self.referenceVolume.get(), reference)
         setVoxelSize(reference, self.referenceVolume.get().getSamplingRate())
 
     def refineStep(self, args):
         """Run the refinement; a job killed earlier with the same arguments continues from
         its last checkpoint (Scipion's Continue), one with other arguments starts over."""
-        job, record = self._jobPath(), self._getExtraPath("refine_args.json")
-        if os.path.exists(os.path.join(job, "checkpoint.json")) and os.path.exists(record):
+        job, record = self._jobPath(), self._getExtraPath(ARGS_JSON)
+        if os.path.exists(os.path.join(job, jobdir.CHECKPOINT)) and os.path.exists(record):
             with open(record) as handle:
                 same = json.load(handle) == args
             if same:
@@ -98,7 +104,7 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
         outParts = self._createSetOfParticles()
         outParts.copyInfo(parts)
         outParts.setAlignmentProj()
-        copyAlignment(parts, outParts, self._jobPath("particles.star"))
+        copyAlignment(parts, outParts, self._jobPath(jobdir.PARTICLES_STAR))
         fsc = self._createOutputFsc()
         self._defineOutputs(outputVolume=volume, outputParticles=outParts, outputFSC=fsc)
         self._defineSourceRelation(self.inputParticles, volume)

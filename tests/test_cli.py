@@ -9,7 +9,7 @@ import pytest
 
 from cryocv.fsc import fsc_curve, resolution_at
 from cryocv.io.mrc import read_map, write_map
-from cryocv.particles import load_particles
+from cryocv.io.particle_files import load_particles
 from .conftest import blob_volume
 
 

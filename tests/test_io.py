@@ -6,7 +6,7 @@ import pytest
 from cryocv.errors import CryocvError
 from cryocv.geometry import angular_distance_deg, euler_to_matrix
 from cryocv.io.mrc import read_map, write_map, write_stack
-from cryocv.particles import load_particles, save_particles
+from cryocv.io.particle_files import load_particles, save_particles
 from cryocv.simulate import simulate
 from .conftest import blob_volume
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from cryocv.fsc import fsc_curve, resolution_at
-from cryocv.particles import load_particles
+from cryocv.io.particle_files import load_particles
 from cryocv.reconstruct import reconstruct
 from cryocv.simulate import simulate
 from cryocv.symmetry import symmetry_operators

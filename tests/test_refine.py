@@ -12,9 +12,10 @@ from cryocv.fourier import ft2_centered
 from cryocv.fsc import fsc_curve, resolution_at
 from cryocv.geometry import angular_distance_deg, random_rotations
 from cryocv.io.mrc import read_map, write_map
-from cryocv.particles import load_particles
+from cryocv.io.particle_files import load_particles
 from cryocv.projector import prepare_volume
-from cryocv.regularize import butterworth_lowpass, nu_candidate_cutoffs, nu_filter, wiener_regularization
+from cryocv.nonuniform import butterworth_lowpass, nu_candidate_cutoffs, nu_filter
+from cryocv.regularize import wiener_regularization
 from cryocv.search import (SearchParams, candidates_per_level, rotation_children, search_poses, search_schedule,
                            shift_children, shift_grid)
 from cryocv.simulate import clean_projections, random_ctf, simulate
@@ -28,12 +29,11 @@ def noisy_images(volume, n_images, snr, seed, xp, max_shift_px=2.0, pixel_size_A
     ctf = random_ctf(n_images, rng).as_matrix()
     n = volume.shape[0]
     vol_ft = prepare_volume(to_device(volume, xp))
-    images = clean_projections(vol_ft, to_device(rot, xp), to_device(origin, xp), to_device(ctf, xp), n,
-                               pixel_size_A)
-    images = to_numpy(images)
+    ctf = ctf_half_plane(to_device(ctf, xp), n, pixel_size_A)
+    images = to_numpy(clean_projections(vol_ft, to_device(rot, xp), to_device(origin, xp), ctf, n))
     images += rng.normal(0, np.sqrt(images.var() / snr), images.shape).astype(np.float32)
     images_ft = ft2_centered(to_device(images, xp)).astype(xp.complex64)
-    return vol_ft, images_ft, ctf_half_plane(to_device(ctf, xp), n, pixel_size_A), rot, origin
+    return vol_ft, images_ft, ctf, rot, origin
 
 
 def test_search_schedule_halves_steps_and_raises_cutoff():
@@ -46,16 +46,15 @@ def test_search_schedule_halves_steps_and_raises_cutoff():
 
 
 def test_base_level_scores_further_out_and_keeps_more_candidates():
-    """The base grid is scored to BASE_CUTOFF_TIMES_STEP / step (beyond the subdivision rule),
+    """The base grid is scored to base_cutoff_times_step / step (beyond the subdivision rule),
     its shift grid follows the subdivision rule, and the candidates kept shrink 32 → 16 → 8 → 4."""
-    import cryocv.search as search
     params = SearchParams(base_step_deg=15, fine_step_deg=0.5, max_shift_px=12)
     levels = search_schedule(128, 40.0, params)
     step = np.radians(15)
-    assert levels[0].cutoff_px == pytest.approx(search.BASE_CUTOFF_TIMES_STEP / step)
-    assert levels[0].cutoff_px > search.CUTOFF_TIMES_STEP / step
-    assert levels[0].shift_step_px == pytest.approx(128 / (4 * search.CUTOFF_TIMES_STEP / step))
-    assert levels[1].cutoff_px == pytest.approx(search.CUTOFF_TIMES_STEP / (step / 2))
+    assert levels[0].cutoff_px == pytest.approx(params.base_cutoff_times_step / step)
+    assert levels[0].cutoff_px > params.cutoff_times_step / step
+    assert levels[0].shift_step_px == pytest.approx(128 / (4 * params.cutoff_times_step / step))
+    assert levels[1].cutoff_px == pytest.approx(params.cutoff_times_step / (step / 2))
     assert candidates_per_level(6, params) == [32, 16, 8, 4, 4, 4]
     assert candidates_per_level(3, SearchParams(n_candidates=8, n_base_candidates=4)) == [8, 8, 8]
 
@@ -168,8 +167,7 @@ def refine_case(tmp_path_factory):
 
 @pytest.mark.parametrize("regularizer", ["uniform", "nu"])
 def test_refine_recovers_poses_and_map(refine_case, regularizer):
-    from cryocv.jobs import run_refine
-    from cryocv.refine import RefineParams
+    from cryocv.jobs.refine import RefineParams, run as run_refine
     root, truth = refine_case
     out = str(root / regularizer)
     params = RefineParams(regularizer=regularizer, initial_lowpass_A=20.0, max_iterations=3, nu_cutoffs=20)
@@ -199,8 +197,7 @@ def test_refine_recovers_poses_and_map(refine_case, regularizer):
 
 def test_resume_of_a_run_from_before_the_base_candidate_schedule_keeps_its_search():
     from dataclasses import asdict
-    from cryocv.jobs import refine_params_from_config
-    from cryocv.refine import RefineParams
+    from cryocv.jobs.refine import RefineParams, refine_params_from_config
     old = asdict(RefineParams(n_candidates=8))
     del old["n_base_candidates"]
     params = refine_params_from_config(old)
@@ -209,9 +206,8 @@ def test_resume_of_a_run_from_before_the_base_candidate_schedule_keeps_its_searc
 
 
 def test_refine_resumes_after_kill(refine_case, monkeypatch):
-    from cryocv import refine as refine_module
-    from cryocv.jobs import run_refine
-    from cryocv.refine import RefineParams
+    from cryocv.jobs import jobdir as refine_module
+    from cryocv.jobs.refine import RefineParams, run as run_refine
     root, truth = refine_case
     out = str(root / "resume")
     original = refine_module.CheckpointStore.save

@@ -13,7 +13,8 @@ import pytest
 from cryocv.fsc import fsc_curve, resolution_at
 from cryocv.geometry import matrix_to_euler, random_rotations
 from cryocv.io.mrc import read_map, write_map
-from cryocv.particles import Particles, load_particles, save_particles
+from cryocv.particles import Particles
+from cryocv.io.particle_files import load_particles, save_particles
 from cryocv.reconstruct import reconstruct
 from cryocv.simulate import random_ctf, simulate
 from .conftest import needs_relion

@@ -17,8 +17,8 @@ import starfile  # noqa: E402
 from cryocv.fsc import fsc_curve, resolution_at  # noqa: E402
 from cryocv.geometry import angular_distance_deg, matrix_to_euler, random_rotations  # noqa: E402
 from cryocv.io.mrc import read_map, write_map  # noqa: E402
-from cryocv.particles import load_particles  # noqa: E402
-from cryocv.refine import lowpass_map  # noqa: E402
+from cryocv.io.particle_files import load_particles  # noqa: E402
+from cryocv.fourier import lowpass_map  # noqa: E402
 from cryocv.simulate import simulate  # noqa: E402
 from .conftest import asymmetric_map  # noqa: E402
 

@@ -4,6 +4,7 @@ alignment), drawn by :mod:`cryocv.plotting` into pyworkflow plotters."""
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
+from cryocv.jobs import jobdir
 from cryocv.plotting import FSC_FIGSIZE, draw_fsc, draw_poses, poses_figsize
 
 from ..protocols import ProtCryocvReconstruct, ProtCryocvRefine
@@ -13,7 +14,7 @@ def fscPlotter(protocol):
     """Plotter (its ``figure`` a matplotlib Figure) of the protocol's gold-standard FSC curves."""
     report = protocol._fscReport()
     if report is None:
-        raise FileNotFoundError(f"{protocol.getRunName()} has no FSC yet ({protocol._jobPath('fsc.json')})")
+        raise FileNotFoundError(f"{protocol.getRunName()} has no FSC yet ({protocol._jobPath(jobdir.FSC_JSON)})")
     plotter = Plotter(figsize=FSC_FIGSIZE, windowTitle=f"{protocol.getRunName()}: FSC")
     draw_fsc(plotter.figure, report, title=f"{protocol.getRunName()}: {report['resolution_A']:.2f} Å "
                                            f"({report['n_particles']} particles, {report['symmetry']})")
@@ -22,7 +23,7 @@ def fscPlotter(protocol):
 
 def posesPlotter(protocol):
     """Plotter of a refinement's pose diagnostics."""
-    from cryocv.jobs import refine_pose_diagnostics
+    from cryocv.jobs.refine import refine_pose_diagnostics
     diagnostics = refine_pose_diagnostics(protocol._jobPath(), protocol._particlesStar())
     plotter = Plotter(figsize=poses_figsize(diagnostics["change_vs_input_deg"] is not None),
                       windowTitle=f"{protocol.getRunName()}: poses")

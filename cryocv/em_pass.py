@@ -1,0 +1,99 @@
+"""One expectation-maximization pass over the particles: the loop every job shares.
+
+For each half-set, batches from a :class:`~cryocv.source.ParticleSource` go through
+``find_poses`` (the E-step: a global or local branch-and-bound search, or the given
+poses for a plain reconstruction) and are inserted at the poses found into
+:class:`~cryocv.accumulate.Accumulators` (the M-step sums). A batch that runs out of
+device memory is retried at half the size. Optionally the residual power at the
+chosen poses gives the next iteration's noise model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .accumulate import Accumulators
+from .backend import free_device_memory, get_array_module, to_numpy
+from .noise import residual_power, shell_mean
+from .projector import DEFAULT_PADDING, frequency_points
+from .search import SearchResult
+from .source import Batch, ParticleSource
+
+
+@dataclass
+class PassResult:
+    """Per particle (rows of particles outside the source's shard stay 0): ``rotations``
+    (n, 3, 3), ``origin_px`` (n, 2), ``scores`` (n,); ``noise_var_shell`` (N//2+1,) from the
+    residuals (None without references); ``seconds`` of the pass; ``batch_size`` at its end."""
+
+    rotations: np.ndarray
+    origin_px: np.ndarray
+    scores: np.ndarray
+    noise_var_shell: np.ndarray | None
+    seconds: float
+    batch_size: int
+
+
+def given_poses(batch: Batch) -> SearchResult:
+    """E-step of a reconstruction: the poses and origins the metadata holds."""
+    xp = get_array_module(batch.origin_px)
+    return SearchResult(batch.rotations, batch.origin_px, xp.zeros(len(batch), dtype=xp.float32))
+
+
+def em_pass(source: ParticleSource, find_poses: Callable[[Batch], SearchResult], accumulators: Accumulators,
+            batch_size: int, references: dict | None = None, padding: int = DEFAULT_PADDING,
+            progress: bool = True, log=print, desc: str = "  aligning") -> PassResult:
+    """E+M over every batch of the source (half-set 1, then 2).
+
+    ``find_poses(batch)`` → :class:`~cryocv.search.SearchResult` for the batch's images;
+    ``references`` {half: prepared volume FT}: measure the residual noise against them."""
+    started = time.time()
+    xp, particles = source.xp, source.particles
+    n = particles.box_size
+    points = frequency_points(n, xp=xp)
+    noise_sums = xp.zeros(n // 2 + 1)
+    noise_counts = xp.zeros(n // 2 + 1)
+    rotations_out = np.zeros((len(particles), 3, 3), dtype=np.float32)
+    origins_out = np.zeros((len(particles), 2), dtype=np.float32)
+    scores_out = np.zeros(len(particles), dtype=np.float32)
+    members = {h: source.members(h) for h in (1, 2)}
+    bar = tqdm(total=sum(m.size for m in members.values()), desc=desc, unit="particle", disable=not progress,
+               leave=False)
+    for half in (1, 2):
+        start = 0
+        while start < members[half].size:
+            sel = members[half][start:start + batch_size]
+            try:
+                batch = source.load(sel, half)
+                found = find_poses(batch)
+                x = points.gather(batch.recentred_ft(found.shifts_px))
+                c = xp.ones(x.shape, dtype=xp.float32) if batch.ctf is None else points.gather(batch.ctf)
+                values, weights = x * c, c * c
+                if references is not None:
+                    sums, counts = residual_power(references[half], found.rotations, points, x, c, padding)
+            except MemoryError as exc:  # cupy's OutOfMemoryError is a MemoryError
+                if batch_size <= 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                free_device_memory(xp)
+                log(f"  device memory full ({type(exc).__name__}); batch size lowered to {batch_size}")
+                continue
+            if references is not None:
+                noise_sums += sums
+                noise_counts += counts
+            accumulators.insert(half, sel, found.rotations, points, values, weights)
+            rotations_out[sel] = to_numpy(found.rotations)
+            origins_out[sel] = to_numpy(found.shifts_px)
+            scores_out[sel] = to_numpy(found.scores)
+            bar.update(sel.size)
+            start += sel.size
+    bar.close()
+    noise = None
+    if references is not None:
+        noise = to_numpy(shell_mean(noise_sums, noise_counts))
+        noise[0] = noise[1] if noise.size > 1 else 1.0
+    return PassResult(rotations_out, origins_out, scores_out, noise, time.time() - started, batch_size)

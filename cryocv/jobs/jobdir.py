@@ -1,0 +1,184 @@
+"""Everything a job writes into its directory, each file named once here; atomic writes,
+stale-output removal, the job record, the log and the per-iteration checkpoints.
+
+A job's last write is ``map.mrc``: its presence marks a finished job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..backend import to_numpy
+from ..io.mrc import atomic_path, read_map, write_map
+from ..io.particle_files import save_particles
+from ..plotting import plot_fsc
+
+# outputs of every job that makes maps
+MAP = "map.mrc"                          # FSC-weighted full map; written last
+HALF_MAPS = ("half_map_1.mrc", "half_map_2.mrc")
+MASK = "mask.mrc"
+FSC_JSON = "fsc.json"
+FSC_PNG = "fsc.png"
+PARTICLES_STAR = "particles.star"
+PARTICLES_STACK = "particles.mrcs"       # simulate
+JOB_JSON = "job.json"
+RUN_LOG = "run.log"
+# refinement
+POSES_PNG = "poses.png"
+NU_CUTOFF = "nu_cutoff_A.mrc"
+NU_FILTERED_MAP = "map_nu_filtered.mrc"
+REFINE_CONFIG = "refine_config.json"     # what --continue needs: inputs, device, parameters
+CHECKPOINT = "checkpoint.json"           # points at the last complete iteration folder; written last
+ITERATIONS = "iterations"
+REFERENCES = ("reference_1.mrc", "reference_2.mrc")  # per iteration: the next iteration's references
+STATE_JSON = "state.json"
+POSES_NPZ = "poses.npz"
+# demo
+DEMO_SIMULATED = "simulated"
+DEMO_REFINE = "refine"
+
+
+def path(job_dir: str, name: str) -> str:
+    return os.path.join(job_dir, name)
+
+
+def write_json(file_path: str, data: dict):
+    with atomic_path(file_path) as tmp:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2)
+
+
+def read_json(file_path: str) -> dict:
+    with open(file_path) as handle:
+        return json.load(handle)
+
+
+def remove_stale_outputs(job_dir: str):
+    """A rerun must not leave an older finished map (or record) beside new partial outputs."""
+    for name in (MAP, JOB_JSON):
+        if os.path.isfile(path(job_dir, name)):
+            os.remove(path(job_dir, name))
+
+
+def job_record(job: str, params: dict, xp, started: float) -> dict:
+    """``job.json``: the job, its parameters, versions, device, command line and wall time."""
+    return {"job": job, "cryocv_version": __version__, "parameters": params,
+            "device": "gpu" if xp is not np else "cpu", "python": platform.python_version(),
+            "numpy": np.__version__, "command": sys.argv, "wall_time_s": round(time.time() - started, 3)}
+
+
+class JobLog:
+    """Log lines to stdout (through tqdm, so bars stay intact) and to ``run.log`` in the job folder."""
+
+    def __init__(self, job_dir: str):
+        self.path = path(job_dir, RUN_LOG)
+
+    def __call__(self, message: str):
+        tqdm.write(message)
+        with open(self.path, "a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {message}\n")
+
+
+def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, report: dict, particles,
+                  fsc_title: str, record: dict, extra_maps: dict | None = None, before_record=None):
+    """Write a finished job: half-maps, mask, ``extra_maps`` {name: map}, particles.star,
+    fsc.json, fsc.png, then ``before_record()`` (more plots), job.json and map.mrc last."""
+    for name, volume in zip(HALF_MAPS, half_maps):
+        write_map(path(job_dir, name), to_numpy(volume), pixel_size_A)
+    if mask is not None:
+        write_map(path(job_dir, MASK), to_numpy(mask), pixel_size_A)
+    for name, volume in (extra_maps or {}).items():
+        write_map(path(job_dir, name), to_numpy(volume), pixel_size_A)
+    save_particles(particles, path(job_dir, PARTICLES_STAR))
+    write_json(path(job_dir, FSC_JSON), report)
+    plot_fsc(report, path(job_dir, FSC_PNG), title=fsc_title)
+    if before_record is not None:
+        before_record()
+    write_json(path(job_dir, JOB_JSON), record)
+    write_map(path(job_dir, MAP), to_numpy(full_map), pixel_size_A)  # last: marks the job finished
+
+
+@dataclass
+class RefineState:
+    """What a checkpoint holds: the references and poses after ``iteration``."""
+
+    iteration: int
+    references: list                     # two (N, N, N) float32 numpy: regularized half-maps (next references)
+    mask: np.ndarray | None              # dynamic mask (N, N, N) or None
+    resolution_A: float
+    euler_deg: np.ndarray | None         # (n, 3) current poses (None before the first pass)
+    origin_A: np.ndarray | None          # (n, 2)
+    noise_var_shell: np.ndarray | None   # (N//2+1,)
+    history: list = field(default_factory=list)
+    converged: bool = False
+    final_done: bool = False
+
+
+class CheckpointStore:
+    """Per-iteration checkpoints in ``job_dir/iterations/iter_NNN`` and ``checkpoint.json`` (written last)."""
+
+    def __init__(self, job_dir: str):
+        self.job_dir = job_dir
+        self.root = path(job_dir, ITERATIONS)
+
+    def folder(self, iteration: int) -> str:
+        return os.path.join(self.root, f"iter_{iteration:03d}")
+
+    def exists(self) -> bool:
+        return os.path.isfile(path(self.job_dir, CHECKPOINT))
+
+    def save(self, state: RefineState, maps, pixel_size_A: float, half_set: np.ndarray, scores=None):
+        """Write iteration ``state.iteration``: references, unfiltered half-maps, map, mask, FSC,
+        NU cutoffs, poses (``maps`` a :class:`~cryocv.regularize.MapResult`); ``checkpoint.json`` last."""
+        folder = self.folder(state.iteration)
+        os.makedirs(folder, exist_ok=True)
+        for h in (1, 2):
+            write_map(os.path.join(folder, REFERENCES[h - 1]), state.references[h - 1], pixel_size_A)
+            write_map(os.path.join(folder, HALF_MAPS[h - 1]), to_numpy(maps.half_maps[h - 1]), pixel_size_A)
+        write_map(os.path.join(folder, MAP), to_numpy(maps.full_map), pixel_size_A)
+        write_json(os.path.join(folder, FSC_JSON), maps.report)
+        if state.mask is not None:
+            write_map(os.path.join(folder, MASK), state.mask, pixel_size_A)
+        if maps.cutoff_A is not None:
+            write_map(os.path.join(folder, NU_CUTOFF), maps.cutoff_A, pixel_size_A)
+            write_map(os.path.join(folder, NU_FILTERED_MAP), to_numpy(maps.nu_filtered_map), pixel_size_A)
+        with atomic_path(os.path.join(folder, POSES_NPZ)) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, euler_deg=state.euler_deg, origin_A=state.origin_A, half_set=half_set,
+                         noise_var_shell=state.noise_var_shell,
+                         scores=np.zeros(0) if scores is None else scores)
+        write_json(os.path.join(folder, STATE_JSON), {
+            "iteration": state.iteration, "resolution_A": state.resolution_A, "history": state.history,
+            "converged": state.converged, "final_done": state.final_done, "has_mask": state.mask is not None})
+        write_json(path(self.job_dir, CHECKPOINT), {"iteration": state.iteration,
+                                                     "folder": os.path.relpath(folder, self.job_dir)})
+
+    def load_latest(self) -> RefineState | None:
+        if not self.exists():
+            return None
+        folder = os.path.join(self.job_dir, read_json(path(self.job_dir, CHECKPOINT))["folder"])
+        meta = read_json(os.path.join(folder, STATE_JSON))
+        references = [read_map(os.path.join(folder, name))[0] for name in REFERENCES]
+        mask = read_map(os.path.join(folder, MASK))[0] if meta["has_mask"] else None
+        poses = np.load(os.path.join(folder, POSES_NPZ))
+        return RefineState(iteration=meta["iteration"], references=references, mask=mask,
+                           resolution_A=meta["resolution_A"], euler_deg=poses["euler_deg"],
+                           origin_A=poses["origin_A"], noise_var_shell=poses["noise_var_shell"],
+                           history=meta["history"], converged=meta["converged"], final_done=meta["final_done"])
+
+    def final_outputs(self, state: RefineState):
+        """(half-maps, mask, FSC report, full map, NU cutoff map or None) of a checkpointed final pass."""
+        folder = self.folder(state.iteration)
+        halves = [read_map(os.path.join(folder, name))[0] for name in HALF_MAPS]
+        cutoff_path = os.path.join(folder, NU_CUTOFF)
+        cutoff = read_map(cutoff_path)[0] if os.path.isfile(cutoff_path) else None
+        return (halves, state.mask, read_json(os.path.join(folder, FSC_JSON)),
+                read_map(os.path.join(folder, MAP))[0], cutoff)

@@ -1,0 +1,168 @@
+"""The refinement loop shared by refinement jobs: iterations of one E/M pass, regularization
+and assessment, convergence, checkpoints, resume, and a final pass aligned to Nyquist.
+
+Each iteration aligns the particles of half-set h to half-map h only (gold standard)
+with the job's pose search, inserts them at the poses found, then (see
+:func:`cryocv.regularize.regularize_and_assess`) regularizes the half-maps, makes a new
+dynamic mask and measures the masked, corrected FSC; the next alignment cutoff is that
+resolution plus a few Fourier shells. Refinement stops when resolution and pose changes
+both stop improving (or at ``max_iterations``) and ends with one pass aligned to Nyquist.
+
+The job passes ``make_search(volumes, noise, cutoff_px)`` → :class:`PoseSearch`: the
+only thing that differs between a global and a local refinement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..accumulate import Accumulators, quarter_split
+from ..backend import image_cache_budget_bytes, to_device, to_numpy
+from ..em_pass import em_pass
+from ..errors import CryocvError
+from ..fourier import lowpass_map
+from ..geometry import euler_to_matrix, matrix_to_euler
+from ..masks import spherical_mask
+from ..noise import noise_spectrum_from_images
+from ..nonuniform import NUParams
+from ..particles import Particles
+from ..projector import prepare_volume
+from ..regularize import MapResult, regularize_and_assess
+from ..source import ParticleSource
+from ..symmetry import pose_distance_deg, symmetry_operators
+from .jobdir import CheckpointStore, RefineState
+
+NOISE_SAMPLE = 1000   # images whose power spectrum is the first iteration's noise model
+
+
+@dataclass
+class PoseSearch:
+    """One iteration's E-step: ``find_poses(batch)`` → SearchResult, its ``levels`` (for the
+    log and the convergence test) and the ``batch_size`` it fits in memory."""
+
+    find_poses: Callable
+    levels: list
+    batch_size: int
+
+
+def initial_state(reference: np.ndarray, reference_pixel_A: float | None, particles: Particles,
+                  initial_lowpass_A: float) -> RefineState:
+    """Both half-references = the reference low-passed to ``initial_lowpass_A``."""
+    n, px = particles.box_size, particles.pixel_size_A
+    if reference.shape != (n, n, n):
+        raise CryocvError(f"the reference is {reference.shape[0]} px but the particles are {n} px: "
+                          f"resample one of them to match")
+    if reference_pixel_A and abs(reference_pixel_A - px) > 0.01 * px:
+        raise CryocvError(f"the reference's pixel size ({reference_pixel_A:.4f} Å) differs from the particles' "
+                          f"({px:.4f} Å) by more than 1%")
+    if not np.isfinite(reference).all() or float(np.abs(reference).max()) == 0:
+        raise CryocvError("the reference map is empty or holds non-finite values")
+    start = np.clip(lowpass_map(reference, px, max(initial_lowpass_A, 2 * px)), 0, None)
+    # a coarse soft sphere instead of a dynamic mask before there are half-maps
+    return RefineState(iteration=0, references=[start.copy(), start.copy()], mask=None,
+                       resolution_A=max(initial_lowpass_A, 2 * px), euler_deg=None, origin_A=None,
+                       noise_var_shell=None)
+
+
+def alignment_cutoff_px(box_size: int, pixel_size_A: float, resolution_A: float, extra_shells: int) -> float:
+    """Fourier radius (px) used for alignment: the resolution's shell plus ``extra_shells``."""
+    return float(min(box_size / 2, box_size * pixel_size_A / resolution_A + extra_shells))
+
+
+def convergence(history: list, min_iterations: int, final_step_deg: float) -> tuple[bool, str]:
+    """Has refinement stopped improving? Returns (converged, reason for the log)."""
+    if len(history) < max(min_iterations, 2):
+        return False, ""
+    last, previous = history[-1], history[-2]
+    best_before = min(h["resolution_A"] for h in history[:-1])
+    resolution_stalled = last["resolution_A"] > best_before * 0.99
+    change, change_before = last.get("pose_change_median_deg"), previous.get("pose_change_median_deg")
+    poses_stalled = (change is not None and change_before is not None
+                     and (change >= 0.9 * change_before or change <= final_step_deg))
+    if resolution_stalled and poses_stalled:
+        poses = (f"median pose change {change:.2f}° is within the finest search step ({final_step_deg:.2f}°)"
+                 if change <= final_step_deg else
+                 f"pose changes stopped decreasing (median {change:.2f}° vs {change_before:.2f}°)")
+        return True, (f"resolution improved by less than 1% ({last['resolution_A']:.2f} Å vs best "
+                      f"{best_before:.2f} Å before) and {poses}")
+    return False, ""
+
+
+def nu_params(params) -> NUParams | None:
+    """The NU filter's settings of a refinement's params (None for the uniform regularizer)."""
+    if params.regularizer != "nu":
+        return None
+    return NUParams(n_cutoffs=params.nu_cutoffs, order=params.nu_order, awf=params.nu_awf,
+                    half_map_noise=params.nu_half_map_noise)
+
+
+def iterate(particles: Particles, state: RefineState, params, xp, store: CheckpointStore,
+            make_search: Callable[[dict, object, float], PoseSearch], progress: bool = True,
+            log=print) -> tuple[RefineState, MapResult]:
+    """Run iterations from ``state`` until converged, then the final pass; checkpoint each.
+
+    ``params``: a refinement's Params (regularizer, NU settings, symmetry, iterations, seed...)."""
+    n, px = particles.box_size, particles.pixel_size_A
+    nu = nu_params(params)
+    quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
+    ops = symmetry_operators(params.symmetry)
+    source = ParticleSource(particles, xp, image_cache_budget_bytes(xp))
+    log(f"  image FTs ({source.ft_bytes / 2**30:.2f} GiB) {'cached on the device' if source.cached else 'streamed'}")
+    if state.noise_var_shell is None:
+        sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
+        state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
+    input_rotations = particles.rotations if particles.has_alignment else None
+    while True:
+        final = state.converged or state.iteration >= params.max_iterations
+        iteration = state.iteration + 1
+        cutoff = n / 2 if final else alignment_cutoff_px(n, px, state.resolution_A, params.extra_shells)
+        align_mask = (to_device(state.mask, xp) if state.mask is not None
+                      else spherical_mask(n, n / 2 - 4, 3.0, xp))
+        volumes = {h: prepare_volume(to_device(state.references[h - 1], xp) * align_mask) for h in (1, 2)}
+        search = make_search(volumes, to_device(state.noise_var_shell.astype(np.float32), xp), cutoff)
+        finest = search.levels[-1]
+        log(f"iteration {iteration}{' (final pass, aligned to Nyquist)' if final else ''}: aligning to "
+            f"{n * px / cutoff:.2f} Å, {len(search.levels)} search levels down to "
+            f"{math.degrees(finest.rotation_step_rad):.2f}°/{finest.shift_step_px * px:.2f} Å")
+        acc = Accumulators(n, ops, xp, quarters)
+        result = em_pass(source, search.find_poses, acc, search.batch_size, references=volumes,
+                         progress=progress, log=log)
+        maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed)
+        record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
+                  "resolution_A": maps.report["resolution_A"],
+                  "resolution_unmasked_A": maps.report["resolution_unmasked_A"],
+                  "pass_seconds": round(result.seconds, 2),
+                  "particles_per_second": round(len(particles) / max(result.seconds, 1e-9), 1)}
+        if state.euler_deg is not None:
+            change = pose_distance_deg(result.rotations, euler_to_matrix(state.euler_deg), params.symmetry)
+            shift_change = np.linalg.norm(result.origin_px * px - state.origin_A, axis=1)
+            record.update(pose_change_median_deg=float(np.median(change)),
+                          shift_change_median_A=float(np.median(shift_change)))
+        if input_rotations is not None:
+            vs_input = pose_distance_deg(result.rotations, input_rotations, params.symmetry)
+            record["pose_change_vs_input_median_deg"] = float(np.median(vs_input))
+        state = RefineState(iteration=iteration, references=[to_numpy(m) for m in maps.references],
+                            mask=None if maps.mask is None else to_numpy(maps.mask),
+                            resolution_A=maps.report["resolution_A"],
+                            euler_deg=matrix_to_euler(result.rotations), origin_A=result.origin_px * px,
+                            noise_var_shell=result.noise_var_shell, history=state.history + [record],
+                            final_done=final)
+        msg = (f"  resolution {record['resolution_A']:.2f} Å (unmasked {record['resolution_unmasked_A']:.2f} Å), "
+               f"{record['particles_per_second']:.0f} particles/s")
+        if "pose_change_median_deg" in record:
+            msg += (f", median pose change {record['pose_change_median_deg']:.2f}°, "
+                    f"shift {record['shift_change_median_A']:.2f} Å")
+        log(msg)
+        if not final:
+            state.converged, reason = convergence(state.history, params.min_iterations,
+                                                  math.degrees(finest.rotation_step_rad))
+            if state.converged:
+                log(f"  converged: {reason}")
+            elif iteration >= params.max_iterations:
+                log(f"  stopping at --max-iterations {params.max_iterations} without convergence")
+        store.save(state, maps, px, particles.half_set, result.scores)
+        if final:
+            return state, maps

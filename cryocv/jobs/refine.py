@@ -1,0 +1,259 @@
+"""Refine particles against a low-resolution reference: branch-and-bound global pose search,
+back-projection into half-set maps, non-uniform (NU, default) or uniform FSC-Wiener
+regularization, dynamic mask, masked and corrected FSC. Writes half_map_1/2.mrc (unfiltered),
+map.mrc (FSC-weighted), map_nu_filtered.mrc and nu_cutoff_A.mrc (NU), mask.mrc, fsc.json,
+fsc.png, poses.png, particles.star (new poses, half-sets), per-iteration checkpoints and
+job.json in DIR. A killed job continues with --continue DIR."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..backend import memory_budget_bytes
+from ..errors import CryocvError
+from ..io.particle_files import load_particles
+from ..nonuniform import NUParams
+from ..plotting import plot_poses
+from ..search import BaseGrid, SearchParams, search_batch_size, search_poses, search_schedule
+from ..symmetry import DEFAULT_SYMMETRY, pose_distance_deg
+from . import jobdir
+from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, load_checked_particles, option, params_from_args, read_cubic_map,
+                     require_half_sets, select_device, symmetry_arg)
+from .jobdir import CheckpointStore, JobLog
+from .loop import PoseSearch, initial_state, iterate
+
+HELP = "gold-standard 3D refinement (global pose search; NU or uniform)"
+
+
+@dataclass
+class RefineParams:
+    """Settings of a refinement (angles in degrees, lengths in Å); recorded in refine_config.json."""
+
+    regularizer: str = "nu"             # "nu" or "uniform"
+    symmetry: str = DEFAULT_SYMMETRY
+    initial_lowpass_A: float = 30.0
+    max_iterations: int = 10            # iterations before the final pass to Nyquist
+    min_iterations: int = 3
+    base_step_deg: float = SearchParams.base_step_deg
+    fine_step_deg: float = SearchParams.fine_step_deg
+    max_shift_A: float | None = None    # default: 10% of the box
+    n_candidates: int = SearchParams.n_candidates
+    n_base_candidates: int = SearchParams.n_base_candidates
+    cutoff_times_step: float = SearchParams.cutoff_times_step
+    base_cutoff_times_step: float = SearchParams.base_cutoff_times_step
+    candidate_decay: int = SearchParams.candidate_decay
+    extra_shells: int = 4               # alignment uses the resolution shell + this many
+    nu_cutoffs: int = NUParams.n_cutoffs
+    nu_order: int = NUParams.order
+    nu_awf: float = NUParams.awf
+    nu_half_map_noise: bool = NUParams.half_map_noise
+    mask_threshold: float = 0.2         # dynamic mask threshold, fraction of the map's maximum
+    batch_size: int | None = None       # default: from the memory budget
+    seed: int = DEFAULT_SEED
+
+    def validate(self):
+        if self.regularizer not in ("nu", "uniform"):
+            raise CryocvError(f"--regularizer must be nu or uniform, got {self.regularizer!r}")
+        checks = [(self.initial_lowpass_A > 0, "--initial-lowpass-A must be positive"),
+                  (self.max_iterations >= 1, "--max-iterations must be at least 1"),
+                  (0 < self.fine_step_deg <= self.base_step_deg <= 60, "need 0 < fine step <= base step <= 60°"),
+                  (self.max_shift_A is None or self.max_shift_A >= 0, "--max-shift-A must be >= 0"),
+                  (self.n_candidates >= 1, "--candidates must be >= 1"),
+                  (self.n_base_candidates >= 1, "--base-candidates must be >= 1"),
+                  (self.nu_cutoffs >= 2, "--nu-cutoffs must be >= 2"),
+                  (self.nu_order >= 1, "--nu-order must be >= 1"),
+                  (self.nu_awf > 0, "--nu-awf must be positive"),
+                  (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise CryocvError(message)
+
+    def search_params(self, box_size: int, pixel_size_A: float) -> SearchParams:
+        max_shift_A = 0.1 * box_size * pixel_size_A if self.max_shift_A is None else self.max_shift_A
+        return SearchParams(base_step_deg=self.base_step_deg, fine_step_deg=self.fine_step_deg,
+                            max_shift_px=max_shift_A / pixel_size_A, n_candidates=self.n_candidates,
+                            n_base_candidates=self.n_base_candidates, cutoff_times_step=self.cutoff_times_step,
+                            base_cutoff_times_step=self.base_cutoff_times_step,
+                            candidate_decay=self.candidate_decay)
+
+
+def refine_params_from_config(parameters: dict) -> RefineParams:
+    """The :class:`RefineParams` a job was started with, from its refine_config.json.
+    Runs started before the base-candidate schedule kept ``n_candidates`` at every level and
+    keep doing so when continued."""
+    parameters = dict(parameters)
+    parameters.setdefault("n_base_candidates", parameters.get("n_candidates", RefineParams.n_candidates))
+    return RefineParams(**parameters)
+
+
+def global_search(params: RefineParams, box_size: int, pixel_size_A: float, xp):
+    """``make_search`` of :func:`cryocv.jobs.loop.iterate` for a global search: the base grid,
+    then branch-and-bound subdivision, each half-set against its own reference."""
+    search = params.search_params(box_size, pixel_size_A)
+
+    def make_search(volumes: dict, noise, cutoff_px: float) -> PoseSearch:
+        levels = search_schedule(box_size, cutoff_px, search)
+        bases = {h: BaseGrid(volumes[h], box_size, levels[0], search) for h in (1, 2)}
+        batch_size = params.batch_size or search_batch_size(box_size, levels, search, bases[1],
+                                                            memory_budget_bytes(xp), cpu=xp is np)
+
+        def find_poses(batch):
+            return search_poses(volumes[batch.half], batch.images_ft, batch.ctf, noise, levels, search,
+                                bases[batch.half])
+        return PoseSearch(find_poses, levels, batch_size)
+
+    return make_search
+
+
+def add_args(p):
+    p.add_argument("--particles", help="particles (.star or .cs) with CTF; poses are not needed")
+    p.add_argument("--ref", help="starting reference map (MRC), same box and pixel size as the particles")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--continue", dest="continue_dir", metavar="DIR",
+                   help="continue the refinement in DIR from its last checkpoint (other options are ignored)")
+    option(p, "--regularizer", RefineParams, "regularizer", choices=["nu", "uniform"],
+           help="nu: non-uniform cross-validated filter; uniform: FSC-Wiener filter")
+    option(p, "--sym", RefineParams, "symmetry", help="point group: C<n>, D<n>, T, O, I")
+    option(p, "--initial-lowpass-A", RefineParams, "initial_lowpass_A", help="low-pass of the reference (Å)")
+    option(p, "--max-iterations", RefineParams, "max_iterations",
+           help="iterations before the final pass to Nyquist, if not converged earlier")
+    p.add_argument("--max-shift-A", dest="max_shift_A", type=float, default=RefineParams.max_shift_A,
+                   help="shift search range ± (default 10%% of the box)")
+    option(p, "--base-step-deg", RefineParams, "base_step_deg", help="base angular grid of the search")
+    option(p, "--fine-step-deg", RefineParams, "fine_step_deg", help="finest angular step")
+    option(p, "--candidates", RefineParams, "n_candidates", help="poses kept per image at the fine search levels")
+    option(p, "--base-candidates", RefineParams, "n_base_candidates",
+           help="poses kept per image after the coarse base grid, halved per level down to --candidates")
+    option(p, "--nu-cutoffs", RefineParams, "nu_cutoffs", help="NU: candidate cutoffs")
+    option(p, "--nu-order", RefineParams, "nu_order", help="NU: Butterworth filter order")
+    option(p, "--nu-awf", RefineParams, "nu_awf", help="NU: adaptive window factor")
+    option(p, "--nu-plain-cv", RefineParams, "nu_half_map_noise", action="store_false",
+           help="NU: the paper's plain quarter-map CV loss, without the correction for the quarter-maps' "
+                "extra noise")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=RefineParams.batch_size,
+                   help="images per batch (default: from the memory budget)")
+    option(p, "--seed", RefineParams, "seed", help="seed for the half-set and quarter-set splits")
+    p.add_argument("--datadir", help="extra folder to look for image stacks in")
+    device_args(p, gpu=True)
+
+
+def main(args) -> int:
+    if args.continue_dir:
+        args.out = args.continue_dir
+        report = run(None, None, args.continue_dir, resume=True, progress=not args.quiet)
+    else:
+        missing = [flag for flag, value in (("--particles", args.particles), ("--ref", args.ref),
+                                            ("--out", args.out)) if not value]
+        if missing:
+            raise CryocvError(f"refine needs {', '.join(missing)} (or --continue DIR)")
+        report = run(args.particles, args.ref, args.out, params_from_args(RefineParams, args), device=args.device,
+                     gpu_ids=args.gpu, datadir=args.datadir, progress=not args.quiet)
+    print(f"gold-standard resolution {report['resolution_A']:.2f} Å (FSC 0.143, masked, corrected); "
+          f"map: {jobdir.path(args.out, jobdir.MAP)}, plots: {jobdir.path(args.out, jobdir.FSC_PNG)}, "
+          f"{jobdir.path(args.out, jobdir.POSES_PNG)}")
+    return 0
+
+
+def run(particles_path: str | None, reference_path: str | None, out_dir: str, params: RefineParams | None = None,
+        device: str = DEFAULT_DEVICE, gpu_ids=None, datadir=None, resume: bool = False,
+        progress: bool = True) -> dict:
+    """Gold-standard refinement job; ``resume`` continues ``out_dir`` from its last checkpoint
+    with the settings it was started with. Returns the FSC report."""
+    started = time.time()
+    config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
+    store = CheckpointStore(out_dir)
+    if resume:
+        if not os.path.isfile(config_path):
+            raise CryocvError(f"{out_dir} holds no refinement to continue (no {jobdir.REFINE_CONFIG})")
+        config = jobdir.read_json(config_path)
+        particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
+        params = refine_params_from_config(config["parameters"])
+        device, gpu_ids = config["device"], config["gpu"]
+    else:
+        params = params or RefineParams()
+        params.validate()
+        params.symmetry = symmetry_arg(params.symmetry)
+        if store.exists():
+            raise CryocvError(f"{out_dir} already holds a refinement: continue it with --continue {out_dir} "
+                              f"or choose another --out")
+    xp, ids = select_device(device, gpu_ids)
+    particles = load_checked_particles(particles_path, datadir)
+    if particles.ctf is None:
+        raise CryocvError(f"{particles_path} has no CTF parameters (rlnDefocusU...): refinement needs them")
+    reference, reference_px = read_cubic_map(reference_path)
+    os.makedirs(out_dir, exist_ok=True)
+    log = JobLog(out_dir)
+    if not resume:
+        jobdir.remove_stale_outputs(out_dir)
+        jobdir.write_json(config_path, {"particles": os.path.abspath(particles_path),
+                                        "reference": os.path.abspath(reference_path),
+                                        "datadir": datadir, "device": device, "gpu": gpu_ids,
+                                        "parameters": asdict(params)})
+    state = store.load_latest() if resume else None
+    require_half_sets(particles, params.seed, 2, log)
+    n, px = particles.box_size, particles.pixel_size_A
+    if state is None:
+        state = initial_state(reference, reference_px, particles, params.initial_lowpass_A)
+        log(f"refining {len(particles)} particles ({n} px, {px:.3f} Å/px), {params.regularizer.upper()} "
+            f"regularizer, symmetry {params.symmetry}, start low-passed to {params.initial_lowpass_A:g} Å, on "
+            f"{'GPU ' + str(ids[0]) if ids else ('GPU' if xp is not np else 'CPU')}")
+        if ids and len(ids) > 1:
+            log(f"  note: using GPU {ids[0]} of {ids}; multi-GPU refinement is not implemented yet")
+    else:
+        log(f"continuing from the checkpoint of iteration {state.iteration} ({state.resolution_A:.2f} Å)")
+    if not state.final_done:
+        state, maps = iterate(particles, state, params, xp, store, global_search(params, n, px, xp),
+                              progress=progress, log=log)
+        half_maps, mask, report, full, cutoff_A = maps.half_maps, maps.mask, maps.report, maps.full_map, maps.cutoff_A
+    else:
+        half_maps, mask, report, full, cutoff_A = store.final_outputs(state)
+    particles.euler_deg = state.euler_deg.astype(np.float64)
+    particles.origin_A = state.origin_A.astype(np.float64)
+    particles.has_alignment = True
+    report.update(symmetry=params.symmetry, n_particles=len(particles), regularizer=params.regularizer,
+                  iterations=state.history)
+    extra_maps = {}
+    if cutoff_A is not None:
+        extra_maps[jobdir.NU_CUTOFF] = cutoff_A
+    title = f"{len(particles)} particles, {params.regularizer.upper()}, {params.symmetry}: {report['resolution_A']:.2f} Å"
+
+    def plots_and_nu_map():
+        if cutoff_A is not None:
+            shutil.copyfile(os.path.join(store.folder(state.iteration), jobdir.NU_FILTERED_MAP),
+                            jobdir.path(out_dir, jobdir.NU_FILTERED_MAP))
+        plot_poses(**refine_pose_diagnostics(out_dir), path=jobdir.path(out_dir, jobdir.POSES_PNG))
+
+    record = jobdir.job_record("refine", {"particles": os.path.abspath(particles_path),
+                                          "reference": os.path.abspath(reference_path), "resumed": resume,
+                                          **asdict(params)}, xp, started)
+    jobdir.write_results(out_dir, px, half_maps, full, mask, report, particles, title, record, extra_maps,
+                         before_record=plots_and_nu_map)
+    log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
+        f"{state.iteration} iterations; map {jobdir.path(out_dir, jobdir.MAP)}")
+    return report
+
+
+def refine_pose_diagnostics(job_dir: str, input_particles: str | None = None) -> dict:
+    """What the pose plot of a refine job shows, read from its files: ``euler_deg``
+    (n, 3) refined poses, ``history`` (per-iteration resolution and pose change),
+    ``change_vs_input_deg`` (n,) angle (°, smallest over the symmetry group) between
+    each refined pose and the input alignment (None if the input had none), ``title``.
+    ``input_particles``: the job's input file (default: the path recorded at its start).
+    Keyword arguments of :func:`cryocv.plotting.plot_poses` / ``draw_poses``."""
+    datadir = None
+    if input_particles is None:
+        config = jobdir.read_json(jobdir.path(job_dir, jobdir.REFINE_CONFIG))
+        input_particles, datadir = config["particles"], config["datadir"]
+    report = jobdir.read_json(jobdir.path(job_dir, jobdir.FSC_JSON))
+    refined = load_particles(jobdir.path(job_dir, jobdir.PARTICLES_STAR))
+    start = load_particles(input_particles, datadir)  # metadata only: images are not read
+    change = None
+    if start.has_alignment and len(start) == len(refined):
+        change = pose_distance_deg(refined.rotations, start.rotations, report["symmetry"])
+    history = report.get("iterations") or []
+    return {"euler_deg": refined.euler_deg, "history": history, "change_vs_input_deg": change,
+            "title": f"{len(refined)} particles after {len(history)} iterations"}

@@ -1,0 +1,104 @@
+"""Batches of particle data on the compute device: the one read → FT → CTF path of every job.
+
+A :class:`ParticleSource` hands out :class:`Batch` es of one half-set: raw
+(not re-centred) half-plane image FTs, CTFs and the metadata poses, on the
+device of ``xp``. Image FTs are cached on the device when they fit the given
+budget, else read from the (memory-mapped) stacks for every batch. ``shard``
+``(rank, n_ranks)`` restricts the source to a balanced share of each half-set,
+so that several processes can split the particles between them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import to_device
+from .ctf import ctf_half_plane
+from .fourier import ft2_centered, phase_shift_images
+from .geometry import euler_to_matrix
+from .particles import Particles
+
+
+@dataclass
+class Batch:
+    """Particles ``index`` (B,) (positions in the source's :class:`Particles`), all of half-set
+    ``half``, on one device: ``images_ft`` (B, N, N//2+1) complex64 raw image FTs (None for a
+    metadata-only batch), ``ctf`` (B, N, N//2+1) float32 or None, ``rotations`` (B, 3, 3) float32
+    metadata poses (None without poses), ``origin_px`` (B, 2) float32 metadata origins. ``half``
+    is 0 for a batch of mixed half-sets."""
+
+    index: np.ndarray
+    half: int
+    images_ft: object
+    ctf: object
+    rotations: object
+    origin_px: object
+
+    def __len__(self) -> int:
+        return int(self.index.size)
+
+    def recentred_ft(self, shifts_px=None):
+        """Image FTs re-centred by +``shifts_px`` (B, 2) (default: the metadata origins)."""
+        return phase_shift_images(self.images_ft, self.origin_px if shifts_px is None else shifts_px)
+
+
+class ParticleSource:
+    """Device batches of ``particles`` (see the module docstring).
+
+    ``cache_budget_bytes``: device memory the image FTs may occupy (0: never cache);
+    ``shard`` (rank, n_ranks): this process's share of each half-set."""
+
+    def __init__(self, particles: Particles, xp, cache_budget_bytes: int = 0, shard: tuple = (0, 1)):
+        rank, n_ranks = shard
+        if not 0 <= rank < n_ranks:
+            raise ValueError(f"shard {shard}: need 0 <= rank < n_ranks")
+        self.particles = particles
+        self.xp = xp
+        self.shard = (rank, n_ranks)
+        n = particles.box_size
+        self.cache = (xp.empty((len(particles), n, n // 2 + 1), dtype=xp.complex64)
+                      if 0 < self.ft_bytes <= cache_budget_bytes else None)
+        self.filled = np.zeros(len(particles), dtype=bool)
+        self._ctf_matrix = particles.ctf.as_matrix() if particles.ctf is not None else None
+
+    @property
+    def ft_bytes(self) -> int:
+        """Bytes of all image FTs as complex64."""
+        n = self.particles.box_size
+        return len(self.particles) * n * (n // 2 + 1) * 8
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def members(self, half: int) -> np.ndarray:
+        """Positions (sorted) of this shard's particles of half-set ``half``: the half-set split
+        into ``n_ranks`` contiguous parts of equal size (±1), part ``rank``."""
+        everyone = np.nonzero(self.particles.half_set == half)[0]
+        rank, n_ranks = self.shard
+        return np.array_split(everyone, n_ranks)[rank]
+
+    def images_ft(self, index: np.ndarray):
+        """Raw half-plane FTs (B, N, N//2+1) complex64 of particles ``index``, from the cache
+        when there is one (filled on first use)."""
+        xp = self.xp
+        if self.cache is None:
+            return ft2_centered(to_device(self.particles.read_images(index), xp)).astype(xp.complex64)
+        missing = index[~self.filled[index]]
+        if missing.size:
+            self.cache[to_device(missing, xp)] = ft2_centered(
+                to_device(self.particles.read_images(missing), xp)).astype(xp.complex64)
+            self.filled[missing] = True
+        return self.cache[to_device(index, xp)]
+
+    def load(self, index: np.ndarray, half: int = 0, images: bool = True) -> Batch:
+        """The :class:`Batch` of particles ``index`` (all of half-set ``half``); ``images=False``
+        gives metadata only (CTF, poses, origins)."""
+        xp, p = self.xp, self.particles
+        ctf = (None if self._ctf_matrix is None
+               else ctf_half_plane(to_device(self._ctf_matrix[index], xp), p.box_size, p.pixel_size_A))
+        rotations = (to_device(euler_to_matrix(p.euler_deg[index]).astype(np.float32), xp) if p.has_alignment
+                     else None)
+        return Batch(index=index, half=half, images_ft=self.images_ft(index) if images else None, ctf=ctf,
+                     rotations=rotations, origin_px=to_device(p.origin_px[index].astype(np.float32), xp))
