@@ -111,15 +111,22 @@ class Particles:
 
 def resolve_image_path(path: str, metadata_file: str, datadir: str | None = None) -> str:
     """Resolve an image path as RELION does: absolute, else relative to the working
-    (project) directory, else to the metadata file's folder, else ``datadir``."""
+    (project) directory; then, as fallbacks, relative to the metadata file's folder, to each
+    folder above it (a project directory the metadata file lies in, when run from elsewhere),
+    else ``datadir``."""
     if os.path.isabs(path):
         return path
-    beside = os.path.join(os.path.dirname(os.path.abspath(metadata_file)), path)
+    folder = os.path.dirname(os.path.abspath(metadata_file))
+    beside = os.path.join(folder, path)
     if os.path.exists(path) and os.path.exists(beside) and not os.path.samefile(path, beside):
         raise CryocvError(f"ambiguous image path {path!r} in {metadata_file}: it exists both in the working "
                           f"directory and beside the metadata file; run from the project directory the paths "
                           f"are relative to, or move one of them")
     candidates = [path, beside]
+    parent = os.path.dirname(folder)
+    while parent != folder:
+        candidates.append(os.path.join(parent, path))
+        folder, parent = parent, os.path.dirname(parent)
     if datadir:
         candidates += [os.path.join(datadir, path), os.path.join(datadir, os.path.basename(path))]
     for cand in candidates:
@@ -128,10 +135,18 @@ def resolve_image_path(path: str, metadata_file: str, datadir: str | None = None
     return os.path.abspath(candidates[1])  # reported as missing when images are read
 
 
-def relative_image_path(stack_path: str, metadata_file: str) -> str:
-    """How a metadata file names a stack: relative to the file's own folder."""
-    folder = os.path.dirname(os.path.abspath(metadata_file))
-    return os.path.relpath(os.path.abspath(stack_path), folder)
+def project_image_path(stack_path: str, metadata_file: str) -> str:
+    """How a written metadata file names a stack (RELION's rule, also cryoSPARC's for blob/path):
+    relative to the working directory, the project directory, when the stack lies under it;
+    else relative to the metadata file's folder when under that (that folder then serves as the
+    project directory: Scipion's RELION import looks up from the file and refuses absolute
+    names); else absolute."""
+    absolute = os.path.abspath(stack_path)
+    for root in (os.getcwd(), os.path.dirname(os.path.abspath(metadata_file))):
+        relative = os.path.relpath(absolute, root)
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+            return relative
+    return absolute
 
 
 def random_half_sets(n: int, seed: int = 0) -> np.ndarray:

@@ -107,7 +107,40 @@ def test_star_written_for_relion_31(simulated):
     blocks = starfile.read(simulated.source, always_dict=True)
     assert set(blocks) == {"optics", "particles"}
     assert {"rlnImagePixelSize", "rlnImageSize", "rlnVoltage"} <= set(blocks["optics"].columns)
+    # outside the working (project) directory, a stack beside the STAR file is named relative to it
     assert blocks["particles"]["rlnImageName"][0] == "000001@particles.mrcs"
+
+
+def test_image_paths_relative_to_the_project_directory(simulated, tmp_path, monkeypatch):
+    """Written under the working directory: relative to it (RELION's rule, and cryoSPARC's for
+    blob/path); read back from another working directory through the folders above the file;
+    input names kept unchanged when they still point at the same images."""
+    import starfile
+    project = tmp_path / "project"
+    (project / "Extract" / "job001").mkdir(parents=True)
+    stack = project / "Extract" / "job001" / "particles.mrcs"
+    os.link(os.path.join(os.path.dirname(simulated.source), "particles.mrcs"), stack)
+    monkeypatch.chdir(project)
+    particles = load_particles(simulated.source)
+    particles.stack_paths = np.array([str(stack)] * len(particles), dtype=object)
+    save_particles(particles, "Extract/job001/particles.star")
+    save_particles(particles, "Extract/job001/particles.cs")
+    names = starfile.read("Extract/job001/particles.star", always_dict=True)["particles"]["rlnImageName"]
+    assert names[0] == "000001@Extract/job001/particles.mrcs"
+    assert np.load("Extract/job001/particles.cs")["blob/path"][0] == b"Extract/job001/particles.mrcs"
+    # a hand-written name style survives a rewrite from the project directory
+    table = starfile.read("Extract/job001/particles.star", always_dict=True)
+    table["particles"]["rlnImageName"] = [f"{i + 1}@Extract/job001/particles.mrcs" for i in range(len(particles))]
+    starfile.write(table, "Extract/job001/handmade.star", overwrite=True)
+    os.makedirs("Refine3D/job002")
+    save_particles(load_particles("Extract/job001/handmade.star"), "Refine3D/job002/run_data.star")
+    rewritten = starfile.read("Refine3D/job002/run_data.star", always_dict=True)["particles"]["rlnImageName"]
+    assert rewritten[0] == "1@Extract/job001/particles.mrcs"
+    monkeypatch.chdir(tmp_path)  # elsewhere: found through the project folder above the file
+    for path in ("project/Refine3D/job002/run_data.star", "project/Extract/job001/particles.cs"):
+        again = load_particles(path)
+        assert again.stack_paths[0] == str(stack)
+        np.testing.assert_array_equal(again.read_images(np.arange(3)), particles.read_images(np.arange(3)))
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, simulated):

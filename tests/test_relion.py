@@ -6,6 +6,7 @@
    the same against cryocv's own reconstruction.
 """
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,3 +70,28 @@ def test_cryocv_simulated_particles_reconstruct_in_relion(truth, tmp_path):
     print(f"cryocv simulate particles: cryocv {ours_res:.2f} Å, relion_reconstruct {relion_res:.2f} Å")
     assert relion_res <= 1.10 * ours_res
     assert relion_res < 10.0  # RELION sees a real signal, so our CTF, angles and origins agree with it
+
+
+def test_relion_runs_from_the_project_directory_on_what_cryocv_wrote_into_sub_folders(truth, tmp_path):
+    """As users work: one project directory, cryocv jobs writing into sub-folders, RELION binaries run
+    from the project directory on those STAR files (image names relative to the project)."""
+    write_map(str(tmp_path / "truth.mrc"), truth, PIXEL)
+
+    def cryocv(*args):
+        r = subprocess.run([sys.executable, "-m", "cryocv", *args, "--quiet"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    cryocv("simulate", "--map", "truth.mrc", "--n", str(N), "--out", "Simulate/job001", "--snr", "0.1", "--seed", "5")
+    cryocv("reconstruct", "--particles", "Simulate/job001/particles.star", "--out", "Reconstruct/job002",
+           "--device", "cpu")
+    import starfile
+    names = starfile.read(str(tmp_path / "Reconstruct" / "job002" / "particles.star"),
+                          always_dict=True)["particles"]["rlnImageName"]
+    assert names[0] == "000001@Simulate/job001/particles.mrcs"  # the input's names, unchanged
+    halves = [read_map(str(tmp_path / "Reconstruct" / "job002" / f"half_map_{h}.mrc"))[0] for h in (1, 2)]
+    for star, out in (("Simulate/job001/particles.star", "sim.mrc"), ("Reconstruct/job002/particles.star", "rec.mrc")):
+        relion(["relion_reconstruct", "--i", star, "--o", out, "--ctf"], tmp_path)
+        ours_res, relion_res = resolutions(truth, (halves[0] + halves[1]) / 2, read_map(str(tmp_path / out))[0])
+        print(f"from the project directory, {star}: relion_reconstruct {relion_res:.2f} Å, cryocv {ours_res:.2f} Å")
+        assert relion_res <= 1.10 * ours_res, (star, relion_res, ours_res)

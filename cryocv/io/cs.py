@@ -16,7 +16,7 @@ import numpy as np
 from ..ctf import CTFParams
 from ..errors import CryocvError
 from ..geometry import axis_angle_to_matrix, euler_to_matrix, matrix_to_axis_angle, matrix_to_euler
-from ..particles import Particles, relative_image_path, resolve_image_path
+from ..particles import Particles, project_image_path, resolve_image_path
 from .mrc import atomic_path
 
 
@@ -101,8 +101,9 @@ def read_cs(path: str, datadir: str | None = None) -> Particles:
 def particles_to_cs(particles: Particles, path: str) -> np.ndarray:
     """The structured array cryoSPARC expects for ``particles``."""
     n = len(particles)
-    # '>' marks paths relative to the .cs file's own folder (cryoSPARC's export convention)
-    paths = [">" + relative_image_path(p, path) for p in particles.stack_paths]
+    # cryoSPARC's blob/path: relative to the project directory (here the working directory);
+    # '>' (paths relative to an exported .cs file's folder) is only read
+    paths = [project_image_path(p, path) for p in particles.stack_paths]
     path_len = max(1, max(len(p.encode()) for p in paths))
     fields = [("uid", "<u8"), ("blob/path", f"S{path_len}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
               ("blob/psize_A", "<f4"), ("blob/sign", "<f4")]

@@ -8,13 +8,15 @@ pixel size comes from ``rlnImagePixelSize`` (3.1+), ``rlnPixelSize`` or
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import starfile
 
 from ..ctf import CTFParams
 from ..errors import CryocvError
-from ..particles import Particles, relative_image_path, resolve_image_path
+from ..particles import Particles, project_image_path, resolve_image_path
 from .mrc import StackCache, atomic_path
 
 ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -192,15 +194,33 @@ def _optics_table(particles: Particles):
     return pd.DataFrame(rows), inverse.reshape(n) + 1
 
 
+def image_names(particles: Particles, path: str, input_names=None) -> list:
+    """rlnImageName of each particle for a STAR file at ``path``: the input's own name where RELION
+    itself would still find the same image with it (absolute, or relative to the working directory,
+    the project directory: a job run there keeps its input's names unchanged), else ``index@stack``
+    with the stack named by :func:`project_image_path`."""
+    names = [f"{i + 1:06d}@{project_image_path(p, path)}" for i, p in zip(particles.stack_indices, particles.stack_paths)]
+    if input_names is None or len(input_names) != len(particles):
+        return names
+    found = {}
+    for row, name in enumerate(np.asarray(input_names, dtype=str)):
+        index, stack = name.split("@", 1) if "@" in name else ("", name)
+        if stack not in found:
+            found[stack] = os.path.abspath(stack) if stack and os.path.exists(stack) else None
+        if (found[stack] is not None and found[stack] == os.path.abspath(particles.stack_paths[row])
+                and (int(index) - 1 if index.strip().isdigit() else 0) == particles.stack_indices[row]):
+            names[row] = name
+    return names
+
+
 def particles_to_tables(particles: Particles, path: str):
     """The (optics, particles) DataFrames RELION 3.1 expects for ``particles``."""
     optics, groups = _optics_table(particles)
     table = particles.extra.get("particles_table")
     if table is None or len(table) != len(particles):
         table = pd.DataFrame(index=range(len(particles)))
+    names = image_names(particles, path, table.get("rlnImageName"))
     table = table.drop(columns=[c for c in table.columns if c in _MANAGED]).reset_index(drop=True)
-    names = [f"{i + 1:06d}@{relative_image_path(p, path)}" for i, p in
-             zip(particles.stack_indices, particles.stack_paths)]
     columns = {"rlnImageName": names, "rlnOpticsGroup": groups}
     if particles.has_alignment:
         columns.update(zip(ANGLES, particles.euler_deg.T))

@@ -1,5 +1,6 @@
 """Convert IN to OUT (by extension: .star or .cs) keeping poses, shifts, CTF and half-sets.
-Image paths are written relative to OUT's folder."""
+Image paths are written relative to the working directory (the project directory) when the
+stacks lie under it, else relative to OUT's folder when under that, else absolute."""
 from __future__ import annotations
 
 from ..io.particle_files import load_particles, save_particles
