@@ -6,6 +6,7 @@ numpy; jobs move data to the device with :func:`to_device`.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -91,3 +92,37 @@ def memory_budget_bytes(xp) -> int:
 def image_cache_budget_bytes(xp) -> int:
     """Device memory the image FTs of a job may occupy: 30% of free GPU memory, or 4 GiB on the CPU."""
     return int(0.3 * free_gpu_memory_bytes()) if xp is not np else 4 << 30
+
+
+class StageTimer:
+    """Wall seconds per named stage, summed over uses: ``with timer("search"): ...``. On a GPU
+    the device is synchronized at both ends of a stage, so asynchronous work is charged to
+    the stage that queued it."""
+
+    def __init__(self, xp=np):
+        self.xp = xp
+        self.seconds = {}
+
+    def _sync(self):
+        if self.xp is not np:
+            self.xp.cuda.Device().synchronize()
+
+    def __call__(self, name: str):
+        return _Stage(self, name)
+
+    def rounded(self, digits: int = 3) -> dict:
+        return {name: round(value, digits) for name, value in self.seconds.items()}
+
+
+class _Stage:
+    def __init__(self, timer: StageTimer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self):
+        self.timer._sync()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timer._sync()
+        self.timer.seconds[self.name] = self.timer.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
+        return False

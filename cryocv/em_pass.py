@@ -4,7 +4,8 @@ For each half-set, batches from a :class:`~cryocv.source.ParticleSource` go thro
 ``find_poses`` (the E-step: a global or local branch-and-bound search, or the given
 poses for a plain reconstruction) and are inserted at the poses found into
 :class:`~cryocv.accumulate.Accumulators` (the M-step sums). A batch that runs out of
-device memory is retried at half the size. Optionally the residual power at the
+device memory is retried at half the size. While the device works on a batch, the next
+one's images are read from disk (when they are not cached). Optionally the residual power at the
 chosen poses gives the next iteration's noise model.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .accumulate import Accumulators
-from .backend import free_device_memory, get_array_module, to_numpy
+from .backend import StageTimer, free_device_memory, get_array_module, to_numpy
 from .noise import residual_power, shell_mean
 from .projector import DEFAULT_PADDING, frequency_points
 from .search import SearchResult
@@ -28,7 +29,8 @@ from .source import Batch, ParticleSource
 class PassResult:
     """Per particle (rows of particles outside the source's shard stay 0): ``rotations``
     (n, 3, 3), ``origin_px`` (n, 2), ``scores`` (n,); ``noise_var_shell`` (N//2+1,) from the
-    residuals (None without references); ``seconds`` of the pass; ``batch_size`` at its end."""
+    residuals (None without references); ``seconds`` of the pass; ``batch_size`` at its end;
+    ``stage_seconds`` per stage (the device synchronized between stages)."""
 
     rotations: np.ndarray
     origin_px: np.ndarray
@@ -36,6 +38,7 @@ class PassResult:
     noise_var_shell: np.ndarray | None
     seconds: float
     batch_size: int
+    stage_seconds: dict                 # {stage: seconds}: read + FT, pose search, back-projection, residual noise
 
 
 def given_poses(batch: Batch) -> SearchResult:
@@ -53,6 +56,7 @@ def em_pass(source: ParticleSource, find_poses: Callable[[Batch], SearchResult],
     ``references`` {half: prepared volume FT}: measure the residual noise against them."""
     started = time.time()
     xp, particles = source.xp, source.particles
+    timer = StageTimer(xp)
     n = particles.box_size
     points = frequency_points(n, xp=xp)
     noise_sums = xp.zeros(n // 2 + 1)
@@ -68,13 +72,19 @@ def em_pass(source: ParticleSource, find_poses: Callable[[Batch], SearchResult],
         while start < members[half].size:
             sel = members[half][start:start + batch_size]
             try:
-                batch = source.load(sel, half)
-                found = find_poses(batch)
-                x = points.gather(batch.recentred_ft(found.shifts_px))
-                c = xp.ones(x.shape, dtype=xp.float32) if batch.ctf is None else points.gather(batch.ctf)
-                values, weights = x * c, c * c
+                with timer("read + FT"):
+                    batch = source.load(sel, half)
+                    following = members[half][start + sel.size:start + sel.size + batch_size]
+                    source.prefetch(following if following.size or half == 2 else members[2][:batch_size])
+                with timer("pose search"):
+                    found = find_poses(batch)
+                with timer("back-projection"):
+                    x = points.gather(batch.recentred_ft(found.shifts_px))
+                    c = xp.ones(x.shape, dtype=xp.float32) if batch.ctf is None else points.gather(batch.ctf)
+                    values, weights = x * c, c * c
                 if references is not None:
-                    sums, counts = residual_power(references[half], found.rotations, points, x, c, padding)
+                    with timer("residual noise"):
+                        sums, counts = residual_power(references[half], found.rotations, points, x, c, padding)
             except MemoryError as exc:  # cupy's OutOfMemoryError is a MemoryError
                 if batch_size <= 1:
                     raise
@@ -85,7 +95,8 @@ def em_pass(source: ParticleSource, find_poses: Callable[[Batch], SearchResult],
             if references is not None:
                 noise_sums += sums
                 noise_counts += counts
-            accumulators.insert(half, sel, found.rotations, points, values, weights)
+            with timer("back-projection"):
+                accumulators.insert(half, sel, found.rotations, points, values, weights)
             rotations_out[sel] = to_numpy(found.rotations)
             origins_out[sel] = to_numpy(found.shifts_px)
             scores_out[sel] = to_numpy(found.scores)
@@ -96,4 +107,5 @@ def em_pass(source: ParticleSource, find_poses: Callable[[Batch], SearchResult],
     if references is not None:
         noise = to_numpy(shell_mean(noise_sums, noise_counts))
         noise[0] = noise[1] if noise.size > 1 else 1.0
-    return PassResult(rotations_out, origins_out, scores_out, noise, time.time() - started, batch_size)
+    return PassResult(rotations_out, origins_out, scores_out, noise, time.time() - started, batch_size,
+                      timer.rounded())

@@ -80,12 +80,15 @@ class Particles:
         """Images (k, N, N) float32 for ``index`` (default all), in that order."""
         positions = np.arange(len(self)) if index is None else np.arange(len(self))[index]
         out = np.empty((len(positions), self.box_size, self.box_size), dtype=np.float32)
-        for path in np.unique(self.stack_paths[positions]):
+        paths = np.unique(self.stack_paths[positions])
+        for path in paths:
+            if paths.size == 1:
+                self._cache.read(path, self.stack_indices[positions], out)
+                break
             sel = np.nonzero(self.stack_paths[positions] == path)[0]
-            stack = self._cache.stack(path)
-            idx = self.stack_indices[positions[sel]]
-            order = np.argsort(idx)
-            out[sel[order]] = stack[idx[order]]
+            images = np.empty((sel.size, self.box_size, self.box_size), dtype=np.float32)
+            self._cache.read(path, self.stack_indices[positions[sel]], images)
+            out[sel] = images
         bad = ~np.isfinite(out).reshape(len(out), -1).all(axis=1)
         if bad.any():
             first = positions[np.nonzero(bad)[0][0]]

@@ -3,12 +3,15 @@
 A :class:`ParticleSource` hands out :class:`Batch` es of one half-set: raw
 (not re-centred) half-plane image FTs, CTFs and the metadata poses, on the
 device of ``xp``. Image FTs are cached on the device when they fit the given
-budget, else read from the (memory-mapped) stacks for every batch. ``shard``
+budget, else read from the stacks for every batch (streamed); :meth:`ParticleSource.prefetch`
+reads the next batch's images in a background thread while the device works on this one, and
+the host holds no more than those two batches of images. ``shard``
 ``(rank, n_ranks)`` restricts the source to a balanced share of each half-set,
 so that several processes can split the particles between them.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +63,8 @@ class ParticleSource:
         self.cache = (xp.empty((len(particles), n, n // 2 + 1), dtype=xp.complex64)
                       if 0 < self.ft_bytes <= cache_budget_bytes else None)
         self.filled = np.zeros(len(particles), dtype=bool)
+        self._reader = None      # one background thread reading images ahead
+        self._pending = None     # (index, future) of the read under way
         self._ctf_matrix = particles.ctf.as_matrix() if particles.ctf is not None else None
 
     @property
@@ -79,16 +84,43 @@ class ParticleSource:
         rank, n_ranks = self.shard
         return np.array_split(everyone, n_ranks)[rank]
 
+    def _unread(self, index: np.ndarray) -> np.ndarray:
+        """Those of ``index`` whose images must come from disk."""
+        return index if self.cache is None else index[~self.filled[index]]
+
+    def prefetch(self, index: np.ndarray):
+        """Start reading the images of particles ``index`` (the next batch) in the background."""
+        unread = self._unread(index)
+        if unread.size == 0:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="cryocv-read")
+        self._take_pending(None)
+        self._pending = (unread.copy(), self._reader.submit(self.particles.read_images, unread))
+
+    def _take_pending(self, index):
+        """The prefetched images if they are those of ``index``; otherwise wait for the read under
+        way (it may raise) and return None. Reads never run two at a time."""
+        if self._pending is None:
+            return None
+        pending_index, future = self._pending
+        self._pending = None
+        images = future.result()
+        return images if index is not None and np.array_equal(pending_index, index) else None
+
+    def _read(self, index: np.ndarray):
+        images = self._take_pending(index)
+        return self.particles.read_images(index) if images is None else images
+
     def images_ft(self, index: np.ndarray):
         """Raw half-plane FTs (B, N, N//2+1) complex64 of particles ``index``, from the cache
         when there is one (filled on first use)."""
         xp = self.xp
         if self.cache is None:
-            return ft2_centered(to_device(self.particles.read_images(index), xp)).astype(xp.complex64)
-        missing = index[~self.filled[index]]
+            return ft2_centered(to_device(self._read(index), xp)).astype(xp.complex64)
+        missing = self._unread(index)
         if missing.size:
-            self.cache[to_device(missing, xp)] = ft2_centered(
-                to_device(self.particles.read_images(missing), xp)).astype(xp.complex64)
+            self.cache[to_device(missing, xp)] = ft2_centered(to_device(self._read(missing), xp)).astype(xp.complex64)
             self.filled[missing] = True
         return self.cache[to_device(index, xp)]
 

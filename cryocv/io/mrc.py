@@ -7,6 +7,7 @@ import warnings
 from contextlib import contextmanager
 
 import mrcfile
+import mrcfile.utils
 import numpy as np
 
 from ..errors import CryocvError
@@ -77,28 +78,81 @@ def write_stack(path: str, images, pixel_size_A: float):
             mrc.update_header_stats()
 
 
+def _why_no_data(mrc, path: str) -> str:
+    """Why mrcfile found no data in ``path``: truncated (sizes) or not an image file."""
+    try:
+        header = mrc.header
+        dtype = mrcfile.utils.data_dtype_from_header(header)
+        nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+        expected = header.nbytes + int(header.nsymbt) + nx * ny * nz * dtype.itemsize
+    except Exception:  # unknown mode or no header: not an MRC file
+        return f"{path} is not an MRC image file (unreadable header)"
+    actual = os.path.getsize(path)
+    if actual < expected:
+        return (f"{path} is truncated: its header promises {nz} images of {ny}×{nx} ({expected} bytes), "
+                f"the file has {actual} bytes")
+    return f"{path} holds no image data"
+
+
 class StackCache:
-    """Memory-mapped MRC stacks, opened lazily and kept open (at most ``max_open``)."""
+    """MRC stacks opened lazily and kept open (at most ``max_open``).
+
+    :meth:`read` copies images with positioned reads (``os.preadv``) straight into the
+    caller's array, so reading a stack of any size holds only the images asked for in
+    memory (pages of a memory map would count towards the process's resident memory, and a
+    refinement reads every image); it is safe to call from a second thread."""
 
     def __init__(self, max_open: int = 64):
         self.max_open = max_open
         self._open = {}
+        self._fds = {}
 
     def stack(self, path: str):
-        """(n, N, N) memory-mapped view of the stack at ``path``."""
+        """(n, N, N) memory-mapped view of the stack at ``path`` (for shapes and small reads)."""
         if path not in self._open:
             if len(self._open) >= self.max_open:
-                _, old = self._open.popitem()
+                old_path, old = self._open.popitem()
                 old.close()
+                if old_path in self._fds:
+                    os.close(self._fds.pop(old_path))
             mrc = _open(path)
             data = mrc.data
             if data is None:
-                raise CryocvError(f"{path} holds no image data")
+                message = _why_no_data(mrc, path)
+                mrc.close()
+                raise CryocvError(message)
             self._open[path] = mrc
         data = self._open[path].data
         return data[None] if data.ndim == 2 else data
+
+    def read(self, path: str, indices: np.ndarray, out: np.ndarray):
+        """Copy images ``indices`` (k,) of the stack at ``path`` into ``out`` (k, N, N) float32, in
+        that order. Runs of consecutive indices are read with one call each."""
+        stack = self.stack(path)
+        offset = getattr(stack, "offset", None)
+        if offset is None or not isinstance(stack, np.memmap):  # compressed stacks are read whole
+            out[:] = stack[indices]
+            return
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        image_bytes = stack.dtype.itemsize * stack.shape[-2] * stack.shape[-1]
+        order = np.argsort(indices, kind="stable")
+        sorted_indices = indices[order]
+        breaks = np.nonzero(np.diff(sorted_indices) != 1)[0] + 1
+        for run_positions, run in zip(np.split(order, breaks), np.split(sorted_indices, breaks)):
+            buffer = np.empty((run.size,) + stack.shape[-2:], dtype=stack.dtype)
+            wanted = buffer.nbytes
+            got = os.preadv(self._fds[path], [memoryview(buffer).cast("B")], offset + int(run[0]) * image_bytes)
+            if got != wanted:
+                raise CryocvError(f"{path} is truncated: images {run[0] + 1}–{run[-1] + 1} need "
+                                  f"{offset + (int(run[-1]) + 1) * image_bytes} bytes, the file has "
+                                  f"{os.path.getsize(path)}")
+            out[run_positions] = buffer
 
     def close(self):
         for mrc in self._open.values():
             mrc.close()
         self._open.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

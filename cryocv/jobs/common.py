@@ -30,7 +30,7 @@ def option(parser, flag: str, params_class, name: str, help: str, **kwargs):
     default = default_of(params_class, name)
     if kwargs.get("action") not in ("store_false", "store_true"):
         kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
-    if kwargs.get("action") == "store_false":
+    if kwargs.get("action") in ("store_false", "store_true"):
         parser.add_argument(flag, dest=name, help=help, **kwargs)
         return
     if default is not None and not isinstance(default, bool):

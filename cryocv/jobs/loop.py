@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..accumulate import Accumulators, quarter_split
-from ..backend import image_cache_budget_bytes, to_device, to_numpy
+from ..backend import StageTimer, image_cache_budget_bytes, to_device, to_numpy
 from ..em_pass import em_pass
 from ..errors import CryocvError
 from ..fourier import lowpass_map
@@ -109,33 +109,38 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
     ops = symmetry_operators(params.symmetry)
-    source = ParticleSource(particles, xp, image_cache_budget_bytes(xp))
+    source = ParticleSource(particles, xp, 0 if params.stream else image_cache_budget_bytes(xp))
     log(f"  image FTs ({source.ft_bytes / 2**30:.2f} GiB) {'cached on the device' if source.cached else 'streamed'}")
     if state.noise_var_shell is None:
         sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
         state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
     input_rotations = particles.rotations if particles.has_alignment else None
     while True:
+        timer = StageTimer(xp)
         final = state.converged or state.iteration >= params.max_iterations
         iteration = state.iteration + 1
         cutoff = n / 2 if final else alignment_cutoff_px(n, px, state.resolution_A, params.extra_shells)
-        align_mask = (to_device(state.mask, xp) if state.mask is not None
-                      else spherical_mask(n, n / 2 - 4, 3.0, xp))
-        volumes = {h: prepare_volume(to_device(state.references[h - 1], xp) * align_mask) for h in (1, 2)}
-        search = make_search(volumes, to_device(state.noise_var_shell.astype(np.float32), xp), cutoff)
+        with timer("references + search setup"):
+            align_mask = (to_device(state.mask, xp) if state.mask is not None
+                          else spherical_mask(n, n / 2 - 4, 3.0, xp))
+            volumes = {h: prepare_volume(to_device(state.references[h - 1], xp) * align_mask) for h in (1, 2)}
+            search = make_search(volumes, to_device(state.noise_var_shell.astype(np.float32), xp), cutoff)
         finest = search.levels[-1]
         log(f"iteration {iteration}{' (final pass, aligned to Nyquist)' if final else ''}: aligning to "
             f"{n * px / cutoff:.2f} Å, {len(search.levels)} search levels down to "
             f"{math.degrees(finest.rotation_step_rad):.2f}°/{finest.shift_step_px * px:.2f} Å")
-        acc = Accumulators(n, ops, xp, quarters)
+        with timer("references + search setup"):
+            acc = Accumulators(n, ops, xp, quarters)
         result = em_pass(source, search.find_poses, acc, search.batch_size, references=volumes,
                          progress=progress, log=log)
-        maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed)
+        with timer("maps: regularize, FSC, mask"):
+            maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed)
         record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
                   "resolution_A": maps.report["resolution_A"],
                   "resolution_unmasked_A": maps.report["resolution_unmasked_A"],
                   "pass_seconds": round(result.seconds, 2),
-                  "particles_per_second": round(len(particles) / max(result.seconds, 1e-9), 1)}
+                  "particles_per_second": round(len(particles) / max(result.seconds, 1e-9), 1),
+                  "stage_seconds": {**result.stage_seconds, **timer.rounded()}}  # + checkpoint, below
         if state.euler_deg is not None:
             change = pose_distance_deg(result.rotations, euler_to_matrix(state.euler_deg), params.symmetry)
             shift_change = np.linalg.norm(result.origin_px * px - state.origin_A, axis=1)
@@ -163,6 +168,10 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
                 log(f"  converged: {reason}")
             elif iteration >= params.max_iterations:
                 log(f"  stopping at --max-iterations {params.max_iterations} without convergence")
-        store.save(state, maps, px, particles.half_set, result.scores)
+        with timer("checkpoint"):
+            store.save(state, maps, px, particles.half_set, result.scores)
+        stages = record["stage_seconds"]
+        stages.update(timer.rounded())
+        log("  seconds per stage: " + ", ".join(f"{name} {value:.2f}" for name, value in stages.items()))
         if final:
             return state, maps

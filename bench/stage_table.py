@@ -1,0 +1,51 @@
+"""Per-stage seconds of refinement jobs, from their fsc.json (per-iteration ``stage_seconds``,
+written by ``cryocv refine``) and job.json (wall time): one markdown table per job, the
+iterations as rows, plus particle-iterations/s in the passes and end to end.
+
+    python bench/stage_table.py JOB_DIR [JOB_DIR ...] [--label NAME ...] --out TABLE.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def job_table(job_dir: str, label: str) -> str:
+    with open(os.path.join(job_dir, "fsc.json")) as handle:
+        report = json.load(handle)
+    with open(os.path.join(job_dir, "job.json")) as handle:
+        wall = json.load(handle)["wall_time_s"]
+    iterations = report["iterations"]
+    stages = []
+    for it in iterations:
+        stages += [name for name in it.get("stage_seconds", {}) if name not in stages]
+    lines = [f"### {label}", "", f"{report['n_particles']} particles, {report['regularizer']}, {report['symmetry']}, "
+             f"{len(iterations)} passes; job wall time {wall:.1f} s", "",
+             "| iteration | pass (s) | " + " | ".join(stages) + " |", "|---" * (len(stages) + 2) + "|"]
+    for it in iterations:
+        row = [str(it["iteration"]) + (" (final)" if it["final"] else ""), f"{it['pass_seconds']:.2f}"]
+        row += [f"{it.get('stage_seconds', {}).get(name, 0):.2f}" for name in stages]
+        lines.append("| " + " | ".join(row) + " |")
+    pass_s = sum(it["pass_seconds"] for it in iterations)
+    n = report["n_particles"] * len(iterations)
+    lines += ["", f"particle-iterations/s: {n / pass_s:.0f} in the passes, {n / wall:.0f} end to end "
+                  f"({100 * pass_s / wall:.0f} % of the job in the passes)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("jobs", nargs="+")
+    parser.add_argument("--label", action="append", help="one per job (default: the folder)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    labels = args.label or [os.path.basename(os.path.normpath(j)) for j in args.jobs]
+    text = "\n".join(job_table(job, label) for job, label in zip(args.jobs, labels))
+    with open(args.out, "w") as handle:
+        handle.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The batch source: positioned reads equal the stack's contents, streamed batches (with the
+next batch read ahead) equal cached ones, shards split each half-set, truncated stacks say so."""
+import os
+
+import numpy as np
+import pytest
+
+from cryocv.backend import to_numpy
+from cryocv.errors import CryocvError
+from cryocv.fourier import ft2_centered
+from cryocv.io.mrc import StackCache, write_stack
+from cryocv.io.particle_files import load_particles
+from cryocv.simulate import simulate
+from cryocv.source import ParticleSource
+from .conftest import blob_volume
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("source")
+    return simulate(blob_volume(24, seed=4), 2.0, 61, str(root), snr=1.0, seed=2, progress=False)
+
+
+def test_positioned_reads_equal_the_stack(tmp_path):
+    images = np.random.default_rng(0).normal(size=(9, 8, 8)).astype(np.float32)
+    path = str(tmp_path / "s.mrcs")
+    write_stack(path, images, 1.0)
+    cache = StackCache()
+    wanted = np.array([7, 2, 3, 4, 0, 8, 3])            # unordered, with runs and a repeat
+    out = np.empty((wanted.size, 8, 8), np.float32)
+    cache.read(path, wanted, out)
+    np.testing.assert_array_equal(out, images[wanted])
+    with open(path, "r+b") as handle:                    # cut the last image in half
+        handle.truncate(os.path.getsize(path) - 128)
+    cache = StackCache()
+    with pytest.raises(CryocvError, match="truncated"):
+        cache.read(path, np.array([8]), np.empty((1, 8, 8), np.float32))
+    cache.close()
+
+
+def test_streamed_batches_with_read_ahead_equal_cached_ones(simulated, xp):
+    particles = load_particles(simulated.source)
+    cached = ParticleSource(particles, xp, cache_budget_bytes=1 << 30)
+    streamed = ParticleSource(load_particles(simulated.source), xp)
+    assert cached.cached and not streamed.cached
+    members = streamed.members(1)
+    batches = [members[i:i + 7] for i in range(0, members.size, 7)]
+    for i, index in enumerate(batches):
+        got = streamed.load(index, 1)
+        if i + 1 < len(batches):                         # read ahead, as em_pass does
+            streamed.prefetch(batches[i + 1] if i % 3 else batches[i + 1][:3])  # sometimes a different set
+        expected = cached.load(index, 1)
+        np.testing.assert_array_equal(to_numpy(got.images_ft), to_numpy(expected.images_ft))
+        np.testing.assert_array_equal(to_numpy(got.images_ft),
+                                      to_numpy(ft2_centered(xp.asarray(particles.read_images(index)))
+                                               .astype(xp.complex64)))
+        np.testing.assert_allclose(to_numpy(got.rotations), particles.rotations[index], atol=1e-6)
+        np.testing.assert_allclose(to_numpy(got.origin_px), particles.origin_px[index], atol=1e-6)
+
+
+def test_shards_split_each_half_set(simulated, xp):
+    particles = load_particles(simulated.source)
+    for half in (1, 2):
+        everyone = np.nonzero(particles.half_set == half)[0]
+        shards = [ParticleSource(particles, xp, shard=(rank, 3)).members(half) for rank in range(3)]
+        np.testing.assert_array_equal(np.concatenate(shards), everyone)
+        assert max(s.size for s in shards) - min(s.size for s in shards) <= 1
+    with pytest.raises(ValueError):
+        ParticleSource(particles, xp, shard=(3, 3))
