@@ -67,6 +67,12 @@ class Accumulators:
         (da, wa), (db, wb) = self.grids[(h, 0)], self.grids[(h, 1)]
         return da + db, wa + wb
 
+    def half_weight(self, h: int):
+        """Σ CTF² of half-set ``h`` (the weight grid of :meth:`half`)."""
+        if self.quarters is None:
+            return self.grids[(h, 0)][1]
+        return self.grids[(h, 0)][1] + self.grids[(h, 1)][1]
+
     def quarter(self, h: int, q: int):
         """(data, weight) of quarter-set ``q`` of half-set ``h`` (only with quarters)."""
         return self.grids[(h, q)]

@@ -44,6 +44,17 @@ def ift3_centered(ft, box_size: int):
     return xp.fft.fftshift(real)
 
 
+def ift3_centered_crop(ft, padded_size: int, box_size: int):
+    """``crop_volume(ift3_centered(ft, padded_size), box_size)`` without the full-size shifted
+    copy: the central ``box_size``³ of the real-space volume, picked from the unshifted
+    inverse transform (the same values; one padded-size temporary less)."""
+    xp = get_array_module(ft)
+    real = xp.fft.irfftn(xp.fft.ifftshift(ft, axes=(0, 1)), s=(padded_size,) * 3, axes=(0, 1, 2))
+    start = padded_size // 2 - box_size // 2
+    index = (xp.arange(start, start + box_size) - padded_size // 2) % padded_size   # fftshift: j ← j − P//2
+    return real[xp.ix_(index, index, index)]
+
+
 def half_plane_frequencies(box_size: int, xp=np):
     """Integer frequencies of the 2D half plane: (kx, ky), each (N, N//2+1) float32."""
     ky = xp.arange(box_size, dtype=xp.float32) - box_size // 2

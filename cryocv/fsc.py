@@ -8,6 +8,8 @@ phases were randomized.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .backend import get_array_module, to_numpy
@@ -55,14 +57,24 @@ def resolution_at(fsc, threshold: float, box_size: int, pixel_size_A: float) -> 
     return float(1.0 / crossing) if crossing > 0 else float("inf")
 
 
+def _noise_phases(shape: tuple, seed: int, xp):
+    """Phases of white noise's transform (uniform and Hermitian-consistent on the x = 0 plane),
+    seeded; kept for the next call on the same device (every iteration randomizes with the
+    same two seeds)."""
+    return _noise_phases_on(shape, seed, xp, -1 if xp is np else xp.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=2)
+def _noise_phases_on(shape: tuple, seed: int, xp, device_id: int):
+    return xp.angle(ft3_centered(xp.asarray(np.random.default_rng(seed).normal(size=shape))))
+
+
 def phase_randomize(volume, from_shell: int, seed: int = 0):
     """Randomize Fourier phases at shells >= ``from_shell`` (keeps amplitudes)."""
     xp = get_array_module(volume)
     n = volume.shape[0]
     ft = ft3_centered(volume.astype(xp.float64))
-    # phases of white noise's transform: uniform and Hermitian-consistent on the x = 0 plane
-    noise = xp.asarray(np.random.default_rng(seed).normal(size=volume.shape))
-    phases = xp.angle(ft3_centered(noise))
+    phases = _noise_phases(volume.shape, seed, xp)
     randomize = shell_index_3d(n, xp) >= from_shell
     ft = xp.where(randomize, xp.abs(ft) * xp.exp(1j * phases), ft)
     return ift3_centered(ft, n).astype(volume.dtype)

@@ -28,13 +28,21 @@ def spherical_mask(box_size: int, radius_px: float, edge_px: float = 3.0, xp=np)
 
 def threshold_mask(volume, threshold: float, dilation_px: float = 3.0, edge_px: float = 6.0):
     """Voxels above ``threshold``, dilated by ``dilation_px`` and softened by a cosine
-    edge of ``edge_px`` (computed on the CPU with an exact distance transform)."""
+    edge of ``edge_px``, from an exact Euclidean distance transform (scipy's on the CPU,
+    cupyx's on a GPU: the same distances; 31 s on the CPU for a 512³ map on the H200's host)."""
     xp = get_array_module(volume)
-    binary = to_numpy(volume) > threshold
-    if not binary.any():
+    binary = volume > threshold
+    if not bool(binary.any()):
         raise ValueError(f"threshold {threshold} leaves an empty mask")
-    distance = ndimage.distance_transform_edt(~binary)
-    return to_device(_cosine_edge(distance - dilation_px, edge_px), xp)
+    if xp is np:
+        distance = ndimage.distance_transform_edt(~binary)
+    else:
+        try:
+            from cupyx.scipy.ndimage import distance_transform_edt  # CuPy >= 13
+        except ImportError:  # pragma: no cover - older CuPy: the CPU's
+            return to_device(threshold_mask(to_numpy(volume), threshold, dilation_px, edge_px), xp)
+        distance = distance_transform_edt(~binary)
+    return _cosine_edge(distance - dilation_px, edge_px)
 
 
 def auto_threshold_mask(volume, pixel_size_A: float, fraction_of_max: float = 0.2,

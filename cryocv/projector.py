@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_array_module, is_cupy
-from .fourier import (crop_volume, ft3_centered, half_plane_frequencies, half_volume_radius, ift3_centered,
-                      pad_volume, phase_shift_images, trilinear_gridding_profile)
+from .fourier import (ft3_centered, half_plane_frequencies, half_volume_radius, ift3_centered_crop, pad_volume,
+                      phase_shift_images, trilinear_gridding_profile)
 from .masks import spherical_mask
 
 DEFAULT_PADDING = 2
@@ -206,9 +206,8 @@ def accumulators_to_map(data_ft, weight, box_size: int, regularization=None,
     if regularization is None:
         nonzero = weight[weight > 0]
         regularization = 1e-3 * float(nonzero.mean()) if nonzero.size else 1.0
-    ft = data_ft / (weight + regularization)
-    ft = xp.where(half_volume_radius(np_, xp) <= padding * box_size / 2, ft, 0)
-    real = ift3_centered(ft.astype(xp.complex64), np_)
-    cropped = crop_volume(real, box_size)
+    ft = (data_ft / (weight + regularization)).astype(xp.complex64, copy=False)
+    ft[half_volume_radius(np_, xp) > padding * box_size / 2] = 0      # in place: large boxes need the memory
+    cropped = ift3_centered_crop(ft, np_, box_size)
     window = spherical_mask(box_size, box_size / 2 - 3, 3.0, xp)
     return (cropped * window / trilinear_gridding_profile(box_size, np_, xp)).astype(xp.float32)

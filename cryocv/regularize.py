@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .accumulate import Accumulators
-from .backend import get_array_module, to_device
+from .backend import StageTimer, get_array_module, to_device
 from .fourier import half_volume_radius, radial_average, shell_index
 from .fsc import combine_half_maps, gold_standard_fsc
 from .masks import auto_threshold_mask
@@ -64,36 +64,46 @@ class MapResult:
 
 
 def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask, nu: NUParams | None,
-                          mask_threshold: float, seed: int = 0) -> MapResult:
+                          mask_threshold: float, seed: int = 0, timer: StageTimer | None = None) -> MapResult:
     """Regularized half-maps (Wiener; then the NU filter when ``nu`` is given, which needs
     quarter-set accumulators), a dynamic mask at ``mask_threshold`` of the maximum, and the
-    FSC report of the unfiltered half-maps (masked with ``previous_mask`` for the Wiener term)."""
+    FSC report of the unfiltered half-maps (masked with ``previous_mask`` for the Wiener term).
+    ``timer`` collects seconds per step."""
     box_size, padding = acc.box_size, acc.padding
     xp = get_array_module(acc.grids[(1, 0)][0])
-    halves = {h: acc.half(h) for h in (1, 2)}
-    raw = [accumulators_to_map(*halves[h], box_size, padding=padding) for h in (1, 2)]
-    mask = None if previous_mask is None else to_device(previous_mask, xp)
-    raw_report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
+    timer = timer or StageTimer(xp)
+    # half-set sums are formed one at a time where they are needed (NU: quarters added), to keep
+    # the device memory of large boxes down
+    with timer("maps: half-maps"):
+        raw = [accumulators_to_map(*acc.half(h), box_size, padding=padding) for h in (1, 2)]
+    with timer("maps: FSC"):
+        mask = None if previous_mask is None else to_device(previous_mask, xp)
+        raw_report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
     fsc = np.asarray(raw_report.get("fsc_corrected", raw_report["fsc_unmasked"]))
-    # σ²/τ² per shell: a property of the data and the signal, shared by a half-set and its quarters
-    terms = {h: wiener_regularization(halves[h][1], fsc, box_size, padding) for h in (1, 2)}
-    regularized = [accumulators_to_map(*halves[h], box_size, padding=padding, regularization=terms[h])
-                   for h in (1, 2)]
+    with timer("maps: half-maps"):
+        # σ²/τ² per shell: a property of the data and the signal, shared by a half-set and its quarters
+        terms = {h: wiener_regularization(acc.half_weight(h), fsc, box_size, padding) for h in (1, 2)}
+        regularized = [accumulators_to_map(*acc.half(h), box_size, padding=padding, regularization=terms[h])
+                       for h in (1, 2)]
     cutoff_A = None
     if nu is not None:
         cutoffs = []
         for h in (1, 2):
-            qa, qb = (accumulators_to_map(*acc.quarter(h, q), box_size, padding=padding, regularization=terms[h])
-                      for q in (0, 1))
-            regularized[h - 1], cutoff = nu_filter(regularized[h - 1], qa, qb, nu.n_cutoffs, nu.order, nu.awf,
-                                                   nu.smoothing_px, nu.half_map_noise)
+            with timer("maps: half-maps"):
+                qa, qb = (accumulators_to_map(*acc.quarter(h, q), box_size, padding=padding,
+                                              regularization=terms[h]) for q in (0, 1))
+            with timer("maps: NU filter"):
+                regularized[h - 1], cutoff = nu_filter(regularized[h - 1], qa, qb, nu.n_cutoffs, nu.order, nu.awf,
+                                                       nu.smoothing_px, nu.half_map_noise)
             cutoffs.append(cutoff)
         cutoff_A = cutoff_map_A((cutoffs[0] + cutoffs[1]) / 2, pixel_size_A)
     average = (regularized[0] + regularized[1]) / 2
-    try:
-        mask = auto_threshold_mask(average, pixel_size_A, mask_threshold)
-    except ValueError:
-        mask = None
-    report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
-    full = combine_half_maps(raw[0], raw[1], report.get("fsc_corrected", report["fsc_unmasked"]))
+    with timer("maps: mask"):
+        try:
+            mask = auto_threshold_mask(average, pixel_size_A, mask_threshold)
+        except ValueError:
+            mask = None
+    with timer("maps: FSC"):
+        report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
+        full = combine_half_maps(raw[0], raw[1], report.get("fsc_corrected", report["fsc_unmasked"]))
     return MapResult(regularized, raw, mask, report, full, average if nu is not None else None, cutoff_A)

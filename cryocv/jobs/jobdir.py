@@ -136,18 +136,21 @@ class CheckpointStore:
         return os.path.isfile(path(self.job_dir, CHECKPOINT))
 
     def save(self, state: RefineState, maps, pixel_size_A: float, half_set: np.ndarray, scores=None):
-        """Write iteration ``state.iteration``: references, unfiltered half-maps, map, mask, FSC,
-        NU cutoffs, poses (``maps`` a :class:`~cryocv.regularize.MapResult`); ``checkpoint.json`` last."""
+        """Write iteration ``state.iteration``: references, unfiltered half-maps, mask, FSC, poses
+        (``maps`` a :class:`~cryocv.regularize.MapResult`) and, for the final pass (the job's
+        outputs, should the process stop before writing them), the full map and NU maps;
+        ``checkpoint.json`` last."""
         folder = self.folder(state.iteration)
         os.makedirs(folder, exist_ok=True)
         for h in (1, 2):
             write_map(os.path.join(folder, REFERENCES[h - 1]), state.references[h - 1], pixel_size_A)
             write_map(os.path.join(folder, HALF_MAPS[h - 1]), to_numpy(maps.half_maps[h - 1]), pixel_size_A)
-        write_map(os.path.join(folder, MAP), to_numpy(maps.full_map), pixel_size_A)
         write_json(os.path.join(folder, FSC_JSON), maps.report)
         if state.mask is not None:
             write_map(os.path.join(folder, MASK), state.mask, pixel_size_A)
-        if maps.cutoff_A is not None:
+        if state.final_done:
+            write_map(os.path.join(folder, MAP), to_numpy(maps.full_map), pixel_size_A)
+        if state.final_done and maps.cutoff_A is not None:
             write_map(os.path.join(folder, NU_CUTOFF), maps.cutoff_A, pixel_size_A)
             write_map(os.path.join(folder, NU_FILTERED_MAP), to_numpy(maps.nu_filtered_map), pixel_size_A)
         with atomic_path(os.path.join(folder, POSES_NPZ)) as tmp:

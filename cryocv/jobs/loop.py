@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..accumulate import Accumulators, quarter_split
-from ..backend import StageTimer, image_cache_budget_bytes, to_device, to_numpy
+from ..backend import StageTimer, free_device_memory, image_cache_budget_bytes, to_device, to_numpy
 from ..em_pass import em_pass
 from ..errors import CryocvError
 from ..fourier import lowpass_map
@@ -133,8 +133,9 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
             acc = Accumulators(n, ops, xp, quarters)
         result = em_pass(source, search.find_poses, acc, search.batch_size, references=volumes,
                          progress=progress, log=log)
-        with timer("maps: regularize, FSC, mask"):
-            maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed)
+        volumes = search = None          # the maps below need the device memory at large boxes
+        free_device_memory(xp)
+        maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed, timer=timer)
         record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
                   "resolution_A": maps.report["resolution_A"],
                   "resolution_unmasked_A": maps.report["resolution_unmasked_A"],
