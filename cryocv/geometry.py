@@ -64,7 +64,7 @@ def axis_angle_to_matrix(rotvec):
     s, c = np.sin(theta)[..., None, None], np.cos(theta)[..., None, None]
     eye = np.broadcast_to(np.eye(3), kmat.shape)
     out = eye + s * kmat + (1 - c) * (kmat @ kmat)
-    return np.where((theta > 1e-12)[..., None, None], out, eye)
+    return np.where(~(theta <= 1e-12)[..., None, None], out, eye)   # NaN stays NaN (not the identity)
 
 
 def matrix_to_axis_angle(matrices):

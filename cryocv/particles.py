@@ -18,6 +18,10 @@ from .geometry import euler_to_matrix
 from .io.mrc import StackCache
 
 
+# images with larger values overflow float32 sums of their squares (cryo-EM images are O(1)–O(1e3))
+MAX_PIXEL_MAGNITUDE = 1e10
+
+
 @dataclass
 class Particles:
     """Metadata of n particle images; images are read lazily with :meth:`read_images`."""
@@ -76,7 +80,7 @@ class Particles:
                 raise CryocvError(f"{self.source} asks for image {bad + 1} of {path}, "
                                   f"which holds images 1–{stack.shape[0]}")
 
-    def read_images(self, index=None) -> np.ndarray:
+    def read_images(self, index=None, check_finite: bool = True) -> np.ndarray:
         """Images (k, N, N) float32 for ``index`` (default all), in that order."""
         positions = np.arange(len(self)) if index is None else np.arange(len(self))[index]
         out = np.empty((len(positions), self.box_size, self.box_size), dtype=np.float32)
@@ -89,6 +93,8 @@ class Particles:
             images = np.empty((sel.size, self.box_size, self.box_size), dtype=np.float32)
             self._cache.read(path, self.stack_indices[positions[sel]], images)
             out[sel] = images
+        if not check_finite:
+            return out
         bad = ~np.isfinite(out).reshape(len(out), -1).all(axis=1)
         if bad.any():
             first = positions[np.nonzero(bad)[0][0]]
@@ -97,7 +103,8 @@ class Particles:
         return out
 
     def check_metadata(self):
-        """Raise CryocvError if poses, origins or CTF values are not finite."""
+        """Raise CryocvError if poses, origins or CTF values are not finite, or the CTF is
+        physically impossible (voltage <= 0, Cs < 0, amplitude contrast outside [0, 1), scale <= 0)."""
         arrays = {"Euler angles": self.euler_deg, "origins": self.origin_A}
         if self.ctf is not None:
             arrays.update({name: getattr(self.ctf, name) for name in self.ctf.FIELDS})
@@ -106,6 +113,36 @@ class Particles:
             if bad.any():
                 row = int(np.nonzero(bad.reshape(len(self), -1).any(axis=1))[0][0])
                 raise CryocvError(f"{self.source}: particle {row + 1} has a non-finite value in {name}")
+        if self.ctf is None:
+            return
+        ctf = self.ctf
+        for name, bad, what in (("voltage_kV (rlnVoltage)", ctf.voltage_kV <= 0, "must be positive"),
+                                ("cs_mm (rlnSphericalAberration)", ctf.cs_mm < 0, "must be >= 0"),
+                                ("amplitude_contrast (rlnAmplitudeContrast)",
+                                 (ctf.amplitude_contrast < 0) | (ctf.amplitude_contrast >= 1), "must be in [0, 1)"),
+                                ("scale (rlnCtfScalefactor)", ctf.scale <= 0, "must be positive")):
+            if np.any(bad):
+                row = int(np.nonzero(bad)[0][0])
+                value = getattr(ctf, name.split()[0])[row]
+                raise CryocvError(f"{self.source}: particle {row + 1} has {name} = {value:g}, which {what}")
+
+    def image_problems(self, batch_size: int = 4096) -> tuple[np.ndarray, list]:
+        """Scan every image: (positions (k,) of unusable particles, their reasons). Unusable:
+        NaN or infinite pixels, blank (constant) images, or values beyond ±MAX_PIXEL_MAGNITUDE
+        (whose sums would overflow float32 in the reconstruction)."""
+        bad, reasons = [], []
+        for start in range(0, len(self), batch_size):
+            index = np.arange(start, min(start + batch_size, len(self)))
+            images = self.read_images(index, check_finite=False).reshape(index.size, -1)
+            finite = np.isfinite(images).all(axis=1)
+            with np.errstate(invalid="ignore", over="ignore"):
+                blank = finite & (images.max(axis=1) == images.min(axis=1))
+                huge = finite & (np.abs(images).max(axis=1) > MAX_PIXEL_MAGNITUDE)
+            for mask, reason in ((~finite, "NaN or infinite pixels"), (blank, "a blank (constant) image"),
+                                 (huge, f"pixel values beyond ±{MAX_PIXEL_MAGNITUDE:g}")):
+                bad += index[mask].tolist()
+                reasons += [reason] * int(mask.sum())
+        return np.asarray(bad, dtype=np.int64), reasons
 
     def require_alignment(self, what: str):
         if not self.has_alignment:

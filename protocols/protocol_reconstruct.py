@@ -36,8 +36,10 @@ class ProtCryocvReconstruct(CryocvProtocolBase, ProtReconstruct3D):
         self._writeParticles(ALIGN_PROJ)
 
     def reconstructStep(self):
+        # the protocol owns its job folder: a rerun of the step replaces what an earlier run left there
         self._runCryocv("reconstruct", ["--particles", self._particlesStar(), "--out", self._jobPath(),
-                                        "--sym", self.symmetryGroup.get(), "--seed", self.seed.get()])
+                                        "--sym", self.symmetryGroup.get(), "--seed", self.seed.get(),
+                                        "--overwrite"])
 
     def createOutputStep(self):
         volume = self._createOutputVolume(self.inputParticles.get().getSamplingRate())

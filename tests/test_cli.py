@@ -131,19 +131,25 @@ def test_gpu_request_without_gpu_is_one_line(simulated_dir, tmp_path):
     assert r.returncode == 2 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_rerun_failure_leaves_no_stale_finished_map(simulated_dir, tmp_path):
+def test_rerun_into_a_finished_job_is_refused_and_leaves_it_untouched(simulated_dir, tmp_path):
+    """One rule for every job (issue 11): a finished job in --out is kept unless --overwrite,
+    and a rerun that fails on its input leaves the folder as it was (the old map is still the
+    old, finished one)."""
     out = str(tmp_path / "r")
-    assert cryocv("reconstruct", "--particles", os.path.join(simulated_dir, "particles.star"), "--out", out,
-                  "--quiet").returncode == 0
-    assert os.path.exists(os.path.join(out, "map.mrc"))
+    star = os.path.join(simulated_dir, "particles.star")
+    assert cryocv("reconstruct", "--particles", star, "--out", out, "--quiet").returncode == 0
+    finished = open(os.path.join(out, "map.mrc"), "rb").read()
+    r = cryocv("reconstruct", "--particles", star, "--out", out)
+    assert r.returncode == 2 and "already holds a finished job" in r.stderr and "--overwrite" in r.stderr
     stack = os.path.join(simulated_dir, "particles.mrcs")
     os.rename(stack, stack + ".hidden")
     try:
-        r = cryocv("reconstruct", "--particles", os.path.join(simulated_dir, "particles.star"), "--out", out)
+        r = cryocv("reconstruct", "--particles", star, "--out", out, "--overwrite")
     finally:
         os.rename(stack + ".hidden", stack)
     assert r.returncode == 2 and "not found" in r.stderr
-    assert not os.path.exists(os.path.join(out, "map.mrc"))  # the old "finished" marker is gone
+    assert open(os.path.join(out, "map.mrc"), "rb").read() == finished
+    assert cryocv("reconstruct", "--particles", star, "--out", out, "--overwrite", "--quiet").returncode == 0
 
 
 def test_help_documents_every_subcommand():

@@ -33,7 +33,7 @@ def read_cs(path: str, datadir: str | None = None) -> Particles:
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise CryocvError(f"cannot read cryoSPARC file {path}: {exc}") from None
+        raise CryocvError(f"{path} is not a cryoSPARC .cs file (a numpy structured array): {exc}") from None
     if data.dtype.names is None or "blob/path" not in data.dtype.names:
         raise CryocvError(f"{path} is not a cryoSPARC particle file (no blob/path field)")
     required = ["blob/idx", "blob/shape", "blob/psize_A"]

@@ -48,8 +48,10 @@ def _open(path: str):
 def read_map(path: str):
     """Read a 3D map → (float32 array [z, y, x], voxel size in Å or None if unset)."""
     with _open(path) as mrc:
-        if mrc.data is None or mrc.data.ndim != 3:
-            raise CryocvError(f"{path} is not a 3D map (shape {None if mrc.data is None else mrc.data.shape})")
+        if mrc.data is None:
+            raise CryocvError(_why_no_data(mrc, path))
+        if mrc.data.ndim != 3:
+            raise CryocvError(f"{path} is not a 3D map (shape {mrc.data.shape})")
         data = np.array(mrc.data, dtype=np.float32)
         voxel = float(mrc.voxel_size.x)
     if not np.isfinite(data).all():

@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from ..backend import gpu_available, resolve_xp
+from ..backend import get_array_module, gpu_available, resolve_xp
 from ..errors import CryocvError
 from ..io.mrc import read_map
 from ..io.particle_files import load_particles
@@ -51,6 +51,21 @@ def device_args(parser, gpu: bool = False):
     if gpu:
         parser.add_argument("--gpu", metavar="IDS", help="GPU number(s) to use, e.g. 0 (implies --device gpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def check_result(report: dict, half_maps):
+    """A result with NaN maps or no resolution is an error, never a finished job."""
+    if any(not bool(get_array_module(m).isfinite(m).all()) for m in half_maps):
+        raise CryocvError("the half-maps hold NaN or infinite values: check the images' and CTF values "
+                          "(e.g. pixel values so large that their sums overflow)")
+    if not np.isfinite(report["resolution_A"]):
+        raise CryocvError("the half-maps share no signal (FSC zero everywhere): are the images blank, or the "
+                          "poses or CTF of another dataset?")
+
+
+def output_args(parser):
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished job (or a refinement) already in --out")
 
 
 def select_device(device: str = DEFAULT_DEVICE, gpu_ids=None):
@@ -98,12 +113,25 @@ def read_cubic_map(map_path: str):
     return volume, pixel_size_A
 
 
-def load_checked_particles(particles_path: str, datadir=None) -> Particles:
-    """Particles whose metadata is finite and whose images exist with the right box."""
+def load_checked_particles(particles_path: str, datadir=None, strict: bool = False, log=None) -> Particles:
+    """Particles whose metadata is finite and physical and whose images exist with the right box.
+    Unusable images (NaN, blank, overflowing) are left out with a count in the log, or, with
+    ``strict``, stop the job; so do fewer than 4 usable particles."""
     particles = load_particles(particles_path, datadir)
     particles.check_metadata()
     particles.check_images()
-    return particles
+    bad, reasons = particles.image_problems()
+    if bad.size == 0:
+        return particles
+    first = f"particle {bad[0] + 1} ({particles.stack_indices[bad[0]] + 1}@{particles.stack_paths[bad[0]]}) has {reasons[0]}"
+    if strict or len(particles) - bad.size < 4:
+        why = "--strict was given" if strict else f"only {len(particles) - bad.size} usable particles remain"
+        raise CryocvError(f"{particles_path}: {bad.size} of {len(particles)} images are unusable ({why}); {first}")
+    counts = {reason: reasons.count(reason) for reason in dict.fromkeys(reasons)}
+    (log or print)(f"left out {bad.size} of {len(particles)} particles with unusable images "
+                   f"({', '.join(f'{n} with {reason}' for reason, n in counts.items())}; first: {first}); "
+                   f"--strict makes this an error")
+    return particles.subset(np.setdiff1d(np.arange(len(particles)), bad))
 
 
 def require_half_sets(particles: Particles, seed: int, min_per_half: int, log=None):

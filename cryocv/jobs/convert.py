@@ -23,5 +23,6 @@ def main(args) -> int:
 def run(in_path: str, out_path: str, datadir=None) -> int:
     """Convert particles between RELION STAR and cryoSPARC .cs; returns the count."""
     particles = load_particles(in_path, datadir)
+    particles.check_metadata()
     save_particles(particles, out_path)
     return len(particles)

@@ -5,11 +5,14 @@ A job's last write is ``map.mrc``: its presence marks a finished job.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
+import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..backend import to_numpy
+from ..errors import CryocvError
 from ..io.mrc import atomic_path, read_map, write_map
 from ..io.particle_files import save_particles
 from ..plotting import plot_fsc
@@ -50,10 +54,22 @@ def path(job_dir: str, name: str) -> str:
     return os.path.join(job_dir, name)
 
 
+def _finite_or_null(value):
+    """JSON has no NaN or Infinity: such numbers are written as null."""
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def write_json(file_path: str, data: dict):
+    """Write valid JSON atomically (non-finite numbers as null)."""
     with atomic_path(file_path) as tmp:
         with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=2)
+            json.dump(_finite_or_null(data), handle, indent=2, allow_nan=False)
 
 
 def read_json(file_path: str) -> dict:
@@ -66,6 +82,39 @@ def remove_stale_outputs(job_dir: str):
     for name in (MAP, JOB_JSON):
         if os.path.isfile(path(job_dir, name)):
             os.remove(path(job_dir, name))
+
+
+def check_output_dir(job_dir: str, overwrite: bool):
+    """Before any work: ``job_dir`` must be (or become) a writable folder, and not hold a finished
+    job or a refinement unless ``overwrite`` (the same rule for every job). Creates nothing."""
+    if os.path.exists(job_dir) and not os.path.isdir(job_dir):
+        raise CryocvError(f"--out {job_dir} is a file, not a folder")
+    held = [name for name in (CHECKPOINT, MAP) if os.path.isfile(path(job_dir, name))]
+    if held and not overwrite:
+        what = "a refinement" if held[0] == CHECKPOINT else "a finished job"
+        resume = f"continue it with --continue {job_dir}, " if held[0] == CHECKPOINT else ""
+        raise CryocvError(f"{job_dir} already holds {what} ({held[0]}): {resume}replace it with --overwrite, "
+                          f"or choose another --out")
+    existing = os.path.abspath(job_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise CryocvError(f"cannot write into {job_dir}: {existing} is not a writable folder")
+
+
+def create_output_dir(job_dir: str, overwrite: bool):
+    """After the inputs were checked: make ``job_dir`` and, with ``overwrite``, remove the
+    previous job's outputs and checkpoints."""
+    try:
+        os.makedirs(job_dir, exist_ok=True)
+    except OSError as exc:
+        raise CryocvError(f"cannot create {job_dir}: {exc.strerror}") from None
+    if overwrite:
+        remove_stale_outputs(job_dir)
+        for name in (CHECKPOINT, REFINE_CONFIG):
+            if os.path.isfile(path(job_dir, name)):
+                os.remove(path(job_dir, name))
+        shutil.rmtree(path(job_dir, ITERATIONS), ignore_errors=True)
 
 
 def job_record(job: str, params: dict, xp, started: float) -> dict:
@@ -128,6 +177,7 @@ class CheckpointStore:
     def __init__(self, job_dir: str):
         self.job_dir = job_dir
         self.root = path(job_dir, ITERATIONS)
+        self.skipped = []                # (folder, reason) of checkpoints load_latest passed over
 
     def folder(self, iteration: int) -> str:
         return os.path.join(self.root, f"iter_{iteration:03d}")
@@ -165,9 +215,21 @@ class CheckpointStore:
                                                      "folder": os.path.relpath(folder, self.job_dir)})
 
     def load_latest(self) -> RefineState | None:
-        if not self.exists():
-            return None
-        folder = os.path.join(self.job_dir, read_json(path(self.job_dir, CHECKPOINT))["folder"])
+        """The newest intact checkpoint (None if there is none at all). A folder a killed job left
+        half-written, or a damaged one, is skipped for the one before it (listed in ``skipped``)."""
+        folders = sorted(glob.glob(os.path.join(self.root, "iter_[0-9][0-9][0-9]*")), reverse=True)
+        self.skipped = []
+        for folder in folders:
+            try:
+                return self._load(folder)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, CryocvError) as exc:
+                self.skipped.append((os.path.relpath(folder, self.job_dir), f"{type(exc).__name__}: {exc}"))
+        if self.skipped:
+            raise CryocvError(f"{self.job_dir} holds no intact checkpoint ({self.skipped[0][0]}: {self.skipped[0][1]}); "
+                              f"start the refinement again with --overwrite")
+        return None
+
+    def _load(self, folder: str) -> RefineState:
         meta = read_json(os.path.join(folder, STATE_JSON))
         references = [read_map(os.path.join(folder, name))[0] for name in REFERENCES]
         mask = read_map(os.path.join(folder, MASK))[0] if meta["has_mask"] else None

@@ -33,6 +33,7 @@ from ..projector import prepare_volume
 from ..regularize import MapResult, regularize_and_assess
 from ..source import ParticleSource
 from ..symmetry import pose_distance_deg, symmetry_operators
+from .common import check_result
 from .jobdir import CheckpointStore, RefineState
 
 NOISE_SAMPLE = 1000   # images whose power spectrum is the first iteration's noise model
@@ -136,6 +137,7 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
         volumes = search = None          # the maps below need the device memory at large boxes
         free_device_memory(xp)
         maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed, timer=timer)
+        check_result(maps.report, maps.half_maps)
         record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
                   "resolution_A": maps.report["resolution_A"],
                   "resolution_unmasked_A": maps.report["resolution_unmasked_A"],

@@ -21,7 +21,7 @@ from ..plotting import plot_poses
 from ..search import BaseGrid, SearchParams, search_batch_size, search_poses, search_schedule
 from ..symmetry import DEFAULT_SYMMETRY, pose_distance_deg
 from . import jobdir
-from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, load_checked_particles, option, params_from_args, read_cubic_map,
+from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, output_args, load_checked_particles, option, params_from_args, read_cubic_map,
                      require_half_sets, select_device, symmetry_arg)
 from .jobdir import CheckpointStore, JobLog
 from .loop import PoseSearch, initial_state, iterate
@@ -54,6 +54,7 @@ class RefineParams:
     mask_threshold: float = 0.2         # dynamic mask threshold, fraction of the map's maximum
     batch_size: int | None = None       # default: from the memory budget
     stream: bool = False                # read images from disk every pass even if their FTs fit the device
+    strict: bool = False                # unusable images stop the job instead of being left out
     seed: int = DEFAULT_SEED
 
     def validate(self):
@@ -141,7 +142,10 @@ def add_args(p):
            help="read the images from disk in every pass (overlapped with the search) instead of caching "
                 "their Fourier transforms on the device (automatic when they do not fit)")
     option(p, "--seed", RefineParams, "seed", help="seed for the half-set and quarter-set splits")
+    option(p, "--strict", RefineParams, "strict", action="store_true",
+           help="stop at an unusable image (NaN, blank, overflowing) instead of leaving it out")
     p.add_argument("--datadir", help="extra folder to look for image stacks in")
+    output_args(p)
     device_args(p, gpu=True)
 
 
@@ -155,7 +159,7 @@ def main(args) -> int:
         if missing:
             raise CryocvError(f"refine needs {', '.join(missing)} (or --continue DIR)")
         report = run(args.particles, args.ref, args.out, params_from_args(RefineParams, args), device=args.device,
-                     gpu_ids=args.gpu, datadir=args.datadir, progress=not args.quiet)
+                     gpu_ids=args.gpu, datadir=args.datadir, progress=not args.quiet, overwrite=args.overwrite)
     print(f"gold-standard resolution {report['resolution_A']:.2f} Å (FSC 0.143, masked, corrected); "
           f"map: {jobdir.path(args.out, jobdir.MAP)}, plots: {jobdir.path(args.out, jobdir.FSC_PNG)}, "
           f"{jobdir.path(args.out, jobdir.POSES_PNG)}")
@@ -164,50 +168,59 @@ def main(args) -> int:
 
 def run(particles_path: str | None, reference_path: str | None, out_dir: str, params: RefineParams | None = None,
         device: str = DEFAULT_DEVICE, gpu_ids=None, datadir=None, resume: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, overwrite: bool = False) -> dict:
     """Gold-standard refinement job; ``resume`` continues ``out_dir`` from its last checkpoint
-    with the settings it was started with. Returns the FSC report."""
+    with the settings it was started with; ``overwrite`` replaces a job already in ``out_dir``.
+    Returns the FSC report."""
     started = time.time()
     config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
     store = CheckpointStore(out_dir)
     if resume:
         if not os.path.isfile(config_path):
             raise CryocvError(f"{out_dir} holds no refinement to continue (no {jobdir.REFINE_CONFIG})")
-        config = jobdir.read_json(config_path)
-        particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
-        params = refine_params_from_config(config["parameters"])
-        device, gpu_ids = config["device"], config["gpu"]
+        try:
+            config = jobdir.read_json(config_path)
+            particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
+            params = refine_params_from_config(config["parameters"])
+            device, gpu_ids = config["device"], config["gpu"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CryocvError(f"{config_path} is damaged ({type(exc).__name__}: {exc}): start the refinement "
+                              f"again with --overwrite") from None
     else:
         params = params or RefineParams()
         params.validate()
         params.symmetry = symmetry_arg(params.symmetry)
-        if store.exists():
-            raise CryocvError(f"{out_dir} already holds a refinement: continue it with --continue {out_dir} "
-                              f"or choose another --out")
+        jobdir.check_output_dir(out_dir, overwrite)
+    # every input is checked before anything is written into out_dir
     xp, ids = select_device(device, gpu_ids)
-    particles = load_checked_particles(particles_path, datadir)
+    notes = []                                   # logged once run.log exists
+    particles = load_checked_particles(particles_path, datadir, params.strict, notes.append)
     if particles.ctf is None:
         raise CryocvError(f"{particles_path} has no CTF parameters (rlnDefocusU...): refinement needs them")
     reference, reference_px = read_cubic_map(reference_path)
-    os.makedirs(out_dir, exist_ok=True)
-    log = JobLog(out_dir)
+    require_half_sets(particles, params.seed, 2, notes.append)
+    state = store.load_latest() if resume else None
+    if state is None:
+        state = initial_state(reference, reference_px, particles, params.initial_lowpass_A)
     if not resume:
-        jobdir.remove_stale_outputs(out_dir)
+        jobdir.create_output_dir(out_dir, overwrite)
         jobdir.write_json(config_path, {"particles": os.path.abspath(particles_path),
                                         "reference": os.path.abspath(reference_path),
                                         "datadir": datadir, "device": device, "gpu": gpu_ids,
                                         "parameters": asdict(params)})
-    state = store.load_latest() if resume else None
-    require_half_sets(particles, params.seed, 2, log)
+    log = JobLog(out_dir)
+    for note in notes:
+        log(note)
     n, px = particles.box_size, particles.pixel_size_A
-    if state is None:
-        state = initial_state(reference, reference_px, particles, params.initial_lowpass_A)
+    if state.iteration == 0:
         log(f"refining {len(particles)} particles ({n} px, {px:.3f} Å/px), {params.regularizer.upper()} "
             f"regularizer, symmetry {params.symmetry}, start low-passed to {params.initial_lowpass_A:g} Å, on "
             f"{'GPU ' + str(ids[0]) if ids else ('GPU' if xp is not np else 'CPU')}")
         if ids and len(ids) > 1:
             log(f"  note: using GPU {ids[0]} of {ids}; multi-GPU refinement is not implemented yet")
     else:
+        for folder, reason in store.skipped:
+            log(f"skipped the damaged or unfinished checkpoint {folder} ({reason})")
         log(f"continuing from the checkpoint of iteration {state.iteration} ({state.resolution_A:.2f} Å)")
     if not state.final_done:
         state, maps = iterate(particles, state, params, xp, store, global_search(params, n, px, xp),
