@@ -136,7 +136,8 @@ def setVoxelSize(path, samplingRate):
 
 def copyAlignment(inputSet, outputSet, starFile):
     """Copy ``inputSet`` into ``outputSet`` with the poses and half-sets of ``starFile``
-    (rows matched on rlnImageId, which relion.convert writes from the object ids)."""
+    (rows matched on rlnImageId, which relion.convert writes from the object ids). Particles
+    the job left out (unusable images, listed in its log) have no row and are not copied."""
     import relion.convert as convert
     from emtable import Table
     from relion.constants import PARTICLE_EXTRA_LABELS
@@ -144,12 +145,16 @@ def copyAlignment(inputSet, outputSet, starFile):
     reader = convert.createReader(alignType=ALIGN_PROJ, pixelSize=inputSet.getSamplingRate())
     first = [True]
     table = Table(fileName=starFile, tableName="particles", types=convert.LABELS_DICT)  # read once
-    if len(table) != inputSet.getSize():
-        raise ValueError(f"{starFile} has {len(table)} particles, the input set {inputSet.getSize()}")
+    rows = {int(row.rlnImageId): row for row in table}
+    if len(rows) != len(table) or len(rows) > inputSet.getSize():
+        raise ValueError(f"{starFile} has {len(table)} particles ({len(rows)} distinct rlnImageId), "
+                         f"the input set {inputSet.getSize()}")
 
-    def updateParticle(particle, row):
-        if int(row.rlnImageId) != particle.getObjId():
-            raise ValueError(f"{starFile}: row with rlnImageId {row.rlnImageId} met particle {particle.getObjId()}")
+    def updateParticle(particle, _row=None):
+        row = rows.get(particle.getObjId())
+        particle._appendItem = row is not None     # set every time: the iterator may reuse the object
+        if row is None:
+            return
         reader.setParticleTransform(particle, row)
         if first[0]:
             reader.createExtraLabels(particle, row, PARTICLE_EXTRA_LABELS)
@@ -157,5 +162,4 @@ def copyAlignment(inputSet, outputSet, starFile):
         else:
             reader.setExtraLabels(particle, row)
 
-    rows = iter(sorted(table, key=lambda row: int(row.rlnImageId)))  # the set iterates by id
-    outputSet.copyItems(inputSet, updateItemCallback=updateParticle, itemDataIterator=rows, doClone=False)
+    outputSet.copyItems(inputSet, updateItemCallback=updateParticle, doClone=False)
