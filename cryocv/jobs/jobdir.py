@@ -215,7 +215,7 @@ class CheckpointStore:
                                                      "folder": os.path.relpath(folder, self.job_dir)})
 
     def load_latest(self) -> RefineState | None:
-        """The newest intact checkpoint (None if there is none at all). A folder a killed job left
+        """The newest intact checkpoint, or None (the job starts over). A folder a killed job left
         half-written, or a damaged one, is skipped for the one before it (listed in ``skipped``)."""
         folders = sorted(glob.glob(os.path.join(self.root, "iter_[0-9][0-9][0-9]*")), reverse=True)
         self.skipped = []
@@ -224,9 +224,6 @@ class CheckpointStore:
                 return self._load(folder)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, CryocvError) as exc:
                 self.skipped.append((os.path.relpath(folder, self.job_dir), f"{type(exc).__name__}: {exc}"))
-        if self.skipped:
-            raise CryocvError(f"{self.job_dir} holds no intact checkpoint ({self.skipped[0][0]}: {self.skipped[0][1]}); "
-                              f"start the refinement again with --overwrite")
         return None
 
     def _load(self, folder: str) -> RefineState:

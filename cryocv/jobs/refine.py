@@ -212,6 +212,8 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     for note in notes:
         log(note)
     n, px = particles.box_size, particles.pixel_size_A
+    for folder, reason in store.skipped:
+        log(f"skipped the damaged or unfinished checkpoint {folder} ({reason})")
     if state.iteration == 0:
         log(f"refining {len(particles)} particles ({n} px, {px:.3f} Å/px), {params.regularizer.upper()} "
             f"regularizer, symmetry {params.symmetry}, start low-passed to {params.initial_lowpass_A:g} Å, on "
@@ -219,8 +221,6 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
         if ids and len(ids) > 1:
             log(f"  note: using GPU {ids[0]} of {ids}; multi-GPU refinement is not implemented yet")
     else:
-        for folder, reason in store.skipped:
-            log(f"skipped the damaged or unfinished checkpoint {folder} ({reason})")
         log(f"continuing from the checkpoint of iteration {state.iteration} ({state.resolution_A:.2f} Å)")
     if not state.final_done:
         state, maps = iterate(particles, state, params, xp, store, global_search(params, n, px, xp),
