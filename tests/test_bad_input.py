@@ -115,7 +115,7 @@ def test_nan_pose_in_a_cs_file_does_not_convert(data, tmp_path):
     assert not os.path.exists(str(tmp_path / "p.star"))
 
 
-@pytest.mark.parametrize("what", ["text.mrcs", "truncated.mrcs", "text.cs", "text_ref.mrc", "truncated_ref.mrc",
+@pytest.mark.parametrize("what", ["text.mrcs", "truncated.mrcs", "corrupt_header.mrcs", "text.cs", "text_ref.mrc", "truncated_ref.mrc",
                                   "out_is_a_file", "other_box_ref"])
 def test_damaged_files_are_named_with_what_is_wrong(data, tmp_path, what):
     star, ref, out = str(data / "sim" / "particles.star"), str(data / "truth.mrc"), str(tmp_path / "out")
@@ -129,6 +129,12 @@ def test_damaged_files_are_named_with_what_is_wrong(data, tmp_path, what):
         with open(str(tmp_path / "cut.mrcs"), "r+b") as handle:
             handle.truncate(size - 1000)
         expected = ["truncated", f"the file has {size - 1000} bytes"]
+    elif what == "corrupt_header.mrcs":
+        star = variant(data, tmp_path, "corrupt")
+        with open(str(tmp_path / "corrupt.mrcs"), "r+b") as handle:
+            handle.seek(12)
+            handle.write(np.array([77], np.int32).tobytes())      # MODE 77 does not exist
+        expected = ["corrupt.mrcs", "not an MRC image file"]
     elif what == "text.cs":
         star = str(tmp_path / "text.cs")
         open(star, "w").write("uid,blob/path\n1,x\n")
