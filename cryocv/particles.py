@@ -134,10 +134,11 @@ class Particles:
         for start in range(0, len(self), batch_size):
             index = np.arange(start, min(start + batch_size, len(self)))
             images = self.read_images(index, check_finite=False).reshape(index.size, -1)
-            finite = np.isfinite(images).all(axis=1)
             with np.errstate(invalid="ignore", over="ignore"):
-                blank = finite & (images.max(axis=1) == images.min(axis=1))
-                huge = finite & (np.abs(images).max(axis=1) > MAX_PIXEL_MAGNITUDE)
+                high, low = images.max(axis=1), images.min(axis=1)    # NaN propagates into both
+                finite = np.isfinite(high) & np.isfinite(low)
+                blank = finite & (high == low)
+                huge = finite & (np.maximum(high, -low) > MAX_PIXEL_MAGNITUDE)
             for mask, reason in ((~finite, "NaN or infinite pixels"), (blank, "a blank (constant) image"),
                                  (huge, f"pixel values beyond ±{MAX_PIXEL_MAGNITUDE:g}")):
                 bad += index[mask].tolist()
