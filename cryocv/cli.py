@@ -14,9 +14,15 @@ COMMANDS = {"simulate": simulate, "reconstruct": reconstruct, "refine": refine, 
             "demo": demo}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes, like every other error, in one line (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cryocv", description="GPU-accelerated cryo-EM refinement.",
-                                     epilog=_EPILOG)
+    parser = _Parser(prog="cryocv", description="GPU-accelerated cryo-EM refinement.", epilog=_EPILOG)
     parser.add_argument("--version", action="version", version=f"cryocv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
