@@ -190,3 +190,36 @@ def test_continue_skips_a_damaged_checkpoint(data, tmp_path, monkeypatch):
     assert "continuing from the checkpoint of iteration 1" in log
     with pytest.raises(CryocvError, match="--overwrite"):   # the finished job is kept unless asked
         run(str(data / "sim" / "particles.star"), str(data / "truth.mrc"), out, params, device="cpu", progress=False)
+
+
+def test_job_hygiene_pruned_checkpoints_no_stale_temp_files_and_provenance(data, tmp_path, monkeypatch):
+    """Only the newest iteration checkpoints stay (and a continue still works from them); the
+    temporary files of a job killed during its final writes are gone after --continue; job.json
+    says what produced the map."""
+    import json
+    import glob
+    from cryocv.jobs import jobdir
+    from cryocv.jobs.refine import RefineParams, run
+    out = str(tmp_path / "job")
+    original = jobdir.write_results
+
+    def die_while_writing(job_dir, *args, **kwargs):
+        open(os.path.join(job_dir, ".map.abc123.tmp.mrc"), "w").write("half")   # an interrupted atomic write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobdir, "write_results", die_while_writing)
+    params = RefineParams(regularizer="uniform", initial_lowpass_A=12.0, max_iterations=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(data / "sim" / "particles.star"), str(data / "truth.mrc"), out, params, device="cpu", progress=False)
+    monkeypatch.setattr(jobdir, "write_results", original)
+    folders = sorted(os.listdir(os.path.join(out, "iterations")))
+    assert len(folders) == 2 and folders[-1] == "iter_004", folders          # 4 passes, the newest 2 kept
+    report = run(None, None, out, resume=True, progress=False)
+    assert not glob.glob(os.path.join(out, "**", ".*.tmp*"), recursive=True)
+    assert os.path.isfile(os.path.join(out, "map.mrc"))
+    record = json.load(open(os.path.join(out, "job.json")))
+    assert record["result"]["resolution_A"] == pytest.approx(report["resolution_A"])
+    assert record["started"] <= record["finished"] and record["wall_time_s"] >= 0
+    assert record["device"] == "cpu" and record["device_name"].startswith("CPU")
+    assert record["cryocv_version"] and "git_commit" in record
+    assert record["parameters"]["keep_checkpoints"] == 2 and record["parameters"]["resumed"] is True

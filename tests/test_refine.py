@@ -170,7 +170,8 @@ def test_refine_recovers_poses_and_map(refine_case, regularizer):
     from cryocv.jobs.refine import RefineParams, run as run_refine
     root, truth = refine_case
     out = str(root / regularizer)
-    params = RefineParams(regularizer=regularizer, initial_lowpass_A=20.0, max_iterations=3, nu_cutoffs=20)
+    params = RefineParams(regularizer=regularizer, initial_lowpass_A=20.0, max_iterations=3, nu_cutoffs=20,
+                          keep_checkpoints=0)  # all iteration folders stay: their content is checked below
     report = run_refine(str(root / "sim" / "particles.star"), str(root / "truth.mrc"), out, params,
                         device="cpu", progress=False)
     truth_particles = load_particles(str(root / "sim" / "particles.star"))

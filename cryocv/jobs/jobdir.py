@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import zipfile
@@ -109,6 +110,7 @@ def create_output_dir(job_dir: str, overwrite: bool):
         os.makedirs(job_dir, exist_ok=True)
     except OSError as exc:
         raise CryocvError(f"cannot create {job_dir}: {exc.strerror}") from None
+    remove_stale_temp_files(job_dir)
     if overwrite:
         remove_stale_outputs(job_dir)
         for name in (CHECKPOINT, REFINE_CONFIG):
@@ -117,11 +119,50 @@ def create_output_dir(job_dir: str, overwrite: bool):
         shutil.rmtree(path(job_dir, ITERATIONS), ignore_errors=True)
 
 
-def job_record(job: str, params: dict, xp, started: float) -> dict:
-    """``job.json``: the job, its parameters, versions, device, command line and wall time."""
-    return {"job": job, "cryocv_version": __version__, "parameters": params,
-            "device": "gpu" if xp is not np else "cpu", "python": platform.python_version(),
-            "numpy": np.__version__, "command": sys.argv, "wall_time_s": round(time.time() - started, 3)}
+def _timestamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+def _source_commit() -> str | None:
+    """The git commit of the checkout cryocv runs from (None for an installed package)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isdir(os.path.join(checkout, ".git")):
+        return None
+    try:
+        found = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.strip() or None
+
+
+def _device_name(xp) -> str:
+    if xp is np:
+        return f"CPU ({platform.processor() or platform.machine()})"
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return f"GPU {xp.cuda.Device().id}: {name}"
+
+
+def job_record(job: str, params: dict, xp, started: float, result: dict | None = None) -> dict:
+    """``job.json``: what produced the outputs: the job and its parameters, start and end time,
+    wall time, cryocv version (and git commit from a checkout), device, library versions, command
+    line, and ``result`` (e.g. the final resolution)."""
+    finished = time.time()
+    return {"job": job, "cryocv_version": __version__, "git_commit": _source_commit(), "parameters": params,
+            "started": _timestamp(started), "finished": _timestamp(finished),
+            "wall_time_s": round(finished - started, 3), "device": "gpu" if xp is not np else "cpu",
+            "device_name": _device_name(xp), "python": platform.python_version(), "numpy": np.__version__,
+            "command": sys.argv, **({"result": result} if result else {})}
+
+
+def remove_stale_temp_files(job_dir: str) -> int:
+    """Remove the hidden temporary files (``.NAME.*.tmp*``) that a killed job's atomic writes left in
+    ``job_dir``; returns how many."""
+    stale = glob.glob(os.path.join(job_dir, ".*.tmp*")) + glob.glob(os.path.join(job_dir, ITERATIONS, "*", ".*.tmp*"))
+    for name in stale:
+        os.remove(name)
+    return len(stale)
 
 
 class JobLog:
@@ -172,10 +213,12 @@ class RefineState:
 
 
 class CheckpointStore:
-    """Per-iteration checkpoints in ``job_dir/iterations/iter_NNN`` and ``checkpoint.json`` (written last)."""
+    """Per-iteration checkpoints in ``job_dir/iterations/iter_NNN`` and ``checkpoint.json`` (written last);
+    after each save only the newest ``keep`` iteration folders stay (0: all)."""
 
-    def __init__(self, job_dir: str):
+    def __init__(self, job_dir: str, keep: int = 0):
         self.job_dir = job_dir
+        self.keep = keep
         self.root = path(job_dir, ITERATIONS)
         self.skipped = []                # (folder, reason) of checkpoints load_latest passed over
 
@@ -213,13 +256,19 @@ class CheckpointStore:
             "converged": state.converged, "final_done": state.final_done, "has_mask": state.mask is not None})
         write_json(path(self.job_dir, CHECKPOINT), {"iteration": state.iteration,
                                                      "folder": os.path.relpath(folder, self.job_dir)})
+        if self.keep > 0:  # the one just written is intact: older ones beyond `keep` go
+            for old in self.folders()[self.keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def folders(self) -> list:
+        """Iteration folders, newest first."""
+        return sorted(glob.glob(os.path.join(self.root, "iter_[0-9][0-9][0-9]*")), reverse=True)
 
     def load_latest(self) -> RefineState | None:
         """The newest intact checkpoint, or None (the job starts over). A folder a killed job left
         half-written, or a damaged one, is skipped for the one before it (listed in ``skipped``)."""
-        folders = sorted(glob.glob(os.path.join(self.root, "iter_[0-9][0-9][0-9]*")), reverse=True)
         self.skipped = []
-        for folder in folders:
+        for folder in self.folders():
             try:
                 return self._load(folder)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, CryocvError) as exc:

@@ -85,7 +85,8 @@ def run(particles_path: str, out_dir: str, params: ReconstructParams | None = No
     report["symmetry"] = params.symmetry
     report["n_particles"] = len(particles)
     record = jobdir.job_record("reconstruct", {"particles": os.path.abspath(particles_path), "mask": mask_path,
-                                               **asdict(params)}, xp, started)
+                                               **asdict(params)}, xp, started,
+                               {"resolution_A": report["resolution_A"], "n_particles": len(particles)})
     jobdir.write_results(out_dir, particles.pixel_size_A, (half1, half2), full, mask, report, particles,
                          f"{len(particles)} particles, {params.symmetry}: {report['resolution_A']:.2f} Å", record)
     return report

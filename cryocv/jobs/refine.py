@@ -55,6 +55,7 @@ class RefineParams:
     batch_size: int | None = None       # default: from the memory budget
     stream: bool = False                # read images from disk every pass even if their FTs fit the device
     strict: bool = False                # unusable images stop the job instead of being left out
+    keep_checkpoints: int = 2           # iteration folders kept (the newest); 0 keeps all
     seed: int = DEFAULT_SEED
 
     def validate(self):
@@ -69,7 +70,8 @@ class RefineParams:
                   (self.nu_cutoffs >= 2, "--nu-cutoffs must be >= 2"),
                   (self.nu_order >= 1, "--nu-order must be >= 1"),
                   (self.nu_awf > 0, "--nu-awf must be positive"),
-                  (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")]
+                  (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
@@ -142,6 +144,8 @@ def add_args(p):
            help="read the images from disk in every pass (overlapped with the search) instead of caching "
                 "their Fourier transforms on the device (automatic when they do not fit)")
     option(p, "--seed", RefineParams, "seed", help="seed for the half-set and quarter-set splits")
+    option(p, "--keep-checkpoints", RefineParams, "keep_checkpoints",
+           help="iteration checkpoints kept, the newest (0 keeps all)")
     option(p, "--strict", RefineParams, "strict", action="store_true",
            help="stop at an unusable image (NaN, blank, overflowing) instead of leaving it out")
     p.add_argument("--datadir", help="extra folder to look for image stacks in")
@@ -191,6 +195,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
         params.validate()
         params.symmetry = symmetry_arg(params.symmetry)
         jobdir.check_output_dir(out_dir, overwrite)
+    store.keep = params.keep_checkpoints
     # every input is checked before anything is written into out_dir
     xp, ids = select_device(device, gpu_ids)
     notes = []                                   # logged once run.log exists
@@ -208,6 +213,10 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
                                         "reference": os.path.abspath(reference_path),
                                         "datadir": datadir, "device": device, "gpu": gpu_ids,
                                         "parameters": asdict(params)})
+    if resume:
+        stale = jobdir.remove_stale_temp_files(out_dir)
+        if stale:
+            notes.append(f"removed {stale} temporary files left by the interrupted run")
     log = JobLog(out_dir)
     for note in notes:
         log(note)
@@ -247,7 +256,9 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     outputs_started = time.time()
     record = jobdir.job_record("refine", {"particles": os.path.abspath(particles_path),
                                           "reference": os.path.abspath(reference_path), "resumed": resume,
-                                          **asdict(params)}, xp, started)
+                                          **asdict(params)}, xp, started,
+                               {"resolution_A": report["resolution_A"], "iterations": state.iteration,
+                                "n_particles": len(particles)})
     jobdir.write_results(out_dir, px, half_maps, full, mask, report, particles, title, record, extra_maps,
                          before_record=plots_and_nu_map)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
