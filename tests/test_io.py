@@ -182,3 +182,31 @@ def test_map_io_is_atomic_and_keeps_pixel_size(tmp_path):
     assert px == pytest.approx(1.7)
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
     assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)
+
+
+def test_cs_keeps_unknown_half_sets_unknown_and_uids_stable(simulated, tmp_path):
+    """STAR without rlnRandomSubset -> .cs -> STAR: half-sets stay unknown (not all half-set 1);
+    uids made for particles without any are the same in two processes (no salted hash)."""
+    import subprocess
+    import sys
+    import starfile
+    blocks = starfile.read(simulated.source, always_dict=True)
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnRandomSubset"])
+    blocks["particles"]["rlnImageName"] = blocks["particles"]["rlnImageName"].str.replace(
+        "@particles", "@" + os.path.join(os.path.dirname(simulated.source), "particles"))
+    star = str(tmp_path / "nohalf.star")
+    starfile.write(blocks, star)
+    uids = []
+    for name in ("a.cs", "b.cs"):
+        r = subprocess.run([sys.executable, "-m", "cryocv", "convert", star, str(tmp_path / name)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        array = np.load(str(tmp_path / name))
+        assert "alignments3D/split" not in array.dtype.names
+        uids.append(array["uid"])
+    np.testing.assert_array_equal(uids[0], uids[1])
+    assert len(np.unique(uids[0])) == len(uids[0])
+    back = load_particles(str(tmp_path / "a.cs"))
+    assert np.all(back.half_set == 0)
+    save_particles(back, str(tmp_path / "back.star"))
+    assert "rlnRandomSubset" not in starfile.read(str(tmp_path / "back.star"), always_dict=True)["particles"]

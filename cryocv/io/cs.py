@@ -9,6 +9,7 @@ alignments3D/psize_A`` (pixels, same sign); ``df1_A → rlnDefocusU``,
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -98,6 +99,14 @@ def read_cs(path: str, datadir: str | None = None) -> Particles:
         extra={"cs_uid": data["uid"] if "uid" in data.dtype.names else None})
 
 
+def stable_uids(particles: Particles) -> np.ndarray:
+    """uids (n,) uint64 from each image's stack path and index (BLAKE2b, 63 bits): the same
+    particles get the same uids in every run (Python's own hash is salted per process)."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{os.path.abspath(p)}\0{i}".encode(), digest_size=8).digest(),
+                                    "little") >> 1 or 1
+                     for p, i in zip(particles.stack_paths, particles.stack_indices)], dtype=np.uint64)
+
+
 def particles_to_cs(particles: Particles, path: str) -> np.ndarray:
     """The structured array cryoSPARC expects for ``particles``."""
     n = len(particles)
@@ -113,13 +122,14 @@ def particles_to_cs(particles: Particles, path: str) -> np.ndarray:
                    ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"),
                    ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4"), ("ctf/scale", "<f4"),
                    ("ctf/scale_const", "<f4"), ("ctf/bfactor", "<f4")]
+    # half-sets only where every particle has one: unknown ones stay unknown (no split 0 for all)
+    with_split = particles.has_alignment and bool(np.all(particles.half_set > 0))
     if particles.has_alignment:
-        fields += [("alignments3D/split", "<u4"), ("alignments3D/shift", "<f4", (2,)),
-                   ("alignments3D/pose", "<f4", (3,)), ("alignments3D/psize_A", "<f4")]
+        fields += [("alignments3D/shift", "<f4", (2,)), ("alignments3D/pose", "<f4", (3,)),
+                   ("alignments3D/psize_A", "<f4")] + ([("alignments3D/split", "<u4")] if with_split else [])
     out = np.zeros(n, dtype=fields)
     uid = particles.extra.get("cs_uid")
-    out["uid"] = uid if uid is not None and len(uid) == n else \
-        np.random.default_rng(abs(hash(path)) % 2**32).integers(1, 2**63, n, dtype=np.uint64)
+    out["uid"] = uid if uid is not None and len(uid) == n else stable_uids(particles)
     out["blob/path"] = [p.encode() for p in paths]
     out["blob/idx"] = particles.stack_indices
     out["blob/shape"] = particles.box_size
@@ -139,7 +149,8 @@ def particles_to_cs(particles: Particles, path: str) -> np.ndarray:
         out["alignments3D/pose"] = matrix_to_axis_angle(np.swapaxes(matrices, -1, -2))
         out["alignments3D/shift"] = particles.origin_A / particles.pixel_size_A
         out["alignments3D/psize_A"] = particles.pixel_size_A
-        out["alignments3D/split"] = np.where(particles.half_set == 2, 1, 0)
+        if with_split:
+            out["alignments3D/split"] = np.where(particles.half_set == 2, 1, 0)
     return out
 
 
