@@ -82,11 +82,26 @@ def draw_poses(fig, euler_deg, history=None, change_vs_input_deg=None, title: st
     mesh = ax.pcolormesh(xedges, yedges, counts.T, cmap="viridis", shading="flat")
     fig.colorbar(mesh, ax=ax, orientation="horizontal", pad=0.08, fraction=0.05, label="particles")
     ax.set_title("viewing directions (rot, 90−tilt)", fontsize=9)
-    ax.tick_params(labelsize=6)
+    # few, small latitude labels at the edge; longitude labels would sit on the data
+    ax.set_yticks(np.deg2rad([-60, -30, 0, 30, 60]))
+    ax.set_xticks(np.deg2rad([-120, -60, 0, 60, 120]))
+    ax.set_xticklabels([])
+    ax.tick_params(labelsize=7)
     ax = fig.add_subplot(1, panels, 2)
     if history:
         iters = [h["iteration"] for h in history]
-        ax.plot(iters, [h["resolution_A"] for h in history], "o-", color="tab:blue", label="resolution (Å)")
+        resolution = [h["resolution_A"] for h in history]
+        ax.plot(iters, resolution, "o-", color="tab:blue", label="gold-standard")
+        aligned = [h.get("alignment_resolution_A") for h in history]
+        if all(a is not None for a in aligned):
+            ax.plot(iters, aligned, ":", color="tab:blue", alpha=0.6, label="aligned to")
+            ax.legend(loc="upper right", fontsize=7)
+        # a range that matters: changes of a few hundredths of an Å should look like what they are
+        low, high = min(resolution + [a for a in aligned if a is not None]), max(resolution + [a for a in aligned if a])
+        span = max(high - low, 0.25 * high)
+        ax.set_ylim(max(0.0, (low + high) / 2 - 0.6 * span), (low + high) / 2 + 0.6 * span)
+        ax.annotate(f"{resolution[-1]:.2f} Å", (iters[-1], resolution[-1]), textcoords="offset points",
+                    xytext=(-4, 6), ha="right", fontsize=8, color="tab:blue")
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("resolution (Å)", color="tab:blue")
