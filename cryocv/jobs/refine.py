@@ -213,7 +213,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
                                         "reference": os.path.abspath(reference_path),
                                         "datadir": datadir, "device": device, "gpu": gpu_ids,
                                         "parameters": asdict(params)})
-    if resume:
+    else:
         stale = jobdir.remove_stale_temp_files(out_dir)
         if stale:
             notes.append(f"removed {stale} temporary files left by the interrupted run")
