@@ -37,6 +37,9 @@ class Particles:
     optics_group: np.ndarray         # (n,) int
     has_alignment: bool = True
     source: str = ""
+    micrograph_names: np.ndarray | None = None   # (n,) str: rlnMicrographName / location/micrograph_path
+    coordinates_px: np.ndarray | None = None     # (n, 2) particle centre (x, y) in micrograph pixels
+    micrograph_shape: np.ndarray | None = None   # (n, 2) (ny, nx) micrograph size in pixels (from .cs only)
     extra: dict = field(default_factory=dict)  # format-specific passthrough (e.g. STAR tables)
     _cache: StackCache = field(default_factory=StackCache, repr=False, compare=False)
 
@@ -60,10 +63,14 @@ class Particles:
         if "particles_table" in extra:
             pos = np.arange(len(self))[index]
             extra["particles_table"] = extra["particles_table"].iloc[pos].reset_index(drop=True)
+        if extra.get("cs_uid") is not None:
+            extra["cs_uid"] = np.asarray(extra["cs_uid"])[index]
+        optional = {name: None if getattr(self, name) is None else getattr(self, name)[index]
+                    for name in ("micrograph_names", "coordinates_px", "micrograph_shape")}
         return replace(self, stack_paths=self.stack_paths[index], stack_indices=self.stack_indices[index],
                        euler_deg=self.euler_deg[index], origin_A=self.origin_A[index], ctf=ctf,
                        half_set=self.half_set[index], optics_group=self.optics_group[index],
-                       extra=extra, _cache=self._cache)
+                       extra=extra, _cache=self._cache, **optional)
 
     def check_images(self):
         """Raise CryocvError unless every stack exists and holds the indices asked for."""

@@ -210,3 +210,34 @@ def test_cs_keeps_unknown_half_sets_unknown_and_uids_stable(simulated, tmp_path)
     assert np.all(back.half_set == 0)
     save_particles(back, str(tmp_path / "back.star"))
     assert "rlnRandomSubset" not in starfile.read(str(tmp_path / "back.star"), always_dict=True)["particles"]
+
+
+def test_micrograph_names_and_coordinates_survive_conversions(simulated, tmp_path):
+    """.cs (location/*) -> STAR -> .cs and STAR -> .cs -> STAR keep micrograph names and particle
+    coordinates (pixels: fraction × micrograph size); STAR holds no micrograph size, so a .cs written
+    from STAR has names but no fractional centres."""
+    import starfile
+    particles = load_particles(simulated.source)
+    n = len(particles)
+    rng = np.random.default_rng(0)
+    particles.micrograph_names = np.array([f"J3/motioncorrected/mic_{i % 4:03d}.mrc" for i in range(n)], dtype=object)
+    particles.micrograph_shape = np.tile([3838, 3710], (n, 1))
+    particles.coordinates_px = rng.uniform(100, 3500, (n, 2)).round(1)
+    save_particles(particles, str(tmp_path / "a.cs"))
+    star = str(tmp_path / "b.star")
+    save_particles(load_particles(str(tmp_path / "a.cs")), star)
+    table = starfile.read(star, always_dict=True)["particles"]
+    assert list(table["rlnMicrographName"]) == list(particles.micrograph_names)
+    np.testing.assert_allclose(table[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(), particles.coordinates_px,
+                               rtol=1e-5)
+    save_particles(load_particles(star), str(tmp_path / "c.cs"))
+    again = load_particles(str(tmp_path / "c.cs"))
+    assert list(again.micrograph_names) == list(particles.micrograph_names)
+    assert again.coordinates_px is None          # no micrograph size in STAR: no fractional centres
+    save_particles(again, str(tmp_path / "d.star"))
+    assert list(starfile.read(str(tmp_path / "d.star"), always_dict=True)["particles"]["rlnMicrographName"]) == \
+        list(particles.micrograph_names)
+    back = load_particles(star)                  # STAR -> STAR keeps coordinates
+    save_particles(back, str(tmp_path / "e.star"))
+    np.testing.assert_allclose(load_particles(str(tmp_path / "e.star")).coordinates_px, particles.coordinates_px,
+                               rtol=1e-5)

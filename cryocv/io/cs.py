@@ -92,10 +92,19 @@ def read_cs(path: str, datadir: str | None = None) -> Particles:
             bfactor_A2=_field(data, "ctf/bfactor", 0.0).astype(float),
             scale=_field(data, "ctf/scale", 1.0).astype(float))
     groups = _field(data, "ctf/exp_group_id", 0).astype(int) + 1
+    names = coordinates = micrograph_shape = None
+    if "location/micrograph_path" in data.dtype.names:
+        names = np.array([p.decode() if isinstance(p, bytes) else str(p) for p in data["location/micrograph_path"]],
+                         dtype=object)
+    if {"location/center_x_frac", "location/center_y_frac", "location/micrograph_shape"} <= set(data.dtype.names):
+        micrograph_shape = np.asarray(data["location/micrograph_shape"]).reshape(n, 2).astype(np.int64)  # (ny, nx)
+        coordinates = np.stack([data["location/center_x_frac"] * micrograph_shape[:, 1],
+                                data["location/center_y_frac"] * micrograph_shape[:, 0]], axis=1).astype(float)
     return Particles(
         stack_paths=np.array(stacks, dtype=object), stack_indices=data["blob/idx"].astype(np.int64),
         box_size=int(shapes[0][-1]), pixel_size_A=pixel_size, euler_deg=euler, origin_A=origin, ctf=ctf,
         half_set=half, optics_group=groups, has_alignment=has_alignment, source=path,
+        micrograph_names=names, coordinates_px=coordinates, micrograph_shape=micrograph_shape,
         extra={"cs_uid": data["uid"] if "uid" in data.dtype.names else None})
 
 
@@ -127,7 +136,21 @@ def particles_to_cs(particles: Particles, path: str) -> np.ndarray:
     if particles.has_alignment:
         fields += [("alignments3D/shift", "<f4", (2,)), ("alignments3D/pose", "<f4", (3,)),
                    ("alignments3D/psize_A", "<f4")] + ([("alignments3D/split", "<u4")] if with_split else [])
+    if particles.micrograph_names is not None:
+        name_len = max(1, max(len(str(m).encode()) for m in particles.micrograph_names))
+        fields += [("location/micrograph_path", f"S{name_len}")]
+    # fractional centres need the micrograph's size, which STAR files do not hold
+    with_centres = particles.coordinates_px is not None and particles.micrograph_shape is not None
+    if with_centres:
+        fields += [("location/micrograph_shape", "<u4", (2,)), ("location/center_x_frac", "<f4"),
+                   ("location/center_y_frac", "<f4")]
     out = np.zeros(n, dtype=fields)
+    if particles.micrograph_names is not None:
+        out["location/micrograph_path"] = [str(m).encode() for m in particles.micrograph_names]
+    if with_centres:
+        out["location/micrograph_shape"] = particles.micrograph_shape
+        out["location/center_x_frac"] = particles.coordinates_px[:, 0] / particles.micrograph_shape[:, 1]
+        out["location/center_y_frac"] = particles.coordinates_px[:, 1] / particles.micrograph_shape[:, 0]
     uid = particles.extra.get("cs_uid")
     out["uid"] = uid if uid is not None and len(uid) == n else stable_uids(particles)
     out["blob/path"] = [p.encode() for p in paths]

@@ -27,7 +27,7 @@ OPTICS_CTF = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
 _MANAGED = set(ANGLES + ORIGINS_A + ORIGINS_PX + OPTICS_CTF + [
     "rlnImageName", "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift",
     "rlnCtfBfactor", "rlnCtfScalefactor", "rlnRandomSubset", "rlnMagnification", "rlnDetectorPixelSize",
-    "rlnPixelSize", "rlnImagePixelSize", "rlnImageSize"])
+    "rlnPixelSize", "rlnImagePixelSize", "rlnImageSize", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"])
 
 
 def _particle_table(blocks: dict, path: str):
@@ -167,6 +167,10 @@ def _particles_from_blocks(blocks: dict, path: str, datadir) -> Particles:
         stack_paths=stack_paths, stack_indices=indices, box_size=box, pixel_size_A=pixel_size,
         euler_deg=euler, origin_A=origin, ctf=_ctf(get, path), half_set=half,
         optics_group=get("rlnOpticsGroup", 1).astype(int), has_alignment=has_alignment, source=path,
+        micrograph_names=(parts["rlnMicrographName"].astype(str).to_numpy(dtype=object)
+                          if "rlnMicrographName" in parts.columns else None),
+        coordinates_px=(parts[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
+                        if {"rlnCoordinateX", "rlnCoordinateY"} <= set(parts.columns) else None),
         extra={"particles_table": parts, "optics_table": optics}, _cache=cache)
 
 
@@ -232,6 +236,10 @@ def particles_to_tables(particles: Particles, path: str):
                        rlnCtfBfactor=ctf.bfactor_A2, rlnCtfScalefactor=ctf.scale)
     if np.any(particles.half_set > 0):
         columns["rlnRandomSubset"] = particles.half_set.astype(int)
+    if particles.micrograph_names is not None:
+        columns["rlnMicrographName"] = particles.micrograph_names
+    if particles.coordinates_px is not None:
+        columns.update(rlnCoordinateX=particles.coordinates_px[:, 0], rlnCoordinateY=particles.coordinates_px[:, 1])
     table = pd.concat([pd.DataFrame(columns), table], axis=1)
     return optics, table
 
