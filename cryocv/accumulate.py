@@ -2,8 +2,7 @@
 quarter-set inside each half-set) on the padded half-space Fourier grid.
 
 Each image is inserted once per symmetry operator g at pose ``A·gᵀ`` (the slice of a
-symmetric map at Aᵀk equals the one at g·Aᵀk). Accumulators of several processes
-(or passes) add up with :meth:`Accumulators.add`.
+symmetric map at Aᵀk equals the one at g·Aᵀk).
 """
 from __future__ import annotations
 
@@ -54,12 +53,6 @@ class Accumulators:
                 insert_with_symmetry(self.grids[(half, q)], rotations[idx], points, values[idx], weights[idx],
                                      self.operators, self.padding)
 
-    def add(self, other: "Accumulators"):
-        """Add another set's sums into this one (same layout)."""
-        for key, (data, weight) in self.grids.items():
-            data += other.grids[key][0]
-            weight += other.grids[key][1]
-
     def half(self, h: int):
         """(data, weight) of half-set ``h``, summed over its parts."""
         if self.quarters is None:
@@ -77,11 +70,9 @@ class Accumulators:
         """(data, weight) of quarter-set ``q`` of half-set ``h`` (only with quarters)."""
         return self.grids[(h, q)]
 
-    def half_maps(self, regularization=None):
-        """Half-maps [1, 2] (N, N, N) float32; ``regularization`` {1: term, 2: term} or None."""
-        return [accumulators_to_map(*self.half(h), self.box_size, padding=self.padding,
-                                    regularization=None if regularization is None else regularization[h])
-                for h in (1, 2)]
+    def half_maps(self):
+        """Unregularized half-maps [1, 2] (N, N, N) float32."""
+        return [accumulators_to_map(*self.half(h), self.box_size, padding=self.padding) for h in (1, 2)]
 
 
 def quarter_split(half_set: np.ndarray, seed: int) -> np.ndarray:

@@ -45,9 +45,9 @@ def ift3_centered(ft, box_size: int):
 
 
 def ift3_centered_crop(ft, padded_size: int, box_size: int):
-    """``crop_volume(ift3_centered(ft, padded_size), box_size)`` without the full-size shifted
-    copy: the central ``box_size``³ of the real-space volume, picked from the unshifted
-    inverse transform (the same values; one padded-size temporary less)."""
+    """The central ``box_size``³ of ``ift3_centered(ft, padded_size)`` (the inverse of
+    :func:`pad_volume`), picked from the unshifted inverse transform: the same values without
+    the full-size shifted copy."""
     xp = get_array_module(ft)
     real = xp.fft.irfftn(xp.fft.ifftshift(ft, axes=(0, 1)), s=(padded_size,) * 3, axes=(0, 1, 2))
     start = padded_size // 2 - box_size // 2
@@ -132,12 +132,6 @@ def pad_volume(volume, padded_size: int):
     start = padded_size // 2 - n // 2
     out[start:start + n, start:start + n, start:start + n] = volume
     return out
-
-
-def crop_volume(volume, box_size: int):
-    """Central ``box_size``³ crop (inverse of :func:`pad_volume`)."""
-    start = volume.shape[0] // 2 - box_size // 2
-    return volume[start:start + box_size, start:start + box_size, start:start + box_size]
 
 
 def trilinear_gridding_profile(box_size: int, padded_size: int, xp=np):

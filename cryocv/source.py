@@ -41,9 +41,9 @@ class Batch:
     def __len__(self) -> int:
         return int(self.index.size)
 
-    def recentred_ft(self, shifts_px=None):
-        """Image FTs re-centred by +``shifts_px`` (B, 2) (default: the metadata origins)."""
-        return phase_shift_images(self.images_ft, self.origin_px if shifts_px is None else shifts_px)
+    def recentred_ft(self, shifts_px):
+        """Image FTs re-centred by +``shifts_px`` (B, 2)."""
+        return phase_shift_images(self.images_ft, shifts_px)
 
 
 class ParticleSource:

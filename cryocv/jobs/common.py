@@ -27,12 +27,11 @@ def default_of(params_class, name: str):
 def option(parser, flag: str, params_class, name: str, help: str, **kwargs):
     """``parser.add_argument(flag)`` storing into ``name`` with the Params default; the help
     names the default."""
-    default = default_of(params_class, name)
-    if kwargs.get("action") not in ("store_false", "store_true"):
-        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
-    if kwargs.get("action") in ("store_false", "store_true"):
+    if kwargs.get("action") in ("store_false", "store_true"):  # flags: the default is the action's
         parser.add_argument(flag, dest=name, help=help, **kwargs)
         return
+    kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    default = default_of(params_class, name)
     if default is not None and not isinstance(default, bool):
         kwargs.setdefault("type", type(default))
         help = f"{help} (default {default:g})" if isinstance(default, float) else f"{help} (default {default})"
