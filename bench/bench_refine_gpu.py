@@ -40,6 +40,8 @@ def main(argv=None):
     parser.add_argument("--base-candidates", type=int, default=RefineParams.n_base_candidates)
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True)
+    parser.add_argument("--truth-sym", default=None,
+                        help="also judge poses modulo this group (the true map's own symmetry, e.g. C4)")
     args = parser.parse_args(argv)
     xp = resolve_xp("auto")
     truth, px = read_map(args.map)
@@ -91,6 +93,10 @@ def main(argv=None):
         "shift_error_median_A": float(np.median(np.linalg.norm(refined.origin_A - truth_p.origin_A, axis=1))),
         "per_iteration": iterations,
     }
+    if args.truth_sym:
+        err_mod = pose_change_deg(refined.rotations, truth_p.rotations, args.truth_sym)
+        result[f"pose_error_median_deg_mod_{args.truth_sym}"] = float(np.median(err_mod))
+        result[f"pose_error_p90_deg_mod_{args.truth_sym}"] = float(np.percentile(err_mod, 90))
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as handle:
         json.dump(result, handle, indent=2)

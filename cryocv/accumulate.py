@@ -60,6 +60,11 @@ class Accumulators:
         (da, wa), (db, wb) = self.grids[(h, 0)], self.grids[(h, 1)]
         return da + db, wa + wb
 
+    @property
+    def half_is_temporary(self) -> bool:
+        """Whether :meth:`half` returns new arrays (sums of quarters) that a caller may destroy."""
+        return self.quarters is not None
+
     def half_weight(self, h: int):
         """Σ CTF² of half-set ``h`` (the weight grid of :meth:`half`)."""
         if self.quarters is None:
@@ -73,6 +78,15 @@ class Accumulators:
     def half_maps(self):
         """Unregularized half-maps [1, 2] (N, N, N) float32."""
         return [accumulators_to_map(*self.half(h), self.box_size, padding=self.padding) for h in (1, 2)]
+
+
+def map_stage_device_bytes(box_size: int, nu: bool, padding: int = DEFAULT_PADDING) -> int:
+    """Device bytes a refinement iteration holds besides images and search work: the
+    accumulators (2 or, for NU, 4 grids of complex data + weight), one prepared reference and
+    the working grids of forming a map (a half-set sum, an inverse FFT and its workspace)."""
+    np_ = padding * box_size
+    grid = np_ * np_ * (np_ // 2 + 1) * 4            # one float32 half-space grid
+    return ((4 if nu else 2) * 3 + 2 + 6) * grid
 
 
 def quarter_split(half_set: np.ndarray, seed: int) -> np.ndarray:

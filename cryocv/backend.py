@@ -42,10 +42,18 @@ def resolve_xp(device: str = "auto"):
     if device in ("gpu", "cuda"):
         if not gpu_available():
             raise CryocvError("--device gpu was asked for but no CUDA GPU is visible to CuPy")
-        return _cupy
+        return _gpu_module()
     if device != "auto":
         raise CryocvError(f"unknown device {device!r} (use cpu, gpu or auto)")
-    return _cupy if gpu_available() else np
+    return _gpu_module() if gpu_available() else np
+
+
+def _gpu_module():
+    """CuPy, its memory pool capped at ``$CRYOCV_GPU_MEMORY_GIB`` when set."""
+    limit = gpu_memory_limit_bytes()
+    if limit is not None:
+        _cupy.get_default_memory_pool().set_limit(size=limit)
+    return _cupy
 
 
 def to_device(array, xp):
@@ -66,12 +74,38 @@ def is_cupy(array) -> bool:
     return _cupy is not None and isinstance(array, _cupy.ndarray)
 
 
+GPU_MEMORY_LIMIT_ENV = "CRYOCV_GPU_MEMORY_GIB"
+
+
+def gpu_memory_limit_bytes() -> int | None:
+    """The cap on cryocv's GPU memory from ``$CRYOCV_GPU_MEMORY_GIB`` (None: all the card has).
+    Applied to CuPy's memory pool, so that a job sized for a smaller card, or sharing one, stays
+    inside it."""
+    value = os.environ.get(GPU_MEMORY_LIMIT_ENV)
+    if not value:
+        return None
+    try:
+        limit = float(value)
+    except ValueError:
+        raise CryocvError(f"${GPU_MEMORY_LIMIT_ENV} must be a number of GiB, got {value!r}") from None
+    if limit <= 0:
+        raise CryocvError(f"${GPU_MEMORY_LIMIT_ENV} must be positive, got {value!r}")
+    return int(limit * 2**30)
+
+
 def free_gpu_memory_bytes() -> int:
-    """Free memory on the current GPU (0 on CPU)."""
+    """Free memory on the current GPU for cryocv (0 on CPU): the device's free memory plus
+    CuPy's cached blocks, within ``$CRYOCV_GPU_MEMORY_GIB`` when set."""
     if not gpu_available():
         return 0
+    pool = _cupy.get_default_memory_pool()
     free, _total = _cupy.cuda.runtime.memGetInfo()
-    return int(free + _cupy.get_default_memory_pool().free_bytes())
+    free = int(free + pool.free_bytes())
+    limit = gpu_memory_limit_bytes()
+    if limit is not None:
+        pool.set_limit(size=limit)
+        free = min(free, max(0, limit - pool.used_bytes()))
+    return free
 
 
 def free_device_memory(xp):
@@ -89,9 +123,10 @@ def memory_budget_bytes(xp) -> int:
     return int(min(0.4 * free_gpu_memory_bytes(), SEARCH_BUDGET_GPU_BYTES)) if xp is not np else 1 << 30
 
 
-def image_cache_budget_bytes(xp) -> int:
-    """Device memory the image FTs of a job may occupy: 30% of free GPU memory, or 4 GiB on the CPU."""
-    return int(0.3 * free_gpu_memory_bytes()) if xp is not np else 4 << 30
+def image_cache_budget_bytes(xp, reserved_bytes: int = 0) -> int:
+    """Device memory the image FTs of a job may occupy: 30% of the free GPU memory left after
+    ``reserved_bytes`` (what the job's maps and accumulators will need), or 4 GiB on the CPU."""
+    return int(0.3 * max(0, free_gpu_memory_bytes() - reserved_bytes)) if xp is not np else 4 << 30
 
 
 class StageTimer:

@@ -44,15 +44,46 @@ def ift3_centered(ft, box_size: int):
     return xp.fft.fftshift(real)
 
 
-def ift3_centered_crop(ft, padded_size: int, box_size: int):
-    """The central ``box_size``³ of ``ift3_centered(ft, padded_size)`` (the inverse of
-    :func:`pad_volume`), picked from the unshifted inverse transform: the same values without
-    the full-size shifted copy."""
+def _even_checkerboard(box_size: int, padded_size: int, xp):
+    """(−1)^(z' + y') with z', y' the padded grid's unshifted indices of a centred box:
+    the real-space factor that stands for an fftshift of the two centred Fourier axes
+    (``padded_size`` even). Shape (N, N, 1) float32."""
+    parity = (xp.arange(box_size) - box_size // 2) % 2
+    sign = (1 - 2 * ((parity[:, None] + parity[None, :]) % 2)).astype(xp.float32)
+    return sign[:, :, None]
+
+
+def _irfftn_destroying(ft, shape):
+    """irfftn over all axes; on the GPU the input is used as scratch (no copy: large grids)."""
     xp = get_array_module(ft)
-    real = xp.fft.irfftn(xp.fft.ifftshift(ft, axes=(0, 1)), s=(padded_size,) * 3, axes=(0, 1, 2))
-    start = padded_size // 2 - box_size // 2
-    index = (xp.arange(start, start + box_size) - padded_size // 2) % padded_size   # fftshift: j ← j − P//2
-    return real[xp.ix_(index, index, index)]
+    if xp is np:
+        return np.fft.irfftn(ft, s=shape, axes=(0, 1, 2))
+    import cupyx.scipy.fft as cufft  # CuPy only; imported here so numpy-only installs work
+    return cufft.irfftn(ft, s=shape, axes=(0, 1, 2), overwrite_x=True)
+
+
+def ift3_centered_crop(ft, padded_size: int, box_size: int, overwrite: bool = False):
+    """The central ``box_size``³ of ``ift3_centered(ft, padded_size)`` (the inverse of
+    :func:`pad_volume`), without any full-size shifted copy: the inverse transform of the
+    unshifted grid times a checkerboard sign stands for the shift of the centred axes.
+    ``overwrite``: ``ft`` may be destroyed (saves a grid-sized copy on the GPU)."""
+    xp = get_array_module(ft)
+    shape = (padded_size,) * 3
+    real = _irfftn_destroying(ft, shape) if overwrite else xp.fft.irfftn(ft, s=shape, axes=(0, 1, 2))
+    index = (xp.arange(box_size) - box_size // 2) % padded_size     # centred box at the unshifted corners
+    return real[xp.ix_(index, index, index)] * _even_checkerboard(box_size, padded_size, xp)
+
+
+def ft3_centered_padded(volume, padded_size: int):
+    """``ft3_centered(pad_volume(volume, padded_size))`` (N, N, N) → (P, P, P//2+1) complex,
+    with one padded real grid and no shifted copies: the box goes straight to the unshifted
+    corners, and a checkerboard sign on it stands for the output's shift."""
+    xp = get_array_module(volume)
+    n = volume.shape[0]
+    padded = xp.zeros((padded_size,) * 3, dtype=volume.dtype)
+    index = (xp.arange(n) - n // 2) % padded_size
+    padded[xp.ix_(index, index, index)] = volume * _even_checkerboard(n, padded_size, xp).astype(volume.dtype)
+    return xp.fft.rfftn(padded, axes=(0, 1, 2))
 
 
 def half_plane_frequencies(box_size: int, xp=np):
@@ -145,14 +176,64 @@ def trilinear_gridding_profile(box_size: int, padded_size: int, xp=np):
     return (s[:, None, None] * s[None, :, None] * s[None, None, :]).astype(xp.float32)
 
 
-def radial_average(values, shells, n_shells: int):
-    """Mean of ``values`` per integer shell (0..n_shells-1); empty shells give 0."""
+def _halfspace_shell_slabs(padded_size: int, rows: int, xp):
+    """(start, shells (rows, P, P//2+1) int32) slabs of the centred half-space grid's shells."""
+    k = xp.arange(padded_size, dtype=xp.float32) - padded_size // 2
+    kx = xp.arange(padded_size // 2 + 1, dtype=xp.float32)
+    plane = k[:, None] ** 2 + kx[None, :] ** 2                     # (ky, kx)
+    for start in range(0, padded_size, rows):
+        kz = k[start:start + rows]
+        yield start, shell_index(xp.sqrt(kz[:, None, None] ** 2 + plane[None]))
+
+
+def _slab_rows(values, slab_elements: int) -> int:
+    return max(1, slab_elements // max(1, values[0].size)) if values.ndim > 1 else values.size
+
+
+def radial_average(values, shells, n_shells: int, slab_elements: int = 1 << 24):
+    """Mean of ``values`` per integer shell (0..n_shells-1); empty shells give 0. ``shells``
+    None: ``values`` is a centred half-space grid (P, P, P//2+1) and its shells are formed here.
+    Summed in slabs of the first axis: a large grid needs no grid-sized temporaries."""
     xp = get_array_module(values)
-    flat_shell = shells.ravel()
-    keep = flat_shell < n_shells
-    sums = xp.bincount(flat_shell[keep], weights=values.ravel()[keep], minlength=n_shells)
-    counts = xp.bincount(flat_shell[keep], minlength=n_shells)
-    return sums[:n_shells] / xp.maximum(counts[:n_shells], 1)
+    sums = xp.zeros(n_shells, dtype=xp.float64)
+    counts = xp.zeros(n_shells, dtype=xp.float64)
+    rows = _slab_rows(values, slab_elements)
+    slabs = (_halfspace_shell_slabs(values.shape[0], rows, xp) if shells is None
+             else ((start, shells[start:start + rows]) for start in range(0, values.shape[0], rows)))
+    for start, slab_shells in slabs:
+        flat_shell = slab_shells.ravel()
+        keep = flat_shell < n_shells
+        sums += xp.bincount(flat_shell[keep], weights=values[start:start + rows].ravel()[keep],
+                            minlength=n_shells)[:n_shells]
+        counts += xp.bincount(flat_shell[keep], minlength=n_shells)[:n_shells]
+    return sums / xp.maximum(counts, 1)
+
+
+def zero_beyond_radius(ft, radius: float, slab_elements: int = 1 << 24):
+    """Zero, in place, the voxels of a centred half-space grid (P, P, P//2+1) with |k| > ``radius``."""
+    xp = get_array_module(ft)
+    p = ft.shape[0]
+    k = xp.arange(p, dtype=xp.float32) - p // 2
+    kx = xp.arange(p // 2 + 1, dtype=xp.float32)
+    plane = k[:, None] ** 2 + kx[None, :] ** 2
+    rows = _slab_rows(ft, slab_elements)
+    for start in range(0, p, rows):
+        kz = k[start:start + rows]
+        ft[start:start + rows][xp.sqrt(kz[:, None, None] ** 2 + plane[None]) > radius] = 0
+    return ft
+
+
+def per_shell_grid(table, padded_size: int, out_dtype=np.float32, slab_elements: int = 1 << 24):
+    """Grid (P, P, P//2+1) of ``table[shell]`` (``table`` (S,) on the device, indexed by the
+    integer shell of each voxel of the centred half-space grid, capped at S−1), built in
+    slabs: the only full-size array is the output."""
+    xp = get_array_module(table)
+    p = padded_size
+    out = xp.empty((p, p, p // 2 + 1), dtype=out_dtype)
+    table = table.astype(out_dtype)
+    for start, shells in _halfspace_shell_slabs(p, _slab_rows(out, slab_elements), xp):
+        out[start:start + shells.shape[0]] = table[xp.minimum(shells, table.size - 1)]
+    return out
 
 
 def lowpass_map(volume, pixel_size_A: float, resolution_A: float, edge_shells: float = 2.0):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .ctf import CTFParams
@@ -133,23 +135,30 @@ class Particles:
                 value = getattr(ctf, name.split()[0])[row]
                 raise CryocvError(f"{self.source}: particle {row + 1} has {name} = {value:g}, which {what}")
 
-    def image_problems(self, batch_size: int = 4096) -> tuple[np.ndarray, list]:
+    def image_problems(self, batch_bytes: int = 1 << 24) -> tuple[np.ndarray, list]:
         """Scan every image: (positions (k,) of unusable particles, their reasons). Unusable:
         NaN or infinite pixels, blank (constant) images, or values beyond ±MAX_PIXEL_MAGNITUDE
-        (whose sums would overflow float32 in the reconstruction)."""
-        bad, reasons = [], []
-        for start in range(0, len(self), batch_size):
+        (whose sums would overflow float32 in the reconstruction). Batches of ``batch_bytes`` are
+        read and checked by a few threads at once (reads and numpy reductions release the GIL)."""
+        batch_size = max(1, batch_bytes // (4 * self.box_size ** 2))
+
+        def check(start):
             index = np.arange(start, min(start + batch_size, len(self)))
             images = self.read_images(index, check_finite=False).reshape(index.size, -1)
             with np.errstate(invalid="ignore", over="ignore"):
                 high, low = images.max(axis=1), images.min(axis=1)    # NaN propagates into both
+            return index, high, low
+
+        bad, reasons = [], []
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            for index, high, low in pool.map(check, range(0, len(self), batch_size)):
                 finite = np.isfinite(high) & np.isfinite(low)
                 blank = finite & (high == low)
                 huge = finite & (np.maximum(high, -low) > MAX_PIXEL_MAGNITUDE)
-            for mask, reason in ((~finite, "NaN or infinite pixels"), (blank, "a blank (constant) image"),
-                                 (huge, f"pixel values beyond ±{MAX_PIXEL_MAGNITUDE:g}")):
-                bad += index[mask].tolist()
-                reasons += [reason] * int(mask.sum())
+                for mask, reason in ((~finite, "NaN or infinite pixels"), (blank, "a blank (constant) image"),
+                                     (huge, f"pixel values beyond ±{MAX_PIXEL_MAGNITUDE:g}")):
+                    bad += index[mask].tolist()
+                    reasons += [reason] * int(mask.sum())
         return np.asarray(bad, dtype=np.int64), reasons
 
     def require_alignment(self, what: str):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_array_module, is_cupy
-from .fourier import (ft3_centered, half_plane_frequencies, half_volume_radius, ift3_centered_crop, pad_volume,
-                      phase_shift_images, trilinear_gridding_profile)
+from .fourier import (ft3_centered_padded, half_plane_frequencies, ift3_centered_crop, phase_shift_images,
+                      trilinear_gridding_profile, zero_beyond_radius)
 from .masks import spherical_mask
 
 DEFAULT_PADDING = 2
@@ -74,7 +74,7 @@ def prepare_volume(volume, padding: int = DEFAULT_PADDING):
         raise ValueError(f"volume must be cubic, got shape {volume.shape}")
     padded_size = padding * n
     corrected = volume.astype(xp.float32) / trilinear_gridding_profile(n, padded_size, xp)
-    return ft3_centered(pad_volume(corrected, padded_size)).astype(xp.complex64)
+    return ft3_centered_padded(corrected, padded_size).astype(xp.complex64, copy=False)
 
 
 def _slice_coordinates(rotations, kx, ky, padding):
@@ -191,7 +191,7 @@ def empty_accumulators(box_size: int, padding: int = DEFAULT_PADDING, xp=np):
 
 
 def accumulators_to_map(data_ft, weight, box_size: int, regularization=None,
-                        padding: int = DEFAULT_PADDING):
+                        padding: int = DEFAULT_PADDING, overwrite: bool = False):
     """Divide accumulated data by weight and return the real-space map (N, N, N) float32.
 
     ``regularization`` is added to the weight: a scalar, an array of the
@@ -199,15 +199,21 @@ def accumulators_to_map(data_ft, weight, box_size: int, regularization=None,
     (1e-3 of the mean non-zero weight) that only guards empty voxels.
     Voxels beyond Nyquist are zeroed, and, as RELION does, the map is zeroed outside
     the box's inscribed sphere (cosine edge over the last 3 pixels): corners are
-    only noise amplified by the gridding correction.
+    only noise amplified by the gridding correction. ``overwrite``: the inputs are
+    temporaries and may be destroyed (no grid-sized copies at large boxes).
     """
     xp = get_array_module(data_ft)
     np_ = padding * box_size
     if regularization is None:
-        nonzero = weight[weight > 0]
-        regularization = 1e-3 * float(nonzero.mean()) if nonzero.size else 1.0
-    ft = (data_ft / (weight + regularization)).astype(xp.complex64, copy=False)
-    ft[half_volume_radius(np_, xp) > padding * box_size / 2] = 0      # in place: large boxes need the memory
-    cropped = ift3_centered_crop(ft, np_, box_size)
+        count = int(xp.count_nonzero(weight))
+        regularization = 1e-3 * float(weight.sum(dtype=xp.float64)) / count if count else 1.0
+    if overwrite:                       # large boxes: no grid-sized temporaries
+        weight += regularization
+        data_ft /= weight
+        ft = data_ft
+    else:
+        ft = (data_ft / (weight + regularization)).astype(xp.complex64, copy=False)
+    zero_beyond_radius(ft, padding * box_size / 2)
+    cropped = ift3_centered_crop(ft, np_, box_size, overwrite=True)
     window = spherical_mask(box_size, box_size / 2 - 3, 3.0, xp)
     return (cropped * window / trilinear_gridding_profile(box_size, np_, xp)).astype(xp.float32)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .accumulate import Accumulators
-from .backend import StageTimer, get_array_module, to_device
-from .fourier import half_volume_radius, radial_average, shell_index
+from .backend import StageTimer, get_array_module, to_device, to_numpy
+from .fourier import per_shell_grid, radial_average
 from .fsc import combine_half_maps, gold_standard_fsc
 from .masks import auto_threshold_mask
 from .nonuniform import NUParams, cutoff_map_A, nu_filter
@@ -34,14 +34,13 @@ def wiener_regularization(weight, fsc, box_size: int, padding: int):
     """
     xp = get_array_module(weight)
     np_ = padding * box_size
-    shells = shell_index(half_volume_radius(np_, xp))
-    mean_weight = radial_average(weight, shells, np_ // 2 + 1)
+    mean_weight = to_numpy(radial_average(weight, None, np_ // 2 + 1))
     fsc = np.clip(np.asarray(fsc, dtype=np.float64), 1e-3, 0.999)
     ratio = (1 - fsc) / fsc
     image_shell = np.arange(np_ // 2 + 1) / padding
     ratio_padded = np.interp(image_shell, np.arange(fsc.size), ratio, right=1e12)
-    term = xp.asarray(ratio_padded)[xp.minimum(shells, np_ // 2)] * mean_weight[xp.minimum(shells, np_ // 2)]
-    return xp.where(shells > np_ // 2, 1e30, term).astype(xp.float32)
+    table = np.append(ratio_padded * mean_weight, 1e30)     # the last entry: every shell beyond Nyquist
+    return per_shell_grid(xp.asarray(table), np_, np.float32)
 
 
 @dataclass
@@ -75,28 +74,30 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
     # half-set sums are formed one at a time where they are needed (NU: quarters added), to keep
     # the device memory of large boxes down
     with timer("maps: half-maps"):
-        raw = [accumulators_to_map(*acc.half(h), box_size, padding=padding) for h in (1, 2)]
+        raw = [accumulators_to_map(*acc.half(h), box_size, padding=padding, overwrite=acc.half_is_temporary)
+               for h in (1, 2)]
     with timer("maps: FSC"):
         mask = None if previous_mask is None else to_device(previous_mask, xp)
         raw_report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
     fsc = np.asarray(raw_report.get("fsc_corrected", raw_report["fsc_unmasked"]))
-    with timer("maps: half-maps"):
-        # σ²/τ² per shell: a property of the data and the signal, shared by a half-set and its quarters
-        terms = {h: wiener_regularization(acc.half_weight(h), fsc, box_size, padding) for h in (1, 2)}
-        regularized = [accumulators_to_map(*acc.half(h), box_size, padding=padding, regularization=terms[h])
-                       for h in (1, 2)]
-    cutoff_A = None
-    if nu is not None:
-        cutoffs = []
-        for h in (1, 2):
+    regularized, cutoffs = [None, None], []
+    for h in (1, 2):
+        with timer("maps: half-maps"):
+            # σ²/τ² per shell: a property of the data and the signal, shared by a half-set and its quarters
+            term = wiener_regularization(acc.half_weight(h), fsc, box_size, padding)
+            regularized[h - 1] = accumulators_to_map(*acc.half(h), box_size, padding=padding, regularization=term,
+                                                     overwrite=acc.half_is_temporary)
+        if nu is not None:
             with timer("maps: half-maps"):
-                qa, qb = (accumulators_to_map(*acc.quarter(h, q), box_size, padding=padding,
-                                              regularization=terms[h]) for q in (0, 1))
+                qa, qb = (accumulators_to_map(*acc.quarter(h, q), box_size, padding=padding, regularization=term)
+                          for q in (0, 1))
             with timer("maps: NU filter"):
                 regularized[h - 1], cutoff = nu_filter(regularized[h - 1], qa, qb, nu.n_cutoffs, nu.order, nu.awf,
                                                        nu.smoothing_px, nu.half_map_noise)
             cutoffs.append(cutoff)
-        cutoff_A = cutoff_map_A((cutoffs[0] + cutoffs[1]) / 2, pixel_size_A)
+            qa = qb = None
+        term = None
+    cutoff_A = cutoff_map_A((cutoffs[0] + cutoffs[1]) / 2, pixel_size_A) if nu is not None else None
     average = (regularized[0] + regularized[1]) / 2
     with timer("maps: mask"):
         try:

@@ -113,3 +113,39 @@ def test_noise_free_reconstruction_recovers_the_map(xp):
     assert fsc[1:14].min() > 0.5
     scale = (rec * vol).sum() / (vol * vol).sum()
     assert 0.95 < scale < 1.05
+
+
+@pytest.mark.parametrize("n, padded", [(16, 32), (12, 24), (16, 16)])
+def test_lean_padded_transforms_equal_the_shifted_ones(xp, n, padded):
+    """The padded FT and cropped inverse FT built without shifted copies (a checkerboard sign
+    stands for the shift) equal the plain shift-and-transform definitions."""
+    from cryocv.fourier import ft3_centered_padded, ift3_centered_crop, pad_volume
+    volume = to_device(np.random.default_rng(4).normal(size=(n, n, n)).astype(np.float32), xp)
+    lean = ft3_centered_padded(volume, padded)
+    plain = ft3_centered(pad_volume(volume, padded))
+    assert float(abs(lean - plain).max()) < 1e-4 * float(abs(plain).max())
+    crop = ift3_centered_crop(lean.copy(), padded, n, overwrite=True)
+    start = padded // 2 - n // 2
+    expected = ift3_centered(plain, padded)[start:start + n, start:start + n, start:start + n]
+    assert float(abs(crop - expected).max()) < 1e-5 * float(abs(expected).max())
+    assert float(abs(crop - volume).max()) < 1e-4 * float(abs(volume).max())
+
+
+def test_slab_shell_helpers_match_full_grid_formulas(xp):
+    """radial_average / per_shell_grid / zero_beyond_radius in slabs equal the full-grid formulas."""
+    from cryocv.fourier import half_volume_radius, per_shell_grid, radial_average, shell_index, zero_beyond_radius
+    p = 20
+    radius = half_volume_radius(p, xp)
+    shells = shell_index(radius)
+    values = to_device(np.random.default_rng(5).random(radius.shape).astype(np.float32), xp)
+    full = radial_average(values, shells, p // 2 + 1, slab_elements=1 << 30)
+    slabbed = radial_average(values, None, p // 2 + 1, slab_elements=300)
+    expected = np.array([to_numpy(values)[to_numpy(shells) == s].mean() for s in range(p // 2 + 1)])
+    assert np.allclose(to_numpy(full), expected) and np.allclose(to_numpy(slabbed), expected)
+    table = xp.asarray(np.arange(p // 2 + 2, dtype=np.float64) * 1.5)
+    grid = per_shell_grid(table, p, slab_elements=300)
+    assert np.array_equal(to_numpy(grid), to_numpy(table)[np.minimum(to_numpy(shells), p // 2 + 1)].astype(np.float32))
+    ft = values.astype(xp.complex64)
+    zero_beyond_radius(ft, p / 2, slab_elements=300)
+    kept = to_numpy(radius) <= p / 2
+    assert np.array_equal(to_numpy(ft)[kept], to_numpy(values)[kept]) and not to_numpy(ft)[~kept].any()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import warnings
 from contextlib import contextmanager
 
@@ -108,48 +109,70 @@ class StackCache:
         self.max_open = max_open
         self._open = {}
         self._fds = {}
+        self._busy = {}                 # path -> reads under way (never closed under a reader)
+        self._lock = threading.RLock()
 
     def stack(self, path: str):
         """(n, N, N) memory-mapped view of the stack at ``path`` (for shapes and small reads)."""
-        if path not in self._open:
-            if len(self._open) >= self.max_open:
-                old_path, old = self._open.popitem()
-                old.close()
-                if old_path in self._fds:
-                    os.close(self._fds.pop(old_path))
-            mrc = _open(path)
-            data = mrc.data
-            if data is None:
-                message = _why_no_data(mrc, path)
-                mrc.close()
-                raise CryocvError(message)
-            self._open[path] = mrc
-        data = self._open[path].data
+        with self._lock:
+            if path not in self._open:
+                idle = [p for p in self._open if not self._busy.get(p)]
+                if len(self._open) >= self.max_open and idle:
+                    old = self._open.pop(idle[-1])
+                    old.close()
+                    if idle[-1] in self._fds:
+                        os.close(self._fds.pop(idle[-1]))
+                mrc = _open(path)
+                data = mrc.data
+                if data is None:
+                    message = _why_no_data(mrc, path)
+                    mrc.close()
+                    raise CryocvError(message)
+                self._open[path] = mrc
+            data = self._open[path].data
         return data[None] if data.ndim == 2 else data
 
     def read(self, path: str, indices: np.ndarray, out: np.ndarray):
         """Copy images ``indices`` (k,) of the stack at ``path`` into ``out`` (k, N, N) float32, in
         that order. Runs of consecutive indices are read with one call each."""
-        stack = self.stack(path)
+        with self._lock:
+            stack = self.stack(path)
+            self._busy[path] = self._busy.get(path, 0) + 1
+            if isinstance(stack, np.memmap) and path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds.get(path)
+        try:
+            self._read(stack, fd, path, indices, out)
+        finally:
+            with self._lock:
+                self._busy[path] -= 1
+
+    def _read(self, stack, fd, path: str, indices: np.ndarray, out: np.ndarray):
         offset = getattr(stack, "offset", None)
         if offset is None or not isinstance(stack, np.memmap):  # compressed stacks are read whole
             out[:] = stack[indices]
             return
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
         image_bytes = stack.dtype.itemsize * stack.shape[-2] * stack.shape[-1]
         order = np.argsort(indices, kind="stable")
         sorted_indices = indices[order]
         breaks = np.nonzero(np.diff(sorted_indices) != 1)[0] + 1
         for run_positions, run in zip(np.split(order, breaks), np.split(sorted_indices, breaks)):
-            buffer = np.empty((run.size,) + stack.shape[-2:], dtype=stack.dtype)
+            direct = (run_positions.size == out.shape[0] and out.dtype == stack.dtype and out.flags.c_contiguous
+                      and np.array_equal(run_positions, np.arange(out.shape[0])))
+            buffer = out if direct else np.empty((run.size,) + stack.shape[-2:], dtype=stack.dtype)
             wanted = buffer.nbytes
-            got = os.preadv(self._fds[path], [memoryview(buffer).cast("B")], offset + int(run[0]) * image_bytes)
+            view, start, got = memoryview(buffer).cast("B"), offset + int(run[0]) * image_bytes, 0
+            while got < wanted:          # one call returns at most ~2 GiB (Linux), or less at the end of the file
+                chunk = os.preadv(fd, [view[got:got + (1 << 30)]], start + got)
+                if chunk <= 0:
+                    break
+                got += chunk
             if got != wanted:
                 raise CryocvError(f"{path} is truncated: images {run[0] + 1}–{run[-1] + 1} need "
                                   f"{offset + (int(run[-1]) + 1) * image_bytes} bytes, the file has "
                                   f"{os.path.getsize(path)}")
-            out[run_positions] = buffer
+            if not direct:
+                out[run_positions] = buffer
 
     def close(self):
         for mrc in self._open.values():

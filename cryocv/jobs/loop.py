@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..accumulate import Accumulators, quarter_split
+from ..accumulate import Accumulators, map_stage_device_bytes, quarter_split
 from ..backend import StageTimer, free_device_memory, image_cache_budget_bytes, to_device, to_numpy
-from ..em_pass import em_pass
+from ..em_pass import HalfReferences, em_pass
 from ..errors import CryocvError
 from ..fourier import lowpass_map
 from ..geometry import euler_to_matrix, matrix_to_euler
@@ -110,7 +110,8 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
     ops = symmetry_operators(params.symmetry)
-    source = ParticleSource(particles, xp, 0 if params.stream else image_cache_budget_bytes(xp))
+    source = ParticleSource(particles, xp, 0 if params.stream else
+                            image_cache_budget_bytes(xp, map_stage_device_bytes(n, nu is not None)))
     log(f"  image FTs ({source.ft_bytes / 2**30:.2f} GiB) {'cached on the device' if source.cached else 'streamed'}")
     if state.noise_var_shell is None:
         sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
@@ -124,7 +125,8 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
         with timer("references + search setup"):
             align_mask = (to_device(state.mask, xp) if state.mask is not None
                           else spherical_mask(n, n / 2 - 4, 3.0, xp))
-            volumes = {h: prepare_volume(to_device(state.references[h - 1], xp) * align_mask) for h in (1, 2)}
+            volumes = HalfReferences({h: to_device(state.references[h - 1], xp) * align_mask for h in (1, 2)},
+                                     prepare_volume)
             search = make_search(volumes, to_device(state.noise_var_shell.astype(np.float32), xp), cutoff)
         finest = search.levels[-1]
         log(f"iteration {iteration}{' (final pass, aligned to Nyquist)' if final else ''}: aligning to "

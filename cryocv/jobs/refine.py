@@ -101,11 +101,14 @@ def global_search(params: RefineParams, box_size: int, pixel_size_A: float, xp):
 
     def make_search(volumes: dict, noise, cutoff_px: float) -> PoseSearch:
         levels = search_schedule(box_size, cutoff_px, search)
-        bases = {h: BaseGrid(volumes[h], box_size, levels[0], search) for h in (1, 2)}
+        bases = {1: BaseGrid(volumes[1], box_size, levels[0], search)}    # one half-set's at a time
         batch_size = params.batch_size or search_batch_size(box_size, levels, search, bases[1],
                                                             memory_budget_bytes(xp), cpu=xp is np)
 
         def find_poses(batch):
+            if batch.half not in bases:
+                bases.clear()
+                bases[batch.half] = BaseGrid(volumes[batch.half], box_size, levels[0], search)
             return search_poses(volumes[batch.half], batch.images_ft, batch.ctf, noise, levels, search,
                                 bases[batch.half])
         return PoseSearch(find_poses, levels, batch_size)
