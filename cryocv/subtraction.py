@@ -137,7 +137,7 @@ def recentring_shifts(rotations, origin_px, center_xyz_px):
     (B, 2) → (t (B, 2), new origin (B, 2)), float32 on their device."""
     xp = get_array_module(rotations, origin_px)
     center = xp.asarray(np.asarray(to_numpy(center_xyz_px), dtype=np.float32))
-    projected = (rotations.astype(xp.float32) @ center)[:, :2]
+    projected = (rotations[:, :2, :].astype(xp.float32) * center).sum(axis=-1)        # (A·c)_xy
     residual = origin_px.astype(xp.float32) - projected
     shifts = _round_half_away(residual)
     return shifts.astype(xp.float32), (residual - shifts).astype(xp.float32)
