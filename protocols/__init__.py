@@ -1,5 +1,6 @@
 """Scipion protocols of cryocv (installed as ``cryocv.protocols``)."""
 from .protocol_reconstruct import ProtCryocvReconstruct
 from .protocol_refine import ProtCryocvRefine
+from .protocol_subtract import ProtCryocvSubtract
 
-__all__ = ["ProtCryocvReconstruct", "ProtCryocvRefine"]
+__all__ = ["ProtCryocvReconstruct", "ProtCryocvRefine", "ProtCryocvSubtract"]

@@ -98,10 +98,11 @@ class CryocvProtocolBase:
         errors = []
         if self.useGpu and not self.useQueue() and not self.getGpuList():
             errors.append("Use GPU is set but the GPU IDs are empty: give at least one (e.g. 0).")
-        try:
-            parse_symmetry(self.symmetryGroup.get() or "")
-        except ValueError as exc:
-            errors.append(f"Symmetry: {exc}")
+        if hasattr(self, "symmetryGroup"):
+            try:
+                parse_symmetry(self.symmetryGroup.get() or "")
+            except ValueError as exc:
+                errors.append(f"Symmetry: {exc}")
         parts = self.inputParticles.get()
         if parts is not None and parts.getSize() < 4:
             errors.append(f"Only {parts.getSize()} particles: a gold-standard job needs at least 2 per half-set.")
@@ -134,12 +135,15 @@ def setVoxelSize(path, samplingRate):
         mrc.voxel_size = samplingRate
 
 
-def copyAlignment(inputSet, outputSet, starFile):
+def copyAlignment(inputSet, outputSet, starFile, newImages=False):
     """Copy ``inputSet`` into ``outputSet`` with the poses and half-sets of ``starFile``
     (rows matched on rlnImageId, which relion.convert writes from the object ids). Particles
-    the job left out (unusable images, listed in its log) have no row and are not copied."""
+    the job left out (unusable images, listed in its log) have no row and are not copied.
+    ``newImages``: the particles' images become the file's rlnImageName (relative to the project
+    folder) and the file's rlnImageOriginalName is kept as ``_rlnImageOriginalName``."""
     import relion.convert as convert
     from emtable import Table
+    from pyworkflow.object import String
     from relion.constants import PARTICLE_EXTRA_LABELS
 
     reader = convert.createReader(alignType=ALIGN_PROJ, pixelSize=inputSet.getSamplingRate())
@@ -156,6 +160,9 @@ def copyAlignment(inputSet, outputSet, starFile):
         if row is None:
             return
         reader.setParticleTransform(particle, row)
+        if newImages:
+            particle.setLocation(convert.relionToLocation(row.rlnImageName))
+            particle._rlnImageOriginalName = String(row.rlnImageOriginalName)
         if first[0]:
             reader.createExtraLabels(particle, row, PARTICLE_EXTRA_LABELS)
             first[0] = False

@@ -1,4 +1,6 @@
 """CuPy kernels against their numpy twins (skipped without a GPU)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,62 @@ def test_threshold_mask_and_fsc_on_gpu_match_numpy(n):
         b = gold_standard_fsc(*[cp.asarray(m) for m in noisy], 1.5, mask=gpu, seed=3)
         np.testing.assert_allclose(b["fsc_corrected"], a["fsc_corrected"], atol=1e-5)
         assert b["resolution_A"] == pytest.approx(a["resolution_A"], rel=1e-4)
+
+
+@pytest.mark.parametrize("n", [32, 33])
+def test_subtraction_on_gpu_matches_numpy(n):
+    """Signal model, scale fit, subtraction, re-centring and cropping (cryocv/subtraction.py) give
+    the same on CuPy as on numpy."""
+    import cupy as cp
+    from cryocv.masks import spherical_mask
+    from cryocv.simulate import clean_projections
+    from cryocv.subtraction import center_of_mass, output_images, recentring_shifts, subtract_batch, subtraction_volumes
+    vol = blob_volume(n, seed=6)
+    keep = np.roll(spherical_mask(n, n / 5, 2.0), (2, -3, 4), axis=(0, 1, 2))
+    rng = np.random.default_rng(7)
+    b = 24
+    rot = random_rotations(b, rng).astype(np.float32)
+    origin = rng.normal(0, 2, (b, 2)).astype(np.float32)
+    params = np.tile([15000, 14000, 30, 300, 2.7, 0.1, 0, 0, 1], (b, 1)).astype(np.float64)
+    params[:, :2] += rng.uniform(-5000, 5000, (b, 1))
+    clean = clean_projections(prepare_volume(vol), rot, origin, ctf_half_plane(params, n, 2.0), n)
+    images = (clean * rng.uniform(0.7, 1.4, (b, 1, 1)) + 0.3 * rng.normal(size=clean.shape) * clean.std())
+    results = []
+    for xp in (np, cp):
+        full_ft, subtract_ft = subtraction_volumes(xp.asarray(vol), xp.asarray(keep))
+        images_ft = ft2_centered(xp.asarray(images.astype(np.float32))).astype(xp.complex64)
+        subtracted, scales = subtract_batch(images_ft, ctf_half_plane(xp.asarray(params), n, 2.0), xp.asarray(rot),
+                                            xp.asarray(origin), full_ft, subtract_ft, r_max_px=n / 3)
+        shifts, new_origin = recentring_shifts(xp.asarray(rot), xp.asarray(origin), center_of_mass(xp.asarray(keep)))
+        out = output_images(subtracted, shifts, new_box=16)
+        results.append([to_numpy(a) for a in (scales, shifts, new_origin, out)])
+    (scales, shifts, new_origin, out), gpu = results
+    np.testing.assert_allclose(gpu[0], scales, rtol=1e-4)
+    np.testing.assert_array_equal(gpu[1], shifts)
+    np.testing.assert_allclose(gpu[2], new_origin, atol=1e-4)
+    np.testing.assert_allclose(gpu[3], out, atol=1e-4 * np.abs(out).max())
+    assert out.shape == (b, 16, 16) and 0.6 < np.median(scales) < 1.5
+
+
+def test_subtract_job_on_gpu_writes_what_the_cpu_writes(tmp_path):
+    """`cryocv subtract --device gpu` (ParticleSource batches on the GPU) against --device cpu."""
+    from cryocv.io.mrc import write_map
+    from cryocv.io.particle_files import load_particles
+    from cryocv.jobs.subtract import SubtractParams, run
+    from cryocv.masks import spherical_mask
+    from cryocv.simulate import simulate
+    n = 32
+    vol = blob_volume(n, seed=8)
+    write_map(str(tmp_path / "map.mrc"), vol, 2.0)
+    write_map(str(tmp_path / "keep.mrc"), np.roll(spherical_mask(n, 5.0, 2.0), (3, 0, -4), axis=(0, 1, 2)), 2.0)
+    simulate(vol, 2.0, 200, str(tmp_path / "sim"), snr=1.0, seed=2, progress=False)
+    outputs = []
+    for device in ("cpu", "gpu"):
+        out = str(tmp_path / device)
+        run(str(tmp_path / "sim" / "particles.star"), [str(tmp_path / "map.mrc")] * 2, str(tmp_path / "keep.mrc"), out,
+            SubtractParams(recenter=True, new_box=24, batch_size=64), device=device, progress=False)
+        outputs.append(load_particles(os.path.join(out, "particles.star")))
+    cpu, gpu = outputs
+    np.testing.assert_allclose(gpu.origin_A, cpu.origin_A, atol=1e-3)
+    images = cpu.read_images()
+    np.testing.assert_allclose(gpu.read_images(), images, atol=1e-4 * np.abs(images).max())

@@ -110,7 +110,7 @@ def test_plugin_loads_with_protocols_viewers_bibtex_and_menu(tmp_path):
     from pyworkflow.viewer import DESKTOP_TKINTER
     assert "cryocv" in Domain.getPlugins(), "Scipion did not load the cryocv plugin (import error?)"
     protocols = Domain.getProtocols()
-    assert {"ProtCryocvRefine", "ProtCryocvReconstruct"} <= set(protocols)
+    assert {"ProtCryocvRefine", "ProtCryocvReconstruct", "ProtCryocvSubtract"} <= set(protocols)
     viewers = Domain.findViewers(protocols["ProtCryocvRefine"].getClassName(), DESKTOP_TKINTER)
     assert "CryocvViewer" in [v.__name__ for v in viewers]
     module = Domain.getPlugins()["cryocv"]
@@ -121,7 +121,7 @@ def test_plugin_loads_with_protocols_viewers_bibtex_and_menu(tmp_path):
     base.write_text("[PROTOCOLS]\nProtocols SPA = [\n ]\n")
     tree = ProtocolTreeConfig.load(Domain, str(base))
     section = next(c for c in tree["Protocols SPA"].childs if str(c.text) == "cryocv")
-    assert {str(c.value) for c in section.childs} == {"ProtCryocvRefine", "ProtCryocvReconstruct"}
+    assert {str(c.value) for c in section.childs} == {"ProtCryocvRefine", "ProtCryocvReconstruct", "ProtCryocvSubtract"}
 
 
 def test_plugin_runs_the_core_in_its_configured_environment(monkeypatch):
@@ -247,6 +247,59 @@ def test_reconstruct_protocol_from_refined_poses(project, refined, dataset):
     assert f"{report['resolution_A']:.2f} Å" in protocol.summary()[0]
     assert "[Chen2013]" in protocol.methods()[0] and protocol._citations() == ["Scheres2012", "Chen2013"]
     assert protocol.warnings() == []   # the particles have a CTF
+
+
+def test_subtract_protocol_leaves_the_noise_with_half_sets_poses_and_original_names(project, dataset, tmp_path):
+    """Particles with their true poses and half-sets, the true map as both half-maps and an all-zero
+    keep mask: the subtracted (and cropped) images are the simulation's noise; the output set keeps
+    poses and half-sets and records each particle's original image."""
+    from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes
+    from cryocv.protocols import ProtCryocvSubtract
+    root, truth = dataset
+    for name in ("truth_half1", "truth_half2"):      # the importer links the half-maps by name
+        write_map(str(root / f"{name}.mrc"), truth, PIXEL_A)
+    write_map(str(root / "zero_mask.mrc"), np.zeros_like(truth), PIXEL_A)
+    particles = launch(project, project.newProtocol(
+        ProtImportParticles, objLabel="import true poses", importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+        starFile=str(root / "sim" / "particles.star"), samplingRate=PIXEL_A, voltage=300, sphericalAberration=2.7,
+        amplitudeContrast=0.1)).outputParticles
+    volume = launch(project, project.newProtocol(
+        ProtImportVolumes, filesPath=str(root / "truth.mrc"), samplingRate=PIXEL_A, setHalfMaps=True,
+        half1map=str(root / "truth_half1.mrc"), half2map=str(root / "truth_half2.mrc"))).outputVolume
+    mask = launch(project, project.newProtocol(ProtImportMask, maskPath=str(root / "zero_mask.mrc"),
+                                               samplingRate=PIXEL_A)).outputMask
+    protocol = project.newProtocol(ProtCryocvSubtract, objLabel="cryocv subtract", newBox=BOX - 8, useGpu=False)
+    protocol.inputParticles.set(particles)
+    protocol.inputVolume.set(volume)
+    protocol.refMask.set(mask)
+    assert protocol.validate() == []
+    launch(project, protocol)
+    out = protocol.outputParticles
+    assert out.getSize() == N_PARTICLES and out.hasAlignmentProj() and out.getXDim() == BOX - 8
+    clean = simulate(truth, PIXEL_A, N_PARTICLES, str(tmp_path / "clean"), snr=np.inf, seed=3, progress=False,
+                     shift_sigma_A=2.0).read_images()
+    noisy = load_particles(str(root / "sim" / "particles.star"))
+    noise = (noisy.read_images() - clean)[:, 4:BOX - 4, 4:BOX - 4]
+    subtracted = scipion_poses(out, str(tmp_path))
+    residual = subtracted.read_images() - noise
+    fraction = float((residual ** 2).sum() / (clean[:, 4:BOX - 4, 4:BOX - 4] ** 2).sum())
+    print(f"Scipion subtraction, zero keep mask: residual signal power {fraction:.2e}")
+    assert fraction < 0.02
+    np.testing.assert_array_equal(subtracted.half_set, noisy.half_set)
+    np.testing.assert_allclose(subtracted.euler_deg, noisy.euler_deg, atol=0.01)
+    originals = [p._rlnImageOriginalName.get() for p in out.iterItems(orderBy="id")]
+    inputs = [p.getLocation() for p in particles.iterItems(orderBy="id")]
+    assert [(int(o.split("@")[0]), os.path.realpath(o.split("@")[1])) for o in originals] == \
+        [(i, os.path.realpath(f)) for i, f in inputs]         # the stacks the conversion linked into extra/
+    assert "Subtracted 300 particles" in protocol.summary()[0]
+    volume_without_halves = launch(project, project.newProtocol(
+        ProtImportVolumes, filesPath=str(root / "truth.mrc"), samplingRate=PIXEL_A)).outputVolume
+    protocol = project.newProtocol(ProtCryocvSubtract, newBox=23)
+    protocol.inputParticles.set(particles)
+    protocol.inputVolume.set(volume_without_halves)
+    protocol.refMask.set(mask)
+    errors = protocol.validate()
+    assert any("no half-maps" in e for e in errors) and any("even" in e for e in errors), errors
 
 
 def test_viewers_render_fsc_and_pose_plots(refined, tmp_path):

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import mrcfile
 import mrcfile.utils
@@ -181,3 +182,73 @@ class StackCache:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class StackWriter:
+    """An MRC image stack (n, N, N) float32 written in pieces, as a context manager: the file is
+    created at full size under a temporary name (:func:`atomic_path`), :meth:`write` copies images
+    to their positions with positioned writes (nothing but the images given is held in memory),
+    and a successful exit writes the header statistics and renames it onto ``path``; an exception,
+    or an image position never written, leaves no file named ``path``."""
+
+    def __init__(self, path: str, n_images: int, box_size: int, pixel_size_A: float):
+        self.path, self.shape, self.pixel_size_A = path, (int(n_images), int(box_size), int(box_size)), pixel_size_A
+        self.written = np.zeros(int(n_images), dtype=bool)
+        self._stats = [np.inf, -np.inf, 0.0, 0.0]     # min, max, sum, sum of squares
+
+    def __enter__(self):
+        self._exit = ExitStack()
+        try:
+            tmp = self._exit.enter_context(atomic_path(self.path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._mrc = mrcfile.new_mmap(tmp, shape=self.shape, mrc_mode=2, overwrite=True)
+            self._exit.callback(self._mrc.close)
+            self._mrc.set_image_stack()
+            self._mrc.voxel_size = float(self.pixel_size_A)
+            self._offset = int(self._mrc.data.offset)
+            self._fd = os.open(tmp, os.O_WRONLY)
+            self._exit.callback(os.close, self._fd)
+        except BaseException:
+            self._exit.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, indices, images):
+        """Write ``images`` (k, N, N) at stack positions ``indices`` (k,) (0-based)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.shape != (indices.size,) + self.shape[1:]:
+            raise ValueError(f"images of shape {images.shape} for {indices.size} positions of a {self.shape} stack")
+        image_bytes = images[0].nbytes if indices.size else 0
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        breaks = np.nonzero(np.diff(ordered) != 1)[0] + 1
+        for positions, run in zip(np.split(order, breaks), np.split(ordered, breaks)):
+            if run.size == 0:
+                continue
+            block = np.ascontiguousarray(images[positions])
+            view, at = memoryview(block).cast("B"), self._offset + int(run[0]) * image_bytes
+            while len(view):
+                done = os.pwrite(self._fd, view, at)
+                view, at = view[done:], at + done
+        self.written[indices] = True
+        values = images.astype(np.float64)
+        self._stats = [min(self._stats[0], float(values.min(initial=np.inf))),
+                       max(self._stats[1], float(values.max(initial=-np.inf))),
+                       self._stats[2] + float(values.sum()), self._stats[3] + float((values ** 2).sum())]
+
+    def __exit__(self, exc_type, exc, traceback):
+        try:
+            if exc_type is None:
+                if not self.written.all():
+                    raise RuntimeError(f"{self.path}: image {int(np.argmin(self.written)) + 1} was never written")
+                count = self.written.size * self.shape[1] * self.shape[2]
+                mean = self._stats[2] / count
+                header = self._mrc.header
+                header.dmin, header.dmax, header.dmean = self._stats[0], self._stats[1], mean
+                header.rms = np.sqrt(max(self._stats[3] / count - mean * mean, 0.0))
+        except BaseException:
+            self._exit.__exit__(*sys.exc_info())
+            raise
+        return self._exit.__exit__(exc_type, exc, traceback)

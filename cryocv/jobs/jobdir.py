@@ -46,6 +46,8 @@ ITERATIONS = "iterations"
 REFERENCES = ("reference_1.mrc", "reference_2.mrc")  # per iteration: the next iteration's references
 STATE_JSON = "state.json"
 POSES_NPZ = "poses.npz"
+# subtract: writes the stack, job.json, then particles.star (its last write: marks the job finished)
+SUBTRACTED_STACK = "particles_subtracted.mrcs"
 # demo
 DEMO_SIMULATED = "simulated"
 DEMO_REFINE = "refine"
@@ -78,19 +80,21 @@ def read_json(file_path: str) -> dict:
         return json.load(handle)
 
 
-def remove_stale_outputs(job_dir: str):
-    """A rerun must not leave an older finished map (or record) beside new partial outputs."""
-    for name in (MAP, JOB_JSON):
+def remove_stale_outputs(job_dir: str, also=()):
+    """A rerun must not leave an older finished map (or record, or the files ``also`` names)
+    beside new partial outputs."""
+    for name in (MAP, JOB_JSON) + tuple(also):
         if os.path.isfile(path(job_dir, name)):
             os.remove(path(job_dir, name))
 
 
-def check_output_dir(job_dir: str, overwrite: bool):
+def check_output_dir(job_dir: str, overwrite: bool, finished=(MAP,)):
     """Before any work: ``job_dir`` must be (or become) a writable folder, and not hold a finished
-    job or a refinement unless ``overwrite`` (the same rule for every job). Creates nothing."""
+    job (one of the files ``finished``) or a refinement unless ``overwrite`` (the same rule for every
+    job). Creates nothing."""
     if os.path.exists(job_dir) and not os.path.isdir(job_dir):
         raise CryocvError(f"--out {job_dir} is a file, not a folder")
-    held = [name for name in (CHECKPOINT, MAP) if os.path.isfile(path(job_dir, name))]
+    held = [name for name in (CHECKPOINT,) + tuple(finished) if os.path.isfile(path(job_dir, name))]
     if held and not overwrite:
         what = "a refinement" if held[0] == CHECKPOINT else "a finished job"
         resume = f"continue it with --continue {job_dir}, " if held[0] == CHECKPOINT else ""
@@ -103,16 +107,16 @@ def check_output_dir(job_dir: str, overwrite: bool):
         raise CryocvError(f"cannot write into {job_dir}: {existing} is not a writable folder")
 
 
-def create_output_dir(job_dir: str, overwrite: bool):
+def create_output_dir(job_dir: str, overwrite: bool, also=()):
     """After the inputs were checked: make ``job_dir`` and, with ``overwrite``, remove the
-    previous job's outputs and checkpoints."""
+    previous job's outputs (with the files ``also`` names) and checkpoints."""
     try:
         os.makedirs(job_dir, exist_ok=True)
     except OSError as exc:
         raise CryocvError(f"cannot create {job_dir}: {exc.strerror}") from None
     remove_stale_temp_files(job_dir)
     if overwrite:
-        remove_stale_outputs(job_dir)
+        remove_stale_outputs(job_dir, also)
         for name in (CHECKPOINT, REFINE_CONFIG):
             if os.path.isfile(path(job_dir, name)):
                 os.remove(path(job_dir, name))
