@@ -203,15 +203,16 @@ def image_names(particles: Particles, path: str, input_names=None) -> list:
     itself would still find the same image with it (absolute, or relative to the working directory,
     the project directory: a job run there keeps its input's names unchanged), else ``index@stack``
     with the stack named by :func:`project_image_path`."""
-    names = [f"{i + 1:06d}@{project_image_path(p, path)}" for i, p in zip(particles.stack_indices, particles.stack_paths)]
+    stacks = {p: project_image_path(p, path) for p in dict.fromkeys(particles.stack_paths)}   # few distinct
+    names = [f"{i + 1:06d}@{stacks[p]}" for i, p in zip(particles.stack_indices, particles.stack_paths)]
     if input_names is None or len(input_names) != len(particles):
         return names
-    found = {}
+    found, absolute = {}, {p: os.path.abspath(p) for p in stacks}
     for row, name in enumerate(np.asarray(input_names, dtype=str)):
         index, stack = name.split("@", 1) if "@" in name else ("", name)
         if stack not in found:
             found[stack] = os.path.abspath(stack) if stack and os.path.exists(stack) else None
-        if (found[stack] is not None and found[stack] == os.path.abspath(particles.stack_paths[row])
+        if (found[stack] is not None and found[stack] == absolute[particles.stack_paths[row]]
                 and (int(index) - 1 if index.strip().isdigit() else 0) == particles.stack_indices[row]):
             names[row] = name
     return names

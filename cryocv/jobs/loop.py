@@ -127,13 +127,12 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
                           else spherical_mask(n, n / 2 - 4, 3.0, xp))
             volumes = HalfReferences({h: to_device(state.references[h - 1], xp) * align_mask for h in (1, 2)},
                                      prepare_volume)
+            acc = Accumulators(n, ops, xp, quarters)     # first: the search sizes its batches from what is left
             search = make_search(volumes, to_device(state.noise_var_shell.astype(np.float32), xp), cutoff)
         finest = search.levels[-1]
         log(f"iteration {iteration}{' (final pass, aligned to Nyquist)' if final else ''}: aligning to "
             f"{n * px / cutoff:.2f} Å, {len(search.levels)} search levels down to "
             f"{math.degrees(finest.rotation_step_rad):.2f}°/{finest.shift_step_px * px:.2f} Å")
-        with timer("references + search setup"):
-            acc = Accumulators(n, ops, xp, quarters)
         result = em_pass(source, search.find_poses, acc, search.batch_size, references=volumes,
                          progress=progress, log=log)
         volumes = search = None          # the maps below need the device memory at large boxes
