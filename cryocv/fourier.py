@@ -245,3 +245,15 @@ def lowpass_map(volume, pixel_size_A: float, resolution_A: float, edge_shells: f
     t = xp.clip((radius - cutoff) / edge_shells + 0.5, 0, 1)
     profile = 0.5 * (1 + xp.cos(np.pi * t))
     return ift3_centered(ft3_centered(volume.astype(xp.float32)) * profile, n).astype(xp.float32)
+
+
+def shift_volume(volume, shift_px):
+    """``volume`` (N, N, N) with its content moved by ``shift_px`` (x, y, z px; sub-pixel, by a
+    Fourier phase ramp, circular): ``out(r) = volume(r − shift)``."""
+    xp = get_array_module(volume)
+    n = volume.shape[0]
+    k = xp.fft.fftfreq(n).astype(xp.float32)
+    kx = xp.fft.rfftfreq(n).astype(xp.float32)
+    sx, sy, sz = (float(v) for v in shift_px)
+    ramp = xp.exp(-2j * np.pi * (k[:, None, None] * sz + k[None, :, None] * sy + kx[None, None, :] * sx))
+    return xp.fft.irfftn(xp.fft.rfftn(volume) * ramp.astype(xp.complex64), s=volume.shape).astype(volume.dtype)

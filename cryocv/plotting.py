@@ -121,3 +121,25 @@ def draw_poses(fig, euler_deg, history=None, change_vs_input_deg=None, title: st
         ax.set_title(f"median {np.median(change):.2f}°", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+
+
+def plot_pose_change(rotation_change_deg, shift_change_A, rotation_extent_deg: float, shift_extent_A: float,
+                     path: str, title: str = "Change from the input poses"):
+    """Histograms of each particle's rotation (°) and shift (Å) change from its input pose with
+    the search extents marked (particles piled at an extent: the extents are too small)."""
+    fig = Figure(figsize=(8.5, 3.4), dpi=110)
+    for i, (values, extent, label) in enumerate(((rotation_change_deg, rotation_extent_deg, "rotation change (°)"),
+                                                 (shift_change_A, shift_extent_A, "shift change of the fulcrum (Å)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        values = np.asarray(values, dtype=float)
+        ax.hist(values, bins=np.linspace(0, extent * 1.05, 42), color="tab:gray")
+        ax.axvline(extent, color="tab:red", ls="--", label="extent")
+        ax.axvline(np.median(values), color="tab:blue", ls=":", label=f"median {np.median(values):.2f}")
+        at_limit = float(np.mean(values >= 0.95 * extent)) if values.size else 0.0
+        ax.set_title(f"{100 * at_limit:.1f}% at the extent", fontsize=9)
+        ax.set_xlabel(label)
+        ax.set_ylabel("particles")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)

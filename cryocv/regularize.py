@@ -63,11 +63,13 @@ class MapResult:
 
 
 def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask, nu: NUParams | None,
-                          mask_threshold: float, seed: int = 0, timer: StageTimer | None = None) -> MapResult:
+                          mask_threshold: float, seed: int = 0, timer: StageTimer | None = None,
+                          make_mask=None) -> MapResult:
     """Regularized half-maps (Wiener; then the NU filter when ``nu`` is given, which needs
     quarter-set accumulators), a dynamic mask at ``mask_threshold`` of the maximum, and the
     FSC report of the unfiltered half-maps (masked with ``previous_mask`` for the Wiener term).
-    ``timer`` collects seconds per step."""
+    ``timer`` collects seconds per step; ``make_mask(average map)`` → mask replaces the dynamic
+    mask (e.g. a user's static mask)."""
     box_size, padding = acc.box_size, acc.padding
     xp = get_array_module(acc.grids[(1, 0)][0])
     timer = timer or StageTimer(xp)
@@ -101,7 +103,8 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
     average = (regularized[0] + regularized[1]) / 2
     with timer("maps: mask"):
         try:
-            mask = auto_threshold_mask(average, pixel_size_A, mask_threshold)
+            mask = (make_mask(average) if make_mask is not None
+                    else auto_threshold_mask(average, pixel_size_A, mask_threshold))
         except ValueError:
             mask = None
     with timer("maps: FSC"):

@@ -280,15 +280,23 @@ def global_start(base: BaseGrid, images_ft, ctf, noise_var_shell, n_kept: int) -
                       xp.take_along_axis(best, keep, axis=1))
 
 
+def log_likelihood(scores):
+    """The score ``c/√n`` as a log-likelihood gain ``s·|s|/2`` (monotonic in ``s``): the unit in
+    which log-priors are added."""
+    return 0.5 * scores * abs(scores)
+
+
 def subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLevel], params: SearchParams,
-              start: Candidates, padding: int = DEFAULT_PADDING) -> SearchResult:
+              start: Candidates, padding: int = DEFAULT_PADDING, prior=None) -> SearchResult:
     """Branch-and-bound subdivision from ``start`` (cells of ``levels[0]``) through ``levels[1:]``:
     8 rotation × 4 shift children per kept cell, scored at the level's cutoff, the best
     :func:`candidates_per_level` kept. Any start works: the global grid (:func:`global_start`),
     poses around a prior, symmetry mates.
 
     ``volume_ft`` from :func:`cryocv.projector.prepare_volume`; ``images_ft`` (B, N, N//2+1)
-    raw half-plane FTs; ``ctf`` same shape or None; ``noise_var_shell`` (N//2+1,)."""
+    raw half-plane FTs; ``ctf`` same shape or None; ``noise_var_shell`` (N//2+1,). ``prior``
+    (e.g. :class:`cryocv.local_search.LocalPrior`): children are ranked by
+    :func:`log_likelihood` + ``prior.rotation(R)`` + ``prior.shift(t)`` (−∞ outside bounds)."""
     xp = get_array_module(volume_ft)
     n = images_ft.shape[-2]
     b = images_ft.shape[0]
@@ -304,6 +312,9 @@ def subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLev
         slices = slices.reshape(b, kk, 8, -1)
         phases = shift_phases(points, sh_children)                                   # (B, K, 4, M)
         child_scores = score_children(terms, slices, phases)                          # (B, K, 4, 8)
+        if prior is not None:
+            child_scores = (log_likelihood(child_scores) + prior.shift(sh_children)[..., :, None]
+                            + prior.rotation(rot_children)[:, :, None, :])
         shift_pick = xp.argmax(child_scores, axis=2)                                  # (B, K, 8)
         child_best = xp.max(child_scores, axis=2).reshape(b, kk * 8)
         keep = _top_k(child_best, k)

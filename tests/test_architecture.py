@@ -16,10 +16,10 @@ LAYERS = [
     {"errors", "backend", "bibtex"},
     {"fourier", "geometry", "symmetry", "ctf", "masks", "kernels", "projector", "fsc", "models"},
     {"io.mrc", "particles", "io.star", "io.cs", "io.particle_files"},
-    {"source", "subtraction", "noise", "search", "accumulate", "em_pass", "nonuniform", "regularize", "reconstruct",
-     "simulate", "plotting"},
+    {"source", "subtraction", "noise", "search", "local_search", "accumulate", "em_pass", "nonuniform", "regularize",
+     "reconstruct", "simulate", "plotting"},
     {"jobs.jobdir", "jobs.common", "jobs.loop", "jobs.simulate", "jobs.reconstruct", "jobs.refine", "jobs.subtract",
-     "jobs.fsc", "jobs.convert", "jobs.demo"},
+     "jobs.local_refine", "jobs.fsc", "jobs.convert", "jobs.demo"},
     {"cli", "__main__", "scipion_plugin", "scipion_env"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -48,6 +48,7 @@ STATE_JSON = "state.json"
 POSES_NPZ = "poses.npz"
 # subtract: writes the stack, job.json, then particles.star (its last write: marks the job finished)
 SUBTRACTED_STACK = "particles_subtracted.mrcs"
+POSE_CHANGE_PNG = "pose_change.png"         # local refinement: rotation and shift change from the input
 # demo
 DEMO_SIMULATED = "simulated"
 DEMO_REFINE = "refine"
@@ -78,6 +79,21 @@ def write_json(file_path: str, data: dict):
 def read_json(file_path: str) -> dict:
     with open(file_path) as handle:
         return json.load(handle)
+
+
+def read_job_config(job_dir: str) -> dict:
+    """The refine_config.json a refinement (global or local) started with, for --continue; a
+    missing or damaged one is a one-line error."""
+    config_path = path(job_dir, REFINE_CONFIG)
+    if not os.path.isfile(config_path):
+        raise CryocvError(f"{job_dir} holds no refinement to continue (no {REFINE_CONFIG})")
+    try:
+        config = read_json(config_path)
+        config["parameters"]["symmetry"]       # noqa: B018 - the keys a job needs
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CryocvError(f"{config_path} is damaged ({type(exc).__name__}: {exc}): start again with "
+                          f"--overwrite") from None
+    return config
 
 
 def remove_stale_outputs(job_dir: str, also=()):

@@ -8,7 +8,7 @@ dynamic mask and measures the masked, corrected FSC; the next alignment cutoff i
 resolution plus a few Fourier shells. Refinement stops when resolution and pose changes
 both stop improving (or at ``max_iterations``) and ends with one pass aligned to Nyquist.
 
-The job passes ``make_search(volumes, noise, cutoff_px)`` → :class:`PoseSearch`: the
+The job passes ``make_search(volumes, noise, cutoff_px, state)`` → :class:`PoseSearch`: the
 only thing that differs between a global and a local refinement.
 """
 from __future__ import annotations
@@ -101,11 +101,13 @@ def nu_params(params) -> NUParams | None:
 
 
 def iterate(particles: Particles, state: RefineState, params, xp, store: CheckpointStore,
-            make_search: Callable[[dict, object, float], PoseSearch], progress: bool = True,
-            log=print) -> tuple[RefineState, MapResult]:
+            make_search: Callable[[dict, object, float, RefineState], PoseSearch], progress: bool = True,
+            log=print, make_mask=None) -> tuple[RefineState, MapResult]:
     """Run iterations from ``state`` until converged, then the final pass; checkpoint each.
 
-    ``params``: a refinement's Params (regularizer, NU settings, symmetry, iterations, seed...)."""
+    ``params``: a refinement's Params (regularizer, NU settings, symmetry, iterations, seed...);
+    ``make_search(references, noise, cutoff_px, state)`` → :class:`PoseSearch` (global, local...);
+    ``make_mask(average map)`` replaces the dynamic mask (see :func:`regularize_and_assess`)."""
     n, px = particles.box_size, particles.pixel_size_A
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
@@ -128,7 +130,7 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
             volumes = HalfReferences({h: to_device(state.references[h - 1], xp) * align_mask for h in (1, 2)},
                                      prepare_volume)
             acc = Accumulators(n, ops, xp, quarters)     # first: the search sizes its batches from what is left
-            search = make_search(volumes, to_device(state.noise_var_shell.astype(np.float32), xp), cutoff)
+            search = make_search(volumes, to_device(state.noise_var_shell.astype(np.float32), xp), cutoff, state)
         finest = search.levels[-1]
         log(f"iteration {iteration}{' (final pass, aligned to Nyquist)' if final else ''}: aligning to "
             f"{n * px / cutoff:.2f} Å, {len(search.levels)} search levels down to "
@@ -137,7 +139,8 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
                          progress=progress, log=log)
         volumes = search = None          # the maps below need the device memory at large boxes
         free_device_memory(xp)
-        maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed, timer=timer)
+        maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed, timer=timer,
+                                     make_mask=make_mask)
         check_result(maps.report, maps.half_maps)
         record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
                   "resolution_A": maps.report["resolution_A"],

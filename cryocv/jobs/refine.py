@@ -99,7 +99,7 @@ def global_search(params: RefineParams, box_size: int, pixel_size_A: float, xp):
     then branch-and-bound subdivision, each half-set against its own reference."""
     search = params.search_params(box_size, pixel_size_A)
 
-    def make_search(volumes: dict, noise, cutoff_px: float) -> PoseSearch:
+    def make_search(volumes: dict, noise, cutoff_px: float, state=None) -> PoseSearch:
         levels = search_schedule(box_size, cutoff_px, search)
         bases = {1: BaseGrid(volumes[1], box_size, levels[0], search)}    # one half-set's at a time
         batch_size = params.batch_size or search_batch_size(box_size, levels, search, bases[1],
@@ -122,38 +122,43 @@ def add_args(p):
     p.add_argument("--out", help="output directory")
     p.add_argument("--continue", dest="continue_dir", metavar="DIR",
                    help="continue the refinement in DIR from its last checkpoint (other options are ignored)")
-    option(p, "--regularizer", RefineParams, "regularizer", choices=["nu", "uniform"],
-           help="nu: non-uniform cross-validated filter; uniform: FSC-Wiener filter")
-    option(p, "--sym", RefineParams, "symmetry", help="point group: C<n>, D<n>, T, O, I")
-    option(p, "--initial-lowpass-A", RefineParams, "initial_lowpass_A", help="low-pass of the reference (Å)")
-    option(p, "--max-iterations", RefineParams, "max_iterations",
-           help="iterations before the final pass to Nyquist, if not converged earlier")
     p.add_argument("--max-shift-A", dest="max_shift_A", type=float, default=RefineParams.max_shift_A,
                    help="shift search range ± (default 10%% of the box)")
     option(p, "--base-step-deg", RefineParams, "base_step_deg", help="base angular grid of the search")
-    option(p, "--fine-step-deg", RefineParams, "fine_step_deg", help="finest angular step")
-    option(p, "--candidates", RefineParams, "n_candidates", help="poses kept per image at the fine search levels")
-    option(p, "--base-candidates", RefineParams, "n_base_candidates",
-           help="poses kept per image after the coarse base grid, halved per level down to --candidates")
-    option(p, "--nu-cutoffs", RefineParams, "nu_cutoffs", help="NU: candidate cutoffs")
-    option(p, "--nu-order", RefineParams, "nu_order", help="NU: Butterworth filter order")
-    option(p, "--nu-awf", RefineParams, "nu_awf", help="NU: adaptive window factor")
-    option(p, "--nu-plain-cv", RefineParams, "nu_half_map_noise", action="store_false",
-           help="NU: the paper's plain quarter-map CV loss, without the correction for the quarter-maps' "
-                "extra noise")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=RefineParams.batch_size,
-                   help="images per batch (default: from the memory budget)")
-    option(p, "--stream", RefineParams, "stream", action="store_true",
-           help="read the images from disk in every pass (overlapped with the search) instead of caching "
-                "their Fourier transforms on the device (automatic when they do not fit)")
-    option(p, "--seed", RefineParams, "seed", help="seed for the half-set and quarter-set splits")
-    option(p, "--keep-checkpoints", RefineParams, "keep_checkpoints",
-           help="iteration checkpoints kept, the newest (0 keeps all)")
-    option(p, "--strict", RefineParams, "strict", action="store_true",
-           help="stop at an unusable image (NaN, blank, overflowing) instead of leaving it out")
-    p.add_argument("--datadir", help="extra folder to look for image stacks in")
+    add_search_and_regularizer_args(p, RefineParams)
     output_args(p)
     device_args(p, gpu=True)
+
+
+def add_search_and_regularizer_args(p, params_class):
+    """Options refine and local-refine share, defaults from ``params_class``."""
+    option(p, "--regularizer", params_class, "regularizer", choices=["nu", "uniform"],
+           help="nu: non-uniform cross-validated filter; uniform: FSC-Wiener filter")
+    option(p, "--sym", params_class, "symmetry", help="point group: C<n>, D<n>, T, O, I")
+    option(p, "--initial-lowpass-A", params_class, "initial_lowpass_A", help="low-pass of the reference (Å)")
+    option(p, "--max-iterations", params_class, "max_iterations",
+           help="iterations before the final pass to Nyquist, if not converged earlier")
+    option(p, "--fine-step-deg", params_class, "fine_step_deg", help="finest angular step")
+    option(p, "--candidates", params_class, "n_candidates", help="poses kept per image at the fine search levels")
+    option(p, "--base-candidates", params_class, "n_base_candidates",
+           help="poses kept per image after the coarse base grid, halved per level down to --candidates")
+    option(p, "--nu-cutoffs", params_class, "nu_cutoffs", help="NU: candidate cutoffs")
+    option(p, "--nu-order", params_class, "nu_order", help="NU: Butterworth filter order")
+    option(p, "--nu-awf", params_class, "nu_awf", help="NU: adaptive window factor")
+    option(p, "--nu-plain-cv", params_class, "nu_half_map_noise", action="store_false",
+           help="NU: the paper's plain quarter-map CV loss, without the correction for the quarter-maps' "
+                "extra noise")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=params_class.batch_size,
+                   help="images per batch (default: from the memory budget)")
+    option(p, "--stream", params_class, "stream", action="store_true",
+           help="read the images from disk in every pass (overlapped with the search) instead of caching "
+                "their Fourier transforms on the device (automatic when they do not fit)")
+    option(p, "--seed", params_class, "seed", help="seed for the half-set and quarter-set splits")
+    option(p, "--keep-checkpoints", params_class, "keep_checkpoints",
+           help="iteration checkpoints kept, the newest (0 keeps all)")
+    option(p, "--strict", params_class, "strict", action="store_true",
+           help="stop at an unusable image (NaN, blank, overflowing) instead of leaving it out")
+    p.add_argument("--datadir", help="extra folder to look for image stacks in")
 
 
 def main(args) -> int:
