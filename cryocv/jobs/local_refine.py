@@ -206,9 +206,10 @@ def subtract_into(out_dir: str, particles, half_maps, mask, xp, params: LocalRef
 
 
 def mask_report(mask, pixel_size_A: float) -> dict:
-    """Mass in the mask (kDa of protein filling its volume) and the width of its soft edge (Å)."""
+    """Mass in the mask (kDa of protein filling its volume where it is >= 0.5, an upper bound: masks
+    are dilated) and the width of its soft edge (Å)."""
     from scipy.ndimage import distance_transform_edt
-    volume_A3 = float(mask.sum()) * pixel_size_A ** 3
+    volume_A3 = float(np.count_nonzero(mask >= 0.5)) * pixel_size_A ** 3
     core = mask >= 0.99
     edge = (mask > 0.01) & ~core
     width = float(np.percentile(distance_transform_edt(~core)[edge], 95)) * pixel_size_A if edge.any() and core.any() else 0.0
