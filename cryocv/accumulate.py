@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_array_module, to_device
-from .projector import DEFAULT_PADDING, FrequencyPoints, accumulators_to_map, empty_accumulators, insert_slices
+from .projector import (DEFAULT_PADDING, FrequencyPoints, accumulators_to_map, divided_to_map, empty_accumulators,
+                        insert_slices, weight_floor)
 
 
 def insert_with_symmetry(accumulator, rotations, points: FrequencyPoints, values, weights, operators,
@@ -60,10 +61,19 @@ class Accumulators:
         (da, wa), (db, wb) = self.grids[(h, 0)], self.grids[(h, 1)]
         return da + db, wa + wb
 
-    @property
-    def half_is_temporary(self) -> bool:
-        """Whether :meth:`half` returns new arrays (sums of quarters) that a caller may destroy."""
-        return self.quarters is not None
+    def half_map(self, h: int, regularization=None):
+        """Map (N, N, N) of half-set ``h`` (see :func:`cryocv.projector.accumulators_to_map`); with
+        quarters the half-set's sums are formed once and divided in place, so a large box needs
+        one data grid and one weight grid beyond the accumulators, and the weight is freed before
+        the inverse FFT."""
+        if self.quarters is None:
+            return accumulators_to_map(*self.grids[(h, 0)], self.box_size, regularization, self.padding)
+        weight = self.half_weight(h)
+        weight += weight_floor(weight) if regularization is None else regularization
+        data = self.grids[(h, 0)][0] + self.grids[(h, 1)][0]
+        data /= weight
+        weight = None
+        return divided_to_map(data, self.box_size, self.padding)
 
     def half_weight(self, h: int):
         """Σ CTF² of half-set ``h`` (the weight grid of :meth:`half`)."""
@@ -77,7 +87,7 @@ class Accumulators:
 
     def half_maps(self):
         """Unregularized half-maps [1, 2] (N, N, N) float32."""
-        return [accumulators_to_map(*self.half(h), self.box_size, padding=self.padding) for h in (1, 2)]
+        return [self.half_map(h) for h in (1, 2)]
 
 
 def map_stage_device_bytes(box_size: int, nu: bool, padding: int = DEFAULT_PADDING) -> int:

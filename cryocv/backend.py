@@ -109,8 +109,13 @@ def free_gpu_memory_bytes() -> int:
 
 
 def free_device_memory(xp):
-    """Return CuPy's cached blocks to the device (no-op on the CPU)."""
+    """Return CuPy's cached blocks to the device, and the work areas its cached FFT plans hold
+    (grid-sized at large boxes), (no-op on the CPU)."""
     if xp is not np:
+        try:
+            xp.fft.config.get_plan_cache().clear()
+        except AttributeError:  # pragma: no cover - CuPy without a plan cache
+            pass
         xp.get_default_memory_pool().free_all_blocks()
 
 

@@ -190,30 +190,35 @@ def empty_accumulators(box_size: int, padding: int = DEFAULT_PADDING, xp=np):
     return xp.zeros(shape, dtype=xp.complex64), xp.zeros(shape, dtype=xp.float32)
 
 
+def weight_floor(weight) -> float:
+    """The default regularization of :func:`accumulators_to_map`: 1e-3 of the mean non-zero
+    weight (guards empty voxels only)."""
+    xp = get_array_module(weight)
+    count = int(xp.count_nonzero(weight))
+    return 1e-3 * float(weight.sum(dtype=xp.float64)) / count if count else 1.0
+
+
 def accumulators_to_map(data_ft, weight, box_size: int, regularization=None,
-                        padding: int = DEFAULT_PADDING, overwrite: bool = False):
+                        padding: int = DEFAULT_PADDING):
     """Divide accumulated data by weight and return the real-space map (N, N, N) float32.
 
     ``regularization`` is added to the weight: a scalar, an array of the
-    accumulators' shape (Wiener term σ²/τ² per voxel), or None for a tiny floor
-    (1e-3 of the mean non-zero weight) that only guards empty voxels.
-    Voxels beyond Nyquist are zeroed, and, as RELION does, the map is zeroed outside
-    the box's inscribed sphere (cosine edge over the last 3 pixels): corners are
-    only noise amplified by the gridding correction. ``overwrite``: the inputs are
-    temporaries and may be destroyed (no grid-sized copies at large boxes).
-    """
+    accumulators' shape (Wiener term σ²/τ² per voxel), or None for :func:`weight_floor`.
+    See :func:`divided_to_map` for the rest."""
     xp = get_array_module(data_ft)
+    regularization = weight_floor(weight) if regularization is None else regularization
+    ft = (data_ft / (weight + regularization)).astype(xp.complex64, copy=False)
+    return divided_to_map(ft, box_size, padding)
+
+
+def divided_to_map(ft, box_size: int, padding: int = DEFAULT_PADDING):
+    """Real-space map (N, N, N) float32 of the padded half-space grid ``ft`` (data / weight; it is
+    destroyed: used as the inverse FFT's scratch). Voxels beyond Nyquist are zeroed, and, as RELION
+    does, the map is zeroed outside the box's inscribed sphere (cosine edge over the last 3
+    pixels): corners are only noise amplified by the gridding correction."""
+    xp = get_array_module(ft)
     np_ = padding * box_size
-    if regularization is None:
-        count = int(xp.count_nonzero(weight))
-        regularization = 1e-3 * float(weight.sum(dtype=xp.float64)) / count if count else 1.0
-    if overwrite:                       # large boxes: no grid-sized temporaries
-        weight += regularization
-        data_ft /= weight
-        ft = data_ft
-    else:
-        ft = (data_ft / (weight + regularization)).astype(xp.complex64, copy=False)
-    zero_beyond_radius(ft, padding * box_size / 2)
+    zero_beyond_radius(ft, np_ / 2)
     cropped = ift3_centered_crop(ft, np_, box_size, overwrite=True)
     window = spherical_mask(box_size, box_size / 2 - 3, 3.0, xp)
     return (cropped * window / trilinear_gridding_profile(box_size, np_, xp)).astype(xp.float32)

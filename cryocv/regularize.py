@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .accumulate import Accumulators
-from .backend import StageTimer, get_array_module, to_device, to_numpy
+from .backend import StageTimer, free_device_memory, get_array_module, to_device, to_numpy
 from .fourier import per_shell_grid, radial_average
 from .fsc import combine_half_maps, gold_standard_fsc
 from .masks import auto_threshold_mask
@@ -76,8 +76,7 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
     # half-set sums are formed one at a time where they are needed (NU: quarters added), to keep
     # the device memory of large boxes down
     with timer("maps: half-maps"):
-        raw = [accumulators_to_map(*acc.half(h), box_size, padding=padding, overwrite=acc.half_is_temporary)
-               for h in (1, 2)]
+        raw = [acc.half_map(h) for h in (1, 2)]
     with timer("maps: FSC"):
         mask = None if previous_mask is None else to_device(previous_mask, xp)
         raw_report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
@@ -87,8 +86,7 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
         with timer("maps: half-maps"):
             # σ²/τ² per shell: a property of the data and the signal, shared by a half-set and its quarters
             term = wiener_regularization(acc.half_weight(h), fsc, box_size, padding)
-            regularized[h - 1] = accumulators_to_map(*acc.half(h), box_size, padding=padding, regularization=term,
-                                                     overwrite=acc.half_is_temporary)
+            regularized[h - 1] = acc.half_map(h, term)
         if nu is not None:
             with timer("maps: half-maps"):
                 qa, qb = (accumulators_to_map(*acc.quarter(h, q), box_size, padding=padding, regularization=term)
@@ -99,6 +97,8 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
             cutoffs.append(cutoff)
             qa = qb = None
         term = None
+        if padding * box_size >= 512:       # large grids: hand the temporaries back before the next half-set
+            free_device_memory(xp)
     cutoff_A = cutoff_map_A((cutoffs[0] + cutoffs[1]) / 2, pixel_size_A) if nu is not None else None
     average = (regularized[0] + regularized[1]) / 2
     with timer("maps: mask"):
