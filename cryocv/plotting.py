@@ -123,23 +123,33 @@ def draw_poses(fig, euler_deg, history=None, change_vs_input_deg=None, title: st
     fig.tight_layout()
 
 
+POSE_CHANGE_FIGSIZE = (8.5, 3.4)
+
+
 def plot_pose_change(rotation_change_deg, shift_change_A, rotation_extent_deg: float, shift_extent_A: float,
                      path: str, title: str = "Change from the input poses"):
+    """Pose-change histograms (see :func:`draw_pose_change`) to ``path`` (PNG)."""
+    fig = Figure(figsize=POSE_CHANGE_FIGSIZE, dpi=110)
+    draw_pose_change(fig, rotation_change_deg, shift_change_A, rotation_extent_deg, shift_extent_A, title)
+    _save(fig, path)
+
+
+def draw_pose_change(fig, rotation_change_deg, shift_change_A, rotation_extent_deg: float, shift_extent_A: float,
+                     title: str = "Change from the input poses"):
     """Histograms of each particle's rotation (°) and shift (Å) change from its input pose with
-    the search extents marked (particles piled at an extent: the extents are too small)."""
-    fig = Figure(figsize=(8.5, 3.4), dpi=110)
+    the search extents marked (particles piled at an extent: the extents are too small), into ``fig``."""
     for i, (values, extent, label) in enumerate(((rotation_change_deg, rotation_extent_deg, "rotation change (°)"),
                                                  (shift_change_A, shift_extent_A, "shift change of the fulcrum (Å)"))):
         ax = fig.add_subplot(1, 2, i + 1)
         values = np.asarray(values, dtype=float)
-        ax.hist(values, bins=np.linspace(0, extent * 1.05, 42), color="tab:gray")
+        top = max(extent, float(values.max()) if values.size else 0.0, 1e-3) * 1.05
+        ax.hist(values, bins=np.linspace(0, top, 42), color="tab:gray")
         ax.axvline(extent, color="tab:red", ls="--", label="extent")
         ax.axvline(np.median(values), color="tab:blue", ls=":", label=f"median {np.median(values):.2f}")
-        at_limit = float(np.mean(values >= 0.95 * extent)) if values.size else 0.0
+        at_limit = float(np.mean(values >= 0.95 * extent)) if values.size and extent > 0 else 0.0
         ax.set_title(f"{100 * at_limit:.1f}% at the extent", fontsize=9)
         ax.set_xlabel(label)
         ax.set_ylabel("particles")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)

@@ -1,6 +1,7 @@
 """Scipion protocols of cryocv (installed as ``cryocv.protocols``)."""
+from .protocol_local_refine import ProtCryocvLocalRefine
 from .protocol_reconstruct import ProtCryocvReconstruct
 from .protocol_refine import ProtCryocvRefine
 from .protocol_subtract import ProtCryocvSubtract
 
-__all__ = ["ProtCryocvReconstruct", "ProtCryocvRefine", "ProtCryocvSubtract"]
+__all__ = ["ProtCryocvLocalRefine", "ProtCryocvReconstruct", "ProtCryocvRefine", "ProtCryocvSubtract"]

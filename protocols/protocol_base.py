@@ -1,8 +1,11 @@
 """What the cryocv protocols share: input conversion (particles to RELION 3.1 STAR
-through ``relion.convert``), running the ``cryocv`` CLI with ``runJob``, and reading
-a job folder (map, half-maps, ``fsc.json``) back as Scipion objects."""
+through ``relion.convert``, maps to MRC), the form of a refinement, running the ``cryocv``
+CLI with ``runJob`` (a refinement continues from its checkpoint), checks of a consensus
+(poses, half-sets, half-maps, mask), and reading a job folder (particles, map, half-maps,
+``fsc.json``) back as Scipion objects."""
 import json
 import os
+import shutil
 
 import pyworkflow.protocol.params as params
 from pwem.constants import ALIGN_PROJ
@@ -14,6 +17,9 @@ from cryocv.symmetry import DEFAULT_SYMMETRY, parse_symmetry
 
 JOB_FOLDER = "job"
 PARTICLES_STAR = "input_particles.star"
+INPUT_HALF_MAPS = ("input_half_map_1.mrc", "input_half_map_2.mrc")   # the input half-maps, in extra/
+ARGS_JSON = "refine_args.json"         # the arguments a refinement was started with, in extra/
+REGULARIZERS = ["nu", "uniform"]
 
 
 class CryocvProtocolBase:
@@ -27,6 +33,23 @@ class CryocvProtocolBase:
         form.addParam("symmetryGroup", params.StringParam, default=DEFAULT_SYMMETRY, label="Symmetry",
                       help="Point group imposed, RELION's conventions: C1, Cn, Dn, T, O, I (I1-I4), "
                            "e.g. C4 for a tetrameric channel.")
+
+    @staticmethod
+    def _defineRegularizationParams(form, paramsClass):
+        """Regularizer, initial low-pass and iterations of a refinement, defaults from ``paramsClass``
+        (the job's Params dataclass)."""
+        form.addParam("regularizer", params.EnumParam, choices=["non-uniform (NU)", "uniform"],
+                      default=REGULARIZERS.index(paramsClass.regularizer),
+                      display=params.EnumParam.DISPLAY_HLIST, label="Regularizer",
+                      help="NU: per-voxel low-pass chosen by cross-validation (best for membrane proteins in "
+                           "micelles or flexible parts). Uniform: one FSC-derived Wiener filter.")
+        form.addParam("initialLowpass", params.FloatParam, default=paramsClass.initial_lowpass_A,
+                      label="Initial low-pass (Å)",
+                      help="The reference is low-passed to this resolution before the first iteration.")
+        form.addParam("maxIterations", params.IntParam, default=paramsClass.max_iterations,
+                      label="Maximum iterations",
+                      help="Refinement stops earlier when resolution and pose changes stop improving; a final "
+                           "pass to Nyquist follows either way.")
 
     @staticmethod
     def _defineComputeParams(form):
@@ -44,6 +67,15 @@ class CryocvProtocolBase:
     def _particlesStar(self):
         return self._getExtraPath(PARTICLES_STAR)
 
+    def _inputHalfMaps(self):
+        """Where :meth:`_convertHalfMaps` writes the input half-maps."""
+        return [self._getExtraPath(name) for name in INPUT_HALF_MAPS]
+
+    def _regularizationArgs(self):
+        """CLI arguments of the regularization form and the symmetry."""
+        return ["--regularizer", REGULARIZERS[self.regularizer.get()], "--sym", self.symmetryGroup.get(),
+                "--initial-lowpass-A", self.initialLowpass.get(), "--max-iterations", self.maxIterations.get()]
+
     # -------------------------- steps ---------------------------------------
     def _writeParticles(self, alignType):
         """The input particles as RELION 3.1 STAR; MRC stacks are linked into extra/,
@@ -53,6 +85,35 @@ class CryocvProtocolBase:
         mrc = all(f.split(":")[0].endswith((".mrc", ".mrcs")) for f in parts.getFiles())
         relion.convert.writeSetOfParticles(parts, self._particlesStar(), outputDir=self._getExtraPath(),
                                            alignType=alignType, forceConvert=not mrc)
+
+    def _convertMap(self, image, name, samplingRate):
+        """A Volume/VolumeMask or a map file (``image``) as an MRC in extra/ with ``samplingRate``
+        (Å/px) in its header; returns the path."""
+        from pwem.emlib.image import ImageHandler
+        path = self._getExtraPath(name)
+        ImageHandler().convert(image, path)
+        setVoxelSize(path, samplingRate)
+        return path
+
+    def _convertHalfMaps(self, volume):
+        """The half-maps of ``volume`` as MRCs in extra/ (INPUT_HALF_MAPS); returns their paths."""
+        return [self._convertMap(source, name, volume.getSamplingRate())
+                for source, name in zip(volume.getHalfMaps().split(","), INPUT_HALF_MAPS)]
+
+    def _runResumable(self, command, args):
+        """Run a refinement job; one killed earlier with the same arguments continues from its last
+        checkpoint (Scipion's Continue), one with other arguments starts over."""
+        job, record = self._jobPath(), self._getExtraPath(ARGS_JSON)
+        if os.path.exists(os.path.join(job, jobdir.CHECKPOINT)) and os.path.exists(record):
+            with open(record) as handle:
+                same = json.load(handle) == args
+            if same:
+                self._runCryocv(command, ["--continue", job])
+                return
+            shutil.rmtree(job)
+        with open(record, "w") as handle:
+            json.dump(args, handle)
+        self._runCryocv(command, args)
 
     def _runCryocv(self, command, args):
         """``cryocv COMMAND ARGS --device …`` through runJob, in the core's environment.
@@ -76,6 +137,16 @@ class CryocvProtocolBase:
             return None
         with open(path) as handle:
             return json.load(handle)
+
+    def _createOutputParticles(self, newImages=False):
+        """The input particles with the poses (and, with ``newImages``, the images) of the job's
+        particles.star (see :func:`copyAlignment`)."""
+        parts = self.inputParticles.get()
+        outParts = self._createSetOfParticles()
+        outParts.copyInfo(parts)
+        outParts.setAlignmentProj()
+        copyAlignment(parts, outParts, self._jobPath(jobdir.PARTICLES_STAR), newImages=newImages)
+        return outParts
 
     def _createOutputVolume(self, samplingRate):
         volume = Volume()
@@ -106,6 +177,40 @@ class CryocvProtocolBase:
         parts = self.inputParticles.get()
         if parts is not None and parts.getSize() < 4:
             errors.append(f"Only {parts.getSize()} particles: a gold-standard job needs at least 2 per half-set.")
+        return errors
+
+    def _gridErrors(self, what, item, advice=""):
+        """Errors when ``item`` (a volume or mask) has another box or pixel size than the particles."""
+        parts, errors = self.inputParticles.get(), []
+        if parts is None or item is None:
+            return errors
+        if item.getXDim() != parts.getXDim():
+            errors.append(f"The {what} is {item.getXDim()} px, the particles {parts.getXDim()} px"
+                          + (f": {advice}" if advice else "."))
+        if abs(item.getSamplingRate() - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
+            errors.append(f"The {what} has {item.getSamplingRate():.4f} Å/px, the particles "
+                          f"{parts.getSamplingRate():.4f} Å/px" + (f": {advice}" if advice else "."))
+        return errors
+
+    def _consensusErrors(self, volume, mask, whyHalfSets):
+        """Errors of the inputs of a job that starts from a consensus refinement: particles with
+        projection poses and half-sets, a map with half-maps, map and mask on the particles' grid."""
+        parts, errors = self.inputParticles.get(), []
+        if parts is not None and not parts.hasAlignmentProj():
+            errors.append("The input particles have no 3D alignment (projection poses): refine them first.")
+        if parts is not None and parts.getSize() and not parts.getFirstItem().hasAttribute("_rlnRandomSubset"):
+            errors.append(f"The input particles have no half-sets (_rlnRandomSubset): {whyHalfSets}, so it needs "
+                          f"the half-sets of the refinement that made them.")
+        if volume is not None and not volume.hasHalfMaps():
+            errors.append("The map has no half-maps: use the output map of a refinement (it carries them).")
+        return errors + self._gridErrors("map", volume) + self._gridErrors("mask", mask)
+
+    def _regularizationErrors(self):
+        errors = []
+        if self.initialLowpass.get() is None or self.initialLowpass.get() <= 0:
+            errors.append("Initial low-pass must be a positive resolution in Å.")
+        if self.maxIterations.get() is None or self.maxIterations.get() < 1:
+            errors.append("Maximum iterations must be at least 1.")
         return errors
 
     def _deviceSentence(self):

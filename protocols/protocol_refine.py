@@ -1,22 +1,15 @@
 """ProtCryocvRefine: gold-standard 3D refinement (global branch-and-bound pose search,
 NU or uniform regularization) with the ``cryocv refine`` CLI."""
-import json
-import os
-import shutil
-
 import pyworkflow.protocol.params as params
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ
 from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 
-from cryocv.jobs import jobdir
 from cryocv.jobs.refine import RefineParams
 
-from .protocol_base import CryocvProtocolBase, copyAlignment, setVoxelSize
+from .protocol_base import REGULARIZERS, CryocvProtocolBase
 
-REGULARIZERS = ["nu", "uniform"]
 REFERENCE_MRC = "reference.mrc"        # the input reference, in extra/
-ARGS_JSON = "refine_args.json"         # the arguments the job was started with, in extra/
 
 
 class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
@@ -42,16 +35,7 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
                                                      "it is low-passed to the initial resolution.")
         self._defineSymmetryParam(form)
         form.addSection(label="Refinement")
-        form.addParam("regularizer", params.EnumParam, choices=["non-uniform (NU)", "uniform"],
-                      default=REGULARIZERS.index(RefineParams.regularizer),
-                      display=params.EnumParam.DISPLAY_HLIST, label="Regularizer",
-                      help="NU: per-voxel low-pass chosen by cross-validation (best for membrane proteins in "
-                           "micelles or flexible parts). Uniform: one FSC-derived Wiener filter.")
-        form.addParam("initialLowpass", params.FloatParam, default=RefineParams.initial_lowpass_A, label="Initial low-pass (Å)",
-                      help="The reference is low-passed to this resolution before the first iteration.")
-        form.addParam("maxIterations", params.IntParam, default=RefineParams.max_iterations, label="Maximum iterations",
-                      help="Refinement stops earlier when resolution and pose changes stop improving; a final "
-                           "pass to Nyquist follows either way.")
+        self._defineRegularizationParams(form, RefineParams)
         form.addParam("maxShift", params.FloatParam, default=-1, label="Maximum shift (Å)",
                       expertLevel=params.LEVEL_ADVANCED, help="Search range of origins; -1: 10% of the box.")
         form.addParam("seed", params.IntParam, default=RefineParams.seed, label="Random seed", expertLevel=params.LEVEL_ADVANCED,
@@ -67,9 +51,7 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
     def _refineArgs(self):
         """``cryocv refine`` arguments of the form's values (step argument: an edited form reruns the step)."""
         args = ["--particles", self._particlesStar(), "--ref", self._getExtraPath(REFERENCE_MRC),
-                "--out", self._jobPath(), "--regularizer", REGULARIZERS[self.regularizer.get()],
-                "--sym", self.symmetryGroup.get(), "--initial-lowpass-A", self.initialLowpass.get(),
-                "--max-iterations", self.maxIterations.get(), "--seed", self.seed.get()]
+                "--out", self._jobPath()] + self._regularizationArgs() + ["--seed", self.seed.get()]
         if self.maxShift.get() > 0:
             args += ["--max-shift-A", self.maxShift.get()]
         return [str(a) for a in args]
@@ -78,33 +60,16 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
     def convertInputStep(self):
         parts = self.inputParticles.get()
         self._writeParticles(ALIGN_PROJ if parts.hasAlignmentProj() else ALIGN_NONE)
-        from pwem.emlib.image import ImageHandler
-        reference = self._getExtraPath(REFERENCE_MRC)
-        ImageHandler().convert(self.referenceVolume.get(), reference)
-        setVoxelSize(reference, self.referenceVolume.get().getSamplingRate())
+        reference = self.referenceVolume.get()
+        self._convertMap(reference, REFERENCE_MRC, reference.getSamplingRate())
 
     def refineStep(self, args):
-        """Run the refinement; a job killed earlier with the same arguments continues from
-        its last checkpoint (Scipion's Continue), one with other arguments starts over."""
-        job, record = self._jobPath(), self._getExtraPath(ARGS_JSON)
-        if os.path.exists(os.path.join(job, jobdir.CHECKPOINT)) and os.path.exists(record):
-            with open(record) as handle:
-                same = json.load(handle) == args
-            if same:
-                self._runCryocv("refine", ["--continue", job])
-                return
-            shutil.rmtree(job)
-        with open(record, "w") as handle:
-            json.dump(args, handle)
-        self._runCryocv("refine", args)
+        """Run the refinement (continues a killed one with the same arguments)."""
+        self._runResumable("refine", args)
 
     def createOutputStep(self):
-        parts = self.inputParticles.get()
-        volume = self._createOutputVolume(parts.getSamplingRate())
-        outParts = self._createSetOfParticles()
-        outParts.copyInfo(parts)
-        outParts.setAlignmentProj()
-        copyAlignment(parts, outParts, self._jobPath(jobdir.PARTICLES_STAR))
+        volume = self._createOutputVolume(self.inputParticles.get().getSamplingRate())
+        outParts = self._createOutputParticles()
         fsc = self._createOutputFsc()
         self._defineOutputs(outputVolume=volume, outputParticles=outParts, outputFSC=fsc)
         self._defineSourceRelation(self.inputParticles, volume)
@@ -119,18 +84,8 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
         if parts is not None and not parts.hasCTF():
             errors.append("The input particles have no CTF: refinement needs it (estimate the CTF and "
                           "extract particles with it, or import a STAR file with rlnDefocusU/V).")
-        if parts is not None and ref is not None:
-            if ref.getXDim() != parts.getXDim():
-                errors.append(f"The reference is {ref.getXDim()} px, the particles {parts.getXDim()} px: "
-                              f"resize the reference to the particles' box first.")
-            if abs(ref.getSamplingRate() - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
-                errors.append(f"The reference has {ref.getSamplingRate():.4f} Å/px, the particles "
-                              f"{parts.getSamplingRate():.4f} Å/px: resample the reference first.")
-        if self.initialLowpass.get() is None or self.initialLowpass.get() <= 0:
-            errors.append("Initial low-pass must be a positive resolution in Å.")
-        if self.maxIterations.get() is None or self.maxIterations.get() < 1:
-            errors.append("Maximum iterations must be at least 1.")
-        return errors
+        errors += self._gridErrors("reference", ref, "resample or resize the reference to the particles' grid first.")
+        return errors + self._regularizationErrors()
 
     def _summary(self):
         sentence = self._resolutionSentence()

@@ -11,9 +11,8 @@ from pwem.protocols import ProtOperateParticles
 from cryocv.jobs import jobdir
 from cryocv.jobs.subtract import MIN_BOX, SubtractParams
 
-from .protocol_base import CryocvProtocolBase, copyAlignment, setVoxelSize
+from .protocol_base import CryocvProtocolBase
 
-INPUT_HALF_MAPS = ("input_half_map_1.mrc", "input_half_map_2.mrc")   # the input half-maps, in extra/
 KEEP_MASK_MRC = "keep_mask.mrc"                                      # the input mask, in extra/
 
 
@@ -61,9 +60,8 @@ class ProtCryocvSubtract(CryocvProtocolBase, ProtOperateParticles):
         self._insertFunctionStep(self.createOutputStep)
 
     def _subtractArgs(self):
-        args = ["--particles", self._particlesStar(), "--half-maps"]
-        args += [self._getExtraPath(name) for name in INPUT_HALF_MAPS]
-        args += ["--keep-mask", self._getExtraPath(KEEP_MASK_MRC), "--out", self._jobPath()]
+        args = ["--particles", self._particlesStar(), "--half-maps", *self._inputHalfMaps(),
+                "--keep-mask", self._getExtraPath(KEEP_MASK_MRC), "--out", self._jobPath()]
         if self.recenter:
             args.append("--recenter")
         if self.newBox.get() > 0:
@@ -73,25 +71,17 @@ class ProtCryocvSubtract(CryocvProtocolBase, ProtOperateParticles):
         return [str(a) for a in args]
 
     def convertInputStep(self):
-        from pwem.emlib.image import ImageHandler
         self._writeParticles(ALIGN_PROJ)
-        volume, mask = self.inputVolume.get(), self.refMask.get()
-        for source, name in zip(volume.getHalfMaps().split(","), INPUT_HALF_MAPS):
-            ImageHandler().convert(source, self._getExtraPath(name))
-            setVoxelSize(self._getExtraPath(name), volume.getSamplingRate())
-        ImageHandler().convert(mask, self._getExtraPath(KEEP_MASK_MRC))
-        setVoxelSize(self._getExtraPath(KEEP_MASK_MRC), mask.getSamplingRate())
+        self._convertHalfMaps(self.inputVolume.get())
+        mask = self.refMask.get()
+        self._convertMap(mask, KEEP_MASK_MRC, mask.getSamplingRate())
 
     def subtractStep(self, args):
         # the protocol owns its job folder: a rerun of the step replaces what an earlier run left there
         self._runCryocv("subtract", args + ["--overwrite"])
 
     def createOutputStep(self):
-        parts = self.inputParticles.get()
-        outParts = self._createSetOfParticles()
-        outParts.copyInfo(parts)
-        outParts.setAlignmentProj()
-        copyAlignment(parts, outParts, self._jobPath(jobdir.PARTICLES_STAR), newImages=True)
+        outParts = self._createOutputParticles(newImages=True)
         self._defineOutputs(outputParticles=outParts)
         self._defineTransformRelation(self.inputParticles, outParts)
         self._defineSourceRelation(self.inputVolume, outParts)
@@ -100,22 +90,9 @@ class ProtCryocvSubtract(CryocvProtocolBase, ProtOperateParticles):
     # -------------------------- INFO functions ------------------------------
     def _validate(self):
         errors = self._validateCommon()
-        parts, volume, mask = self.inputParticles.get(), self.inputVolume.get(), self.refMask.get()
-        if parts is not None and not parts.hasAlignmentProj():
-            errors.append("The input particles have no 3D alignment (projection poses): refine them first.")
-        if parts is not None and parts.getSize() and not parts.getFirstItem().hasAttribute("_rlnRandomSubset"):
-            errors.append("The input particles have no half-sets (_rlnRandomSubset): subtraction uses each "
-                          "particle's own half-map, so it needs the half-sets of the refinement that made them.")
-        if volume is not None and not volume.hasHalfMaps():
-            errors.append("The map has no half-maps: use the output map of a refinement (it carries them).")
-        for what, item in (("map", volume), ("mask", mask)):
-            if parts is None or item is None:
-                continue
-            if item.getXDim() != parts.getXDim():
-                errors.append(f"The {what} is {item.getXDim()} px, the particles {parts.getXDim()} px.")
-            if abs(item.getSamplingRate() - parts.getSamplingRate()) > 1e-3 * parts.getSamplingRate():
-                errors.append(f"The {what} has {item.getSamplingRate():.4f} Å/px, the particles "
-                              f"{parts.getSamplingRate():.4f} Å/px.")
+        parts = self.inputParticles.get()
+        errors += self._consensusErrors(self.inputVolume.get(), self.refMask.get(),
+                                        "subtraction uses each particle's own half-map")
         box = self.newBox.get()
         if box is not None and box > 0 and (box % 2 or box < MIN_BOX or (parts is not None and box > parts.getXDim())):
             errors.append(f"New box size must be even, at least {MIN_BOX} and at most the particles' box "

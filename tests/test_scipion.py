@@ -1,7 +1,9 @@
 """The Scipion plugin, headless, in a temporary project (conftest sets up SCIPION_HOME):
 particles simulated from a known map are imported from a RELION 3.1 STAR file with a
 wrong (random) alignment, refined with ProtCryocvRefine, reconstructed with
-ProtCryocvReconstruct, and the outputs are checked against the true map and poses.
+ProtCryocvReconstruct, and the outputs are checked against the true map and poses;
+ProtCryocvSubtract and ProtCryocvLocalRefine run on particles imported with true or perturbed
+poses and half-sets.
 Skipped when the Scipion stack (``pip install cryocv[scipion]``) is not installed."""
 import os
 
@@ -110,9 +112,11 @@ def test_plugin_loads_with_protocols_viewers_bibtex_and_menu(tmp_path):
     from pyworkflow.viewer import DESKTOP_TKINTER
     assert "cryocv" in Domain.getPlugins(), "Scipion did not load the cryocv plugin (import error?)"
     protocols = Domain.getProtocols()
-    assert {"ProtCryocvRefine", "ProtCryocvReconstruct", "ProtCryocvSubtract"} <= set(protocols)
-    viewers = Domain.findViewers(protocols["ProtCryocvRefine"].getClassName(), DESKTOP_TKINTER)
-    assert "CryocvViewer" in [v.__name__ for v in viewers]
+    ours = {"ProtCryocvRefine", "ProtCryocvLocalRefine", "ProtCryocvReconstruct", "ProtCryocvSubtract"}
+    assert ours <= set(protocols)
+    for name in ("ProtCryocvRefine", "ProtCryocvLocalRefine", "ProtCryocvReconstruct"):
+        viewers = Domain.findViewers(protocols[name].getClassName(), DESKTOP_TKINTER)
+        assert "CryocvViewer" in [v.__name__ for v in viewers], name
     module = Domain.getPlugins()["cryocv"]
     assert {"Punjani2017", "Punjani2020", "Scheres2012", "Chen2013"} <= set(module._bibtex.keys())
     assert module.Plugin.getVar("CRYOCV_PYTHON")
@@ -121,7 +125,7 @@ def test_plugin_loads_with_protocols_viewers_bibtex_and_menu(tmp_path):
     base.write_text("[PROTOCOLS]\nProtocols SPA = [\n ]\n")
     tree = ProtocolTreeConfig.load(Domain, str(base))
     section = next(c for c in tree["Protocols SPA"].childs if str(c.text) == "cryocv")
-    assert {str(c.value) for c in section.childs} == {"ProtCryocvRefine", "ProtCryocvReconstruct", "ProtCryocvSubtract"}
+    assert {str(c.value) for c in section.childs} == ours
 
 
 def test_plugin_runs_the_core_in_its_configured_environment(monkeypatch):
@@ -174,7 +178,8 @@ def test_validate_catches_bad_inputs(project, imported, dataset, tmp_path):
     # particles without CTF (a STAR without defocus columns) and without alignment
     tables = starfile.read(str(root / "sim" / "particles.star"), always_dict=True)
     tables["particles"] = tables["particles"].drop(columns=[c for c in tables["particles"].columns
-                                                            if c.startswith(("rlnDefocus", "rlnAngle"))])
+                                                            if c.startswith(("rlnDefocus", "rlnAngle",
+                                                                             "rlnRandomSubset"))])
     starfile.write(tables, str(root / "sim" / "no_ctf.star"), overwrite=True)
     bare = launch(project, project.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
                                                starFile=str(root / "sim" / "no_ctf.star"), samplingRate=PIXEL_A))
@@ -185,6 +190,20 @@ def test_validate_catches_bad_inputs(project, imported, dataset, tmp_path):
     reconstruct = project.newProtocol(ProtCryocvReconstruct)
     reconstruct.inputParticles.set(bare.outputParticles)
     assert any("no 3D alignment" in e for e in reconstruct.validate())
+    # local refinement: particles without CTF, poses or half-sets, a map without half-maps, a mask of another box
+    from pwem.protocols import ProtImportMask
+    from cryocv.protocols import ProtCryocvLocalRefine
+    write_map(str(tmp_path / "big_mask.mrc"), np.ones((BOX + 8,) * 3, np.float32), PIXEL_A)
+    big_mask = launch(project, project.newProtocol(ProtImportMask, maskPath=str(tmp_path / "big_mask.mrc"),
+                                                   samplingRate=PIXEL_A)).outputMask
+    local = project.newProtocol(ProtCryocvLocalRefine)
+    local.inputParticles.set(bare.outputParticles)
+    local.inputVolume.set(big)
+    local.refMask.set(big_mask)
+    errors = local.validate()
+    for expected in ("no CTF", "no 3D alignment", "no half-sets (_rlnRandomSubset)", "The map has no half-maps",
+                     f"The mask is {BOX + 8} px, the particles {BOX} px", f"The map is {BOX + 8} px"):
+        assert any(expected in e for e in errors), (expected, errors)
     refine = project.newProtocol(ProtCryocvRefine, gpuList="")
     refine.inputParticles.set(particles)
     refine.referenceVolume.set(reference)
@@ -300,6 +319,166 @@ def test_subtract_protocol_leaves_the_noise_with_half_sets_poses_and_original_na
     protocol.refMask.set(mask)
     errors = protocol.validate()
     assert any("no half-maps" in e for e in errors) and any("even" in e for e in errors), errors
+
+
+def test_local_refine_form_mirrors_the_cli():
+    """The form's defaults are the job's (LocalRefineParams), and every form value reaches the
+    CLI: its arguments parse back into the same parameters."""
+    from cryocv.cli import build_parser
+    from cryocv.jobs.common import params_from_args
+    from cryocv.jobs.local_refine import LocalRefineParams
+    from cryocv.protocols import ProtCryocvLocalRefine
+
+    def parsed(protocol):
+        return params_from_args(LocalRefineParams, build_parser().parse_args(["local-refine"]
+                                                                             + protocol._localRefineArgs()))
+    protocol = ProtCryocvLocalRefine()
+    assert protocol._localParams() == LocalRefineParams() == parsed(protocol)
+    for name, value in dict(fulcrum=2, fulcrumX=10.0, fulcrumY=20.5, fulcrumZ=3.0, priorSigmaRot=15.0,
+                            priorSigmaShift=7.0, coarseStep=3.0, fineStep=1.0, rotationExtent=8.0, shiftExtent=3.0,
+                            recenter=True, subtractOutside=True, fitScale=False, maskMode=1, regularizer=1,
+                            symmetryGroup="C2", initialLowpass=9.0, maxIterations=3).items():
+        getattr(protocol, name).set(value)
+    changed = protocol._localParams()
+    assert parsed(protocol) == changed and changed.fulcrum == "10,20.5,3" and changed.subtract and not changed.fit_scale
+    assert {f: getattr(changed, f) for f in ("prior_sigma_deg", "prior_sigma_A", "mask_mode", "regularizer")} == \
+        {"prior_sigma_deg": 15.0, "prior_sigma_A": 7.0, "mask_mode": "dynamic", "regularizer": "uniform"}
+
+
+def _correlation(a, b):
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_local_refine_protocol_subtracts_and_brings_perturbed_poses_back(project, tmp_path_factory):
+    """A rigid particle simulated at known poses, imported with poses perturbed by 2-6° and
+    ±1.5 Å, the true map as both consensus half-maps and a soft mask on one half of it: with
+    subtraction, the output images lack the signal outside the mask but keep the inside, the
+    poses move towards the truth and stay inside the extents, and the outputs (map with
+    half-maps, mask, FSC, summary, viewer) say so."""
+    from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes
+    from pyworkflow.object import RELATION_TRANSFORM
+    from cryocv.geometry import axis_angle_to_matrix
+    from cryocv.io.particle_files import save_particles
+    from cryocv.local_search import to_fulcrum_frame
+    from cryocv.masks import threshold_mask
+    from cryocv.protocols import ProtCryocvLocalRefine
+    from cryocv.viewers import CryocvViewer
+    root = tmp_path_factory.mktemp("scipion_local")
+    n, extent_deg, extent_A = 150, 10.0, 4.0
+    truth = asymmetric_map(BOX, seed=8)
+    simulate(truth, PIXEL_A, n, str(root), snr=2.0, seed=4, progress=False, shift_sigma_A=2.0)
+    right = truth.copy()
+    right[:, :, :BOX // 2] = 0                                    # the atoms at x >= 0
+    mask = threshold_mask(right, 0.1 * float(truth.max()), dilation_px=2.0, edge_px=4.0).astype(np.float32)
+    write_map(str(root / "mask.mrc"), mask, PIXEL_A)
+    for name in ("consensus", "consensus_half1", "consensus_half2"):
+        write_map(str(root / f"{name}.mrc"), truth, PIXEL_A)
+    true_poses = load_particles(str(root / "particles.star"))
+    rng = np.random.default_rng(9)
+    axes = rng.normal(size=(n, 3))
+    angles = np.radians(rng.uniform(2, 6, n))
+    perturbed = true_poses.subset(np.arange(n))
+    perturbed.euler_deg = matrix_to_euler(true_poses.rotations @ axis_angle_to_matrix(
+        axes / np.linalg.norm(axes, axis=1, keepdims=True) * angles[:, None]))
+    perturbed.origin_A = true_poses.origin_A + rng.uniform(-1.5, 1.5, (n, 2))
+    save_particles(perturbed, str(root / "perturbed.star"))
+
+    particles = launch(project, project.newProtocol(
+        ProtImportParticles, objLabel="import perturbed poses", importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+        starFile=str(root / "perturbed.star"), samplingRate=PIXEL_A, voltage=300, sphericalAberration=2.7,
+        amplitudeContrast=0.1)).outputParticles
+    volume = launch(project, project.newProtocol(
+        ProtImportVolumes, filesPath=str(root / "consensus.mrc"), samplingRate=PIXEL_A, setHalfMaps=True,
+        half1map=str(root / "consensus_half1.mrc"), half2map=str(root / "consensus_half2.mrc"))).outputVolume
+    region = launch(project, project.newProtocol(ProtImportMask, maskPath=str(root / "mask.mrc"),
+                                                 samplingRate=PIXEL_A)).outputMask
+    protocol = project.newProtocol(ProtCryocvLocalRefine, objLabel="cryocv local refine", subtractOutside=True,
+                                   rotationExtent=extent_deg, shiftExtent=extent_A, maxIterations=2,
+                                   initialLowpass=8.0, useGpu=False)
+    protocol.inputParticles.set(particles)
+    protocol.inputVolume.set(volume)
+    protocol.refMask.set(region)
+    assert protocol.validate() == []
+    assert "--subtract" in protocol._localRefineArgs() and "--recenter-each-iteration" not in protocol._localRefineArgs()
+    launch(project, protocol)
+
+    out = protocol.outputParticles
+    assert out.getSize() == n and out.hasAlignmentProj() and out.hasCTF()
+    before, after = scipion_poses(particles, str(root)), scipion_poses(out, str(root))
+    np.testing.assert_array_equal(after.half_set, true_poses.half_set)
+    # poses: closer to the truth than the perturbed input, and within the extents of it
+    error_before = np.median(angular_distance_deg(before.rotations, true_poses.rotations))
+    error_after = np.median(angular_distance_deg(after.rotations, true_poses.rotations))
+    shift_before = np.median(np.linalg.norm(before.origin_A - true_poses.origin_A, axis=1))
+    shift_after = np.median(np.linalg.norm(after.origin_A - true_poses.origin_A, axis=1))
+    print(f"Scipion local refinement: median pose error {error_before:.2f}° -> {error_after:.2f}°, "
+          f"shift {shift_before:.2f} -> {shift_after:.2f} Å")
+    assert error_after < 0.7 * error_before and shift_after < 0.7 * shift_before
+    change = angular_distance_deg(after.rotations, before.rotations)
+    assert change.max() <= extent_deg + 1e-2 and np.median(change) > 1.0
+    report = protocol._fscReport()
+    fulcrum = np.array(report["local"]["fulcrum_A"]) / PIXEL_A - BOX // 2
+    assert fulcrum[0] > 2                                          # the mask's centre of mass, in the x >= 0 half
+    moved = np.linalg.norm(to_fulcrum_frame(after.rotations, after.origin_A / PIXEL_A, fulcrum)
+                           - to_fulcrum_frame(before.rotations, before.origin_A / PIXEL_A, fulcrum), axis=1) * PIXEL_A
+    assert moved.max() <= extent_A + 1e-2
+    # images: the signal outside the mask is gone, the inside is kept; originals recorded
+    outside = simulate(truth * (1 - mask), PIXEL_A, n, str(root / "clean"), snr=np.inf, seed=4, progress=False,
+                       shift_sigma_A=2.0, name="outside").read_images()
+    inside = simulate(truth * mask, PIXEL_A, n, str(root / "clean"), snr=np.inf, seed=4, progress=False,
+                      shift_sigma_A=2.0, name="inside").read_images()
+    images, subtracted = before.read_images(), after.read_images()
+    print(f"outside signal correlation {_correlation(images, outside):.3f} -> {_correlation(subtracted, outside):.3f}, "
+          f"inside {_correlation(images, inside):.3f} -> {_correlation(subtracted, inside):.3f}")
+    assert _correlation(subtracted, outside) < 0.3 * _correlation(images, outside)
+    assert _correlation(subtracted, inside) > 0.9 * _correlation(images, inside)
+    originals = [p._rlnImageOriginalName.get() for p in out.iterItems(orderBy="id")]
+    inputs = [p.getLocation() for p in particles.iterItems(orderBy="id")]
+    assert [(int(o.split("@")[0]), os.path.realpath(o.split("@")[1])) for o in originals] == \
+        [(i, os.path.realpath(f)) for i, f in inputs]
+    # map with half-maps, the mask the FSC used, the FSC; the map agrees with the truth in the mask
+    refined = protocol.outputVolume
+    halves = refined.getHalfMaps().split(",")
+    assert len(halves) == 2 and all(os.path.exists(p) for p in [refined.getFileName()] + halves)
+    assert refined.getDim() == (BOX, BOX, BOX) and refined.getSamplingRate() == pytest.approx(PIXEL_A)
+    used_mask, _ = read_map(protocol.outputMask.getFileName())
+    np.testing.assert_allclose(used_mask, mask, atol=1e-5)        # static mask: the input's
+    refined_map, _ = read_map(refined.getFileName())
+    assert resolution_at(fsc_curve(refined_map * mask, truth * mask), 0.5, BOX, PIXEL_A) < 9.0
+    resolution = report["resolution_A"]
+    assert float(protocol.outputFSC.calculateResolution()) == pytest.approx(resolution, rel=0.05)
+    assert 4.0 <= resolution < 9.0
+    local = report["local"]
+    summary = protocol.summary()
+    print("\n".join(summary + protocol.methods()))
+    assert f"{resolution:.2f} Å" in summary[0] and "in the mask" in summary[0]
+    assert f"{local['mask_mass_kDa']:.0f} kDa" in summary[1] and 10 < local["mask_mass_kDa"] < 100
+    assert f"median {local['rotation_change_median_deg']:.2f}°" in summary[2]
+    assert local["rotation_change_median_deg"] == pytest.approx(np.median(change), abs=0.05)
+    assert "subtracted" in summary[3] and "CPU" in summary[4]
+    assert "[Punjani2017]" in protocol.methods()[0] and "Punjani2020" in protocol._citations()
+    assert refined.getObjId() in {o.getObjId() for o in project.getSourceChilds(particles)}
+    assert out.getObjId() in {o.getObjId() for o in project.mapper.getRelationChilds(RELATION_TRANSFORM, particles)}
+    # the viewer: FSC curves and the pose-change histograms drawn from the job's particles
+    views = CryocvViewer(project=project, protocol=protocol)._visualize(protocol)
+    assert len(views) == 2
+    rotation_axes, shift_axes = views[1].figure.axes
+    assert "rotation change" in rotation_axes.get_xlabel() and "shift change" in shift_axes.get_xlabel()
+    assert sum(p.get_height() for p in rotation_axes.patches) == n
+    path = str(root / "pose_change_view.png")
+    views[1].figure.savefig(path)
+    assert matplotlib_image(path)[..., :3].std() > 0.05
+    # bad parameters are reported in the form's words
+    bad = project.newProtocol(ProtCryocvLocalRefine, rotationExtent=200.0, fulcrum=2)
+    bad.inputParticles.set(particles)
+    bad.inputVolume.set(volume)
+    bad.refMask.set(region)
+    assert any("Rotation extent" in e and "180" in e for e in bad.validate())
+
+
+def matplotlib_image(path):
+    import matplotlib.image
+    return matplotlib.image.imread(path)
 
 
 def test_viewers_render_fsc_and_pose_plots(refined, tmp_path):

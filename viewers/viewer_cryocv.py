@@ -1,13 +1,14 @@
 """Viewers of the cryocv protocols: the half-map FSC curves and the pose diagnostics
 (viewing-direction distribution, convergence, per-particle pose change from the input
-alignment), drawn by :mod:`cryocv.plotting` into pyworkflow plotters."""
+alignment; for a local refinement, the rotation and shift change against the extents),
+drawn by :mod:`cryocv.plotting` into pyworkflow plotters from the job's files."""
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
 from cryocv.jobs import jobdir
-from cryocv.plotting import FSC_FIGSIZE, draw_fsc, draw_poses, poses_figsize
+from cryocv.plotting import FSC_FIGSIZE, POSE_CHANGE_FIGSIZE, draw_fsc, draw_pose_change, draw_poses, poses_figsize
 
-from ..protocols import ProtCryocvReconstruct, ProtCryocvRefine
+from ..protocols import ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvRefine
 
 
 def fscPlotter(protocol):
@@ -16,7 +17,8 @@ def fscPlotter(protocol):
     if report is None:
         raise FileNotFoundError(f"{protocol.getRunName()} has no FSC yet ({protocol._jobPath(jobdir.FSC_JSON)})")
     plotter = Plotter(figsize=FSC_FIGSIZE, windowTitle=f"{protocol.getRunName()}: FSC")
-    draw_fsc(plotter.figure, report, title=f"{protocol.getRunName()}: {report['resolution_A']:.2f} Å "
+    where = " in the mask" if "local" in report else ""
+    draw_fsc(plotter.figure, report, title=f"{protocol.getRunName()}: {report['resolution_A']:.2f} Å{where} "
                                            f"({report['n_particles']} particles, {report['symmetry']})")
     return plotter
 
@@ -31,11 +33,22 @@ def posesPlotter(protocol):
     return plotter
 
 
+def poseChangePlotter(protocol):
+    """Plotter of a local refinement's rotation and shift change from the input poses (histograms,
+    extents marked), computed from the job's particles and the protocol's input."""
+    from cryocv.jobs.local_refine import pose_change_diagnostics
+    diagnostics = pose_change_diagnostics(protocol._jobPath(), protocol._particlesStar())
+    plotter = Plotter(figsize=POSE_CHANGE_FIGSIZE, windowTitle=f"{protocol.getRunName()}: pose change")
+    draw_pose_change(plotter.figure, **diagnostics)
+    return plotter
+
+
 class CryocvViewer(Viewer):
-    """FSC curves (unmasked, masked, phase-randomized, corrected; 0.143 line) and, for a
-    refinement, the angular distribution and the pose change from the input alignment."""
+    """FSC curves (unmasked, masked, phase-randomized, corrected; 0.143 line); for a
+    refinement, the angular distribution and the pose change from the input alignment; for a
+    local refinement, the rotation and shift change from the input poses against the extents."""
     _label = "cryocv FSC and poses"
-    _targets = [ProtCryocvRefine, ProtCryocvReconstruct]
+    _targets = [ProtCryocvRefine, ProtCryocvLocalRefine, ProtCryocvReconstruct]
     _environments = [DESKTOP_TKINTER]
 
     def _visualize(self, obj, **kwargs):
@@ -44,4 +57,6 @@ class CryocvViewer(Viewer):
         views = [fscPlotter(obj)]
         if isinstance(obj, ProtCryocvRefine):
             views.append(posesPlotter(obj))
+        elif isinstance(obj, ProtCryocvLocalRefine):
+            views.append(poseChangePlotter(obj))
         return views

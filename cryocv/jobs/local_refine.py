@@ -23,6 +23,7 @@ from ..errors import CryocvError
 from ..fourier import lowpass_map, shift_volume
 from ..geometry import euler_to_matrix
 from ..io.mrc import StackWriter
+from ..io.particle_files import load_particles
 from ..local_search import (LocalPrior, from_fulcrum_frame, local_batch_size, local_start, rotation_offsets,
                             to_fulcrum_frame)
 from ..masks import auto_threshold_mask
@@ -225,6 +226,30 @@ def pose_change(particles, input_euler, input_origin_A, fulcrum, symmetry: str) 
     before = to_fulcrum_frame(euler_to_matrix(input_euler).astype(np.float32), input_origin_A / px, fulcrum)
     after = to_fulcrum_frame(particles.rotations.astype(np.float32), particles.origin_A / px, fulcrum)
     return rotation, np.linalg.norm(after - before, axis=1) * px
+
+
+def pose_change_diagnostics(job_dir: str, input_particles: str | None = None) -> dict:
+    """What pose_change.png shows, read from a finished job's files (a viewer redraws it): keyword
+    arguments of :func:`cryocv.plotting.draw_pose_change`. ``input_particles``: the job's input
+    (default: the path recorded at its start), rows matched on rlnImageId when the job left some out."""
+    config = jobdir.read_json(jobdir.path(job_dir, jobdir.REFINE_CONFIG))
+    params = LocalRefineParams(**config["parameters"])
+    report = jobdir.read_json(jobdir.path(job_dir, jobdir.FSC_JSON))
+    refined = load_particles(jobdir.path(job_dir, jobdir.PARTICLES_STAR))
+    start = load_particles(input_particles or config["particles"], config["datadir"])  # metadata only
+    if len(start) != len(refined):
+        ids = [p.extra.get("particles_table", {}).get("rlnImageId") for p in (start, refined)]
+        if any(i is None for i in ids):
+            raise CryocvError(f"{job_dir} has {len(refined)} particles, its input {len(start)}, without "
+                              f"rlnImageId to match them")
+        row = {int(image_id): i for i, image_id in enumerate(ids[0])}
+        start = start.subset(np.array([row[int(image_id)] for image_id in ids[1]]))
+    grid = np.broadcast_to(np.float32(0), (refined.box_size,) * 3)        # only its shape counts
+    fulcrum = fulcrum_px(",".join(str(c) for c in report["local"]["fulcrum_A"]), grid, refined.pixel_size_A)
+    rotation, shift = pose_change(refined, start.euler_deg, start.origin_A, fulcrum, report["symmetry"])
+    return {"rotation_change_deg": rotation, "shift_change_A": shift, "rotation_extent_deg": params.rotation_extent_deg,
+            "shift_extent_A": params.shift_extent_A,
+            "title": f"{len(refined)} particles, {report['resolution_A']:.2f} Å in the mask: change from the input poses"}
 
 
 def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRefineParams | None = None,
