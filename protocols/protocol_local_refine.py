@@ -8,13 +8,12 @@ from pwem.protocols import ProtRefine3D
 
 from cryocv.errors import CryocvError
 from cryocv.jobs import jobdir
-from cryocv.jobs.local_refine import LocalRefineParams
+from cryocv.jobs.local_refine import FULCRUM_NAMES, MASK_MODES, LocalRefineParams
 
 from .protocol_base import REGULARIZERS, CryocvProtocolBase
 
-FULCRUMS = ["mask-center", "box-center"]     # the CLI's named fulcrums; the form's third choice is a point
+FULCRUMS = list(FULCRUM_NAMES)               # the CLI's named fulcrums; the form's third choice is a point
 FULCRUM_POINT = len(FULCRUMS)
-MASK_MODES = ["static", "dynamic"]
 MASK_MRC = "input_mask.mrc"                  # the input mask, in extra/
 # CLI flags in the core's parameter errors -> the form's labels
 FORM_LABELS = {"--rotation-extent-deg": "Rotation extent", "--shift-extent-A": "Shift extent",
@@ -99,7 +98,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
                       label="Re-centre the extents each iteration?",
                       help="Search around the last iteration's poses instead of the input's (recommended with "
                            "priors); the total change may then exceed the extents.")
-        form.addParam("maskMode", params.EnumParam, choices=MASK_MODES, default=MASK_MODES.index(defaults.mask_mode),
+        form.addParam("maskMode", params.EnumParam, choices=list(MASK_MODES), default=MASK_MODES.index(defaults.mask_mode),
                       display=params.EnumParam.DISPLAY_HLIST, label="Mask",
                       help="static: the mask as given, for alignment and FSC; dynamic: the thresholded map inside it.")
         form.addSection(label="Refinement")

@@ -124,6 +124,10 @@ def test_local_refine_brings_perturbed_poses_back(consensus):
     change = pose_distance_deg(refined.rotations, start.rotations, "C1")
     assert change.max() <= 12.0 + 1e-3
     assert os.path.isfile(os.path.join(job, "pose_change.png")) and report["local"]["mask_mass_kDa"] > 0
+    # --continue on a finished job rewrites its outputs from the last checkpoint: the same result
+    again = run(None, None, None, job, resume=True, progress=False)
+    assert again["resolution_A"] == report["resolution_A"]
+    assert np.array_equal(_pose_error(job, consensus["truth"])[0], error)
 
 
 def test_local_search_never_leaves_its_extents(consensus):

@@ -81,19 +81,22 @@ def read_json(file_path: str) -> dict:
         return json.load(handle)
 
 
-def read_job_config(job_dir: str) -> dict:
-    """The refine_config.json a refinement (global or local) started with, for --continue; a
-    missing or damaged one is a one-line error."""
+def read_job_config(job_dir: str, keys: tuple, make_params) -> tuple:
+    """(config, params) of the refine_config.json a refinement (global or local) started with, for
+    --continue: ``keys`` must be there and ``make_params(config["parameters"])`` must work; a
+    missing or damaged file is a one-line error."""
     config_path = path(job_dir, REFINE_CONFIG)
     if not os.path.isfile(config_path):
         raise CryocvError(f"{job_dir} holds no refinement to continue (no {REFINE_CONFIG})")
     try:
         config = read_json(config_path)
-        config["parameters"]["symmetry"]       # noqa: B018 - the keys a job needs
+        missing = [key for key in keys + ("parameters",) if key not in config]
+        if missing:
+            raise KeyError(", ".join(missing))
+        return config, make_params(config["parameters"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise CryocvError(f"{config_path} is damaged ({type(exc).__name__}: {exc}): start again with "
-                          f"--overwrite") from None
-    return config
+        raise CryocvError(f"{config_path} is damaged ({type(exc).__name__}: {exc}): start the refinement again "
+                          f"with --overwrite") from None
 
 
 def remove_stale_outputs(job_dir: str, also=()):

@@ -70,16 +70,32 @@ class LocalRefineParams(RefineParams):
                    "--coarse-step-deg must be >= --fine-step-deg"),
                   (self.prior_sigma_deg is None or self.prior_sigma_deg > 0, "--prior-sigma-deg must be positive"),
                   (self.prior_sigma_A is None or self.prior_sigma_A > 0, "--prior-sigma-A must be positive"),
-                  (self.mask_mode in ("static", "dynamic"), "--mask-mode must be static or dynamic")]
+                  (self.mask_mode in MASK_MODES, "--mask-mode must be static or dynamic")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
-        fulcrum_px(self.fulcrum, np.ones((4, 4, 4), np.float32), 1.0)     # a one-line error for a bad value
+        if self.fulcrum not in FULCRUM_NAMES:
+            fulcrum_point_A(self.fulcrum)                  # a one-line error for a bad value
 
     def coarse_step(self) -> float:
         if self.coarse_step_deg is not None:
             return self.coarse_step_deg
         return float(np.clip(self.rotation_extent_deg / 4, 2 * self.fine_step_deg, 10.0))
+
+
+FULCRUM_NAMES = ("mask-center", "box-center")
+MASK_MODES = ("static", "dynamic")
+
+
+def fulcrum_point_A(spec: str) -> np.ndarray:
+    """The point "X,Y,Z" (Å) of a --fulcrum value."""
+    try:
+        xyz = np.array([float(v) for v in spec.split(",")])
+    except ValueError:
+        xyz = np.array([])
+    if xyz.size != 3 or not np.isfinite(xyz).all():
+        raise CryocvError(f"--fulcrum takes {' or '.join(FULCRUM_NAMES)} or X,Y,Z in Å; got {spec!r}")
+    return xyz
 
 
 def fulcrum_px(spec: str, mask, pixel_size_A: float) -> np.ndarray:
@@ -89,13 +105,7 @@ def fulcrum_px(spec: str, mask, pixel_size_A: float) -> np.ndarray:
         return center_of_mass(mask)
     if spec == "box-center":
         return np.zeros(3)
-    try:
-        xyz = np.array([float(v) for v in spec.split(",")])
-    except ValueError:
-        xyz = np.array([])
-    if xyz.size != 3 or not np.isfinite(xyz).all():
-        raise CryocvError(f"--fulcrum takes mask-center, box-center or X,Y,Z in Å; got {spec!r}")
-    return xyz / pixel_size_A - mask.shape[0] // 2
+    return fulcrum_point_A(spec) / pixel_size_A - mask.shape[0] // 2
 
 
 def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, xp, fulcrum: np.ndarray):
@@ -159,7 +169,7 @@ def add_args(p):
                    help="Gaussian prior width on the shift change (default: none)")
     option(p, "--recenter-each-iteration", LocalRefineParams, "recenter_each_iteration", action="store_true",
            help="search around the last iteration's poses instead of the input's")
-    option(p, "--mask-mode", LocalRefineParams, "mask_mode", choices=["static", "dynamic"],
+    option(p, "--mask-mode", LocalRefineParams, "mask_mode", choices=list(MASK_MODES),
            help="static: the mask as given for alignment and FSC; dynamic: thresholded map inside it")
     option(p, "--no-scale", LocalRefineParams, "fit_scale", action="store_false",
            help="--subtract: no per-particle scale of the subtracted signal (as RELION)")
@@ -260,10 +270,10 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
     config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
     store = CheckpointStore(out_dir)
     if resume:
-        config = jobdir.read_job_config(out_dir)
+        config, params = jobdir.read_job_config(out_dir, ("particles", "half_maps", "mask", "datadir", "device", "gpu"),
+                                                lambda parameters: LocalRefineParams(**parameters))
         particles_path, half_map_paths, mask_path = config["particles"], config["half_maps"], config["mask"]
         datadir, device, gpu_ids = config["datadir"], config["device"], config["gpu"]
-        params = LocalRefineParams(**config["parameters"])
     else:
         params = params or LocalRefineParams()
         params.validate()

@@ -188,16 +188,10 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
     store = CheckpointStore(out_dir)
     if resume:
-        if not os.path.isfile(config_path):
-            raise CryocvError(f"{out_dir} holds no refinement to continue (no {jobdir.REFINE_CONFIG})")
-        try:
-            config = jobdir.read_json(config_path)
-            particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
-            params = refine_params_from_config(config["parameters"])
-            device, gpu_ids = config["device"], config["gpu"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CryocvError(f"{config_path} is damaged ({type(exc).__name__}: {exc}): start the refinement "
-                              f"again with --overwrite") from None
+        config, params = jobdir.read_job_config(out_dir, ("particles", "reference", "datadir", "device", "gpu"),
+                                                refine_params_from_config)
+        particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
+        device, gpu_ids = config["device"], config["gpu"]
     else:
         params = params or RefineParams()
         params.validate()
