@@ -124,6 +124,8 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
         final = state.converged or state.iteration >= params.max_iterations
         iteration = state.iteration + 1
         cutoff = n / 2 if final else alignment_cutoff_px(n, px, state.resolution_A, params.extra_shells)
+        if params.max_align_res_A:             # never align beyond this, the final pass included
+            cutoff = min(cutoff, n * px / params.max_align_res_A)
         with timer("references + search setup"):
             align_mask = (to_device(state.mask, xp) if state.mask is not None
                           else spherical_mask(n, n / 2 - 4, 3.0, xp))

@@ -47,6 +47,7 @@ class RefineParams:
     base_cutoff_times_step: float = SearchParams.base_cutoff_times_step
     candidate_decay: int = SearchParams.candidate_decay
     extra_shells: int = 4               # alignment uses the resolution shell + this many
+    max_align_res_A: float | None = None  # never align to finer than this (Å), the final pass included
     nu_cutoffs: int = NUParams.n_cutoffs
     nu_order: int = NUParams.order
     nu_awf: float = NUParams.awf
@@ -71,7 +72,8 @@ class RefineParams:
                   (self.nu_order >= 1, "--nu-order must be >= 1"),
                   (self.nu_awf > 0, "--nu-awf must be positive"),
                   (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
-                  (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0")]
+                  (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
+                  (self.max_align_res_A is None or self.max_align_res_A > 0, "--max-align-res-A must be positive")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
@@ -139,6 +141,8 @@ def add_search_and_regularizer_args(p, params_class):
     option(p, "--max-iterations", params_class, "max_iterations",
            help="iterations before the final pass to Nyquist, if not converged earlier")
     option(p, "--fine-step-deg", params_class, "fine_step_deg", help="finest angular step")
+    p.add_argument("--max-align-res-A", dest="max_align_res_A", type=float, default=params_class.max_align_res_A,
+                   help="never align to finer than this resolution (Å), the final pass included (default: no limit)")
     option(p, "--candidates", params_class, "n_candidates", help="poses kept per image at the fine search levels")
     option(p, "--base-candidates", params_class, "n_base_candidates",
            help="poses kept per image after the coarse base grid, halved per level down to --candidates")
