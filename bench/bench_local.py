@@ -48,7 +48,8 @@ def register_to_truth(star: str, truth: dict, symmetry: str, out_star: str) -> s
 
 
 def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: int, xp, device: str,
-             box_size: int = 128, model: str | None = None, args_body_sym: str = "C4") -> dict:
+             box_size: int = 128, model: str | None = None, args_body_sym: str = "C4",
+             regularizer: str = "nu") -> dict:
     data = os.path.join(out, f"data_{kDa:g}")
     started = time.time()
     if not os.path.isfile(os.path.join(data, "dataset.json")):
@@ -80,18 +81,18 @@ def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: i
     t0 = time.time()
     local = local_refine.run(os.path.join(jobs["consensus"], "particles.star"), halves,
                              os.path.join(data, "mask_domain.mrc"), jobs["local"],
-                             local_refine.LocalRefineParams(subtract=True), device=device, progress=False,
+                             local_refine.LocalRefineParams(subtract=True, regularizer=regularizer), device=device, progress=False,
                              overwrite=True)
     timings["local_s"] = time.time() - t0
     # the same with Gaussian priors on the change (σ 5°, 2 Å): RELION's --sigma_ang-like regularization
     jobs["local_prior"] = os.path.join(out, f"local_prior_{kDa:g}")
     local_refine.run(os.path.join(jobs["consensus"], "particles.star"), halves, os.path.join(data, "mask_domain.mrc"),
                      jobs["local_prior"], local_refine.LocalRefineParams(subtract=True, prior_sigma_deg=5.0,
-                                                                         prior_sigma_A=2.0),
+                                                                         prior_sigma_A=2.0, regularizer=regularizer),
                      device=device, progress=False, overwrite=True)
     reconstruct.run(os.path.join(data, "particles_domain.star"), jobs["oracle"], device=device, progress=False,
                     overwrite=True)
-    result = {"domain_kDa": info["mass_kDa"]["domain"], "body_kDa": info["mass_kDa"]["body"], "n": n, "snr": snr,
+    result = {"local_regularizer": regularizer, "domain_kDa": info["mass_kDa"]["domain"], "body_kDa": info["mass_kDa"]["body"], "n": n, "snr": snr,
               "hinge_sigma_deg": sigma_deg, "pixel_size_A": px, "build_s": round(build_s, 1),
               **{k: round(v, 1) for k, v in timings.items()},
               "mask_mass_kDa": local["local"]["mask_mass_kDa"]}
@@ -141,13 +142,15 @@ def main(argv=None):
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--model", default=None, help="atomic model (default: TRPV1 from ../shared/data)")
     parser.add_argument("--body-sym", default="C4", help="the body's (pseudo-)symmetry, resolved against the truth")
+    parser.add_argument("--regularizer", default="nu", help="of the local refinements (the consensus is NU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     xp = resolve_xp(args.device)
-    results = [one_mass(k, args.n, args.out, args.snr, args.sigma_deg, args.seed, xp, args.device, args.box, args.model, args.body_sym) for k in args.kDa]
+    results = [one_mass(k, args.n, args.out, args.snr, args.sigma_deg, args.seed, xp, args.device, args.box, args.model, args.body_sym,
+                        args.regularizer) for k in args.kDa]
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results + ".json", "w") as handle:
         json.dump(results, handle, indent=1)
