@@ -456,7 +456,9 @@ def test_local_refine_protocol_subtracts_and_brings_perturbed_poses_back(project
     assert f"median {local['rotation_change_median_deg']:.2f}°" in summary[2]
     assert local["rotation_change_median_deg"] == pytest.approx(np.median(change), abs=0.05)
     assert "subtracted" in summary[3] and "CPU" in summary[4]
-    assert "[Punjani2017]" in protocol.methods()[0] and "Punjani2020" in protocol._citations()
+    # the default regularizer of local refinement is uniform (FSC-Wiener): Scheres 2012, not the NU paper
+    assert "[Punjani2017]" in protocol.methods()[0] and "Scheres2012" in protocol._citations()
+    assert "Punjani2020" not in protocol._citations()
     assert refined.getObjId() in {o.getObjId() for o in project.getSourceChilds(particles)}
     assert out.getObjId() in {o.getObjId() for o in project.mapper.getRelationChilds(RELATION_TRANSFORM, particles)}
     # the viewer: FSC curves and the pose-change histograms drawn from the job's particles
