@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .accumulate import Accumulators
 from .backend import StageTimer, free_device_memory, get_array_module, to_numpy
 from .noise import residual_power, shell_mean
 from .projector import DEFAULT_PADDING, frequency_points
 from .search import SearchResult
-from .source import Batch, ParticleSource
+from .source import Batch, ParticleSource, for_each_batch
 
 
 class HalfReferences:
@@ -82,45 +81,32 @@ def em_pass(source: ParticleSource, find_poses: Callable[[Batch], SearchResult],
     rotations_out = np.zeros((len(particles), 3, 3), dtype=np.float32)
     origins_out = np.zeros((len(particles), 2), dtype=np.float32)
     scores_out = np.zeros(len(particles), dtype=np.float32)
-    members = {h: source.members(h) for h in (1, 2)}
-    bar = tqdm(total=sum(m.size for m in members.values()), desc=desc, unit="particle", disable=not progress,
-               leave=False)
-    for half in (1, 2):
-        start = 0
-        while start < members[half].size:
-            sel = members[half][start:start + batch_size]
-            try:
-                with timer("read + FT"):
-                    batch = source.load(sel, half)
-                    following = members[half][start + sel.size:start + sel.size + batch_size]
-                    source.prefetch(following if following.size or half == 2 else members[2][:batch_size])
-                with timer("pose search"):
-                    found = find_poses(batch)
-                with timer("back-projection"):
-                    x = points.gather(batch.recentred_ft(found.shifts_px))
-                    c = xp.ones(x.shape, dtype=xp.float32) if batch.ctf is None else points.gather(batch.ctf)
-                    values, weights = x * c, c * c
-                if references is not None:
-                    with timer("residual noise"):
-                        sums, counts = residual_power(references[half], found.rotations, points, x, c, padding)
-            except MemoryError as exc:  # cupy's OutOfMemoryError is a MemoryError
-                if batch_size <= 1:
-                    raise
-                batch_size = max(1, batch_size // 2)
-                free_device_memory(xp)
-                log(f"  device memory full ({type(exc).__name__}); batch size lowered to {batch_size}")
-                continue
-            if references is not None:
-                noise_sums += sums
-                noise_counts += counts
-            with timer("back-projection"):
-                accumulators.insert(half, sel, found.rotations, points, values, weights)
-            rotations_out[sel] = to_numpy(found.rotations)
-            origins_out[sel] = to_numpy(found.shifts_px)
-            scores_out[sel] = to_numpy(found.scores)
-            bar.update(sel.size)
-            start += sel.size
-    bar.close()
+
+    def work(batch):
+        with timer("pose search"):
+            found = find_poses(batch)
+        with timer("back-projection"):
+            x = points.gather(batch.recentred_ft(found.shifts_px))
+            c = xp.ones(x.shape, dtype=xp.float32) if batch.ctf is None else points.gather(batch.ctf)
+        noise = None
+        if references is not None:
+            with timer("residual noise"):
+                noise = residual_power(references[batch.half], found.rotations, points, x, c, padding)
+        return found, x * c, c * c, noise
+
+    def done(batch, result):
+        found, values, weights, noise = result
+        if noise is not None:
+            noise_sums[...] += noise[0]
+            noise_counts[...] += noise[1]
+        with timer("back-projection"):
+            accumulators.insert(batch.half, batch.index, found.rotations, points, values, weights)
+        rotations_out[batch.index] = to_numpy(found.rotations)
+        origins_out[batch.index] = to_numpy(found.shifts_px)
+        scores_out[batch.index] = to_numpy(found.scores)
+
+    batch_size = for_each_batch(source, batch_size, work, done, progress, desc, log,
+                                read_stage=lambda: timer("read + FT"))
     noise = None
     if references is not None:
         noise = to_numpy(shell_mean(noise_sums, noise_counts))

@@ -12,11 +12,15 @@ so that several processes can split the particles between them.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from .backend import to_device
+from tqdm.auto import tqdm
+
+from .backend import free_device_memory, to_device
 from .ctf import ctf_half_plane
 from .fourier import ft2_centered, phase_shift_images
 from .geometry import euler_to_matrix
@@ -134,3 +138,38 @@ class ParticleSource:
                      else None)
         return Batch(index=index, half=half, images_ft=self.images_ft(index) if images else None, ctf=ctf,
                      rotations=rotations, origin_px=to_device(p.origin_px[index].astype(np.float32), xp))
+
+
+def for_each_batch(source: ParticleSource, batch_size: int, work: Callable, done: Callable, progress: bool = True,
+                   desc: str = "", log=print, read_stage: Callable = nullcontext) -> int:
+    """The one batch loop of the jobs: for half-set 1, then 2, ``batch = source.load(...)`` (the next
+    batch's images read in the background meanwhile), ``result = work(batch)``, then
+    ``done(batch, result)``. A batch whose loading or ``work`` runs out of device memory is
+    retried at half the size (``done`` is outside the retry: it must not allocate much).
+    ``read_stage()`` is a context around the loading (e.g. a timer stage). → the final batch size."""
+    xp = source.xp
+    members = {h: source.members(h) for h in (1, 2)}
+    bar = tqdm(total=sum(m.size for m in members.values()), desc=desc, unit="particle", disable=not progress,
+               leave=False)
+    for half in (1, 2):
+        start = 0
+        while start < members[half].size:
+            sel = members[half][start:start + batch_size]
+            try:
+                with read_stage():
+                    batch = source.load(sel, half)
+                    following = members[half][start + sel.size:start + sel.size + batch_size]
+                    source.prefetch(following if following.size or half == 2 else members[2][:batch_size])
+                result = work(batch)
+            except MemoryError as exc:  # cupy's OutOfMemoryError is a MemoryError
+                if batch_size <= 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                free_device_memory(xp)
+                log(f"  device memory full ({type(exc).__name__}); batch size lowered to {batch_size}")
+                continue
+            done(batch, result)
+            bar.update(sel.size)
+            start += sel.size
+    bar.close()
+    return batch_size

@@ -23,13 +23,12 @@ map translated by −c, the kept region centred in the box (:func:`recentring_sh
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .backend import free_device_memory, get_array_module, to_device, to_numpy
+from .backend import get_array_module, to_device, to_numpy
 from .fourier import half_plane_frequencies, ift2_centered, phase_shift_images, shell_index_2d
 from .fsc import fsc_curve
 from .projector import DEFAULT_PADDING, prepare_volume, project
-from .source import ParticleSource
+from .source import ParticleSource, for_each_batch
 
 SCALE_RANGE = (0.2, 5.0)        # fitted scales are clamped to this range
 MASK_TOLERANCE = 1e-3           # keep-mask values may stray this far outside [0, 1] (then clipped)
@@ -194,41 +193,28 @@ def subtract_source(source: ParticleSource, half_maps, keep_mask, write, batch_s
         raise ValueError("every particle needs a half-set (1 or 2) for subtraction")
     scales = np.ones(len(particles), dtype=np.float32)
     origins = particles.origin_px.astype(np.float32)
-    members = {h: source.members(h) for h in (1, 2)}
     mask = to_device(np.asarray(keep_mask, dtype=np.float32), xp)
-    bar = tqdm(total=sum(m.size for m in members.values()), desc="subtracting", unit="particle",
-               disable=not progress, leave=False)
-    for half in (1, 2):
-        if members[half].size == 0:
-            continue
-        full_ft, subtract_ft = subtraction_volumes(to_device(np.asarray(half_maps[half - 1], np.float32), xp), mask,
-                                                   padding)
-        start = 0
-        while start < members[half].size:
-            sel = members[half][start:start + batch_size]
-            try:
-                batch = source.load(sel, half)
-                following = members[half][start + sel.size:start + sel.size + batch_size]
-                source.prefetch(following if following.size or half == 2 else members[2][:batch_size])
-                subtracted, batch_scales = subtract_batch(batch.images_ft, batch.ctf, batch.rotations, batch.origin_px,
-                                                          full_ft, subtract_ft, fit_scale, r_max_px, padding=padding)
-                shifts = new_origin = None
-                if center_xyz_px is not None:
-                    shifts, new_origin = recentring_shifts(batch.rotations, batch.origin_px, center_xyz_px)
-                images = to_numpy(output_images(subtracted, shifts, new_box))
-            except MemoryError as exc:  # cupy's OutOfMemoryError is a MemoryError
-                if batch_size <= 1:
-                    raise
-                batch_size = max(1, batch_size // 2)
-                free_device_memory(xp)
-                log(f"  device memory full ({type(exc).__name__}); batch size lowered to {batch_size}")
-                continue
-            write(sel, images)
-            scales[sel] = to_numpy(batch_scales)
-            if new_origin is not None:
-                origins[sel] = to_numpy(new_origin)
-            bar.update(sel.size)
-            start += sel.size
-        del full_ft, subtract_ft
-    bar.close()
+    volumes = {}                       # {half: (full_ft, subtract_ft)}, one half-set's at a time
+
+    def work(batch):
+        if batch.half not in volumes:
+            volumes.clear()
+            volumes[batch.half] = subtraction_volumes(to_device(np.asarray(half_maps[batch.half - 1], np.float32),
+                                                                xp), mask, padding)
+        subtracted, batch_scales = subtract_batch(batch.images_ft, batch.ctf, batch.rotations, batch.origin_px,
+                                                  *volumes[batch.half], fit_scale, r_max_px, padding=padding)
+        shifts = new_origin = None
+        if center_xyz_px is not None:
+            shifts, new_origin = recentring_shifts(batch.rotations, batch.origin_px, center_xyz_px)
+        return to_numpy(output_images(subtracted, shifts, new_box)), batch_scales, new_origin
+
+    def done(batch, result):
+        images, batch_scales, new_origin = result
+        write(batch.index, images)
+        scales[batch.index] = to_numpy(batch_scales)
+        if new_origin is not None:
+            origins[batch.index] = to_numpy(new_origin)
+
+    for_each_batch(source, batch_size, work, done, progress, "subtracting", log)
+    volumes.clear()
     return scales, origins
