@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module, to_device
+from .backend import free_device_memory, get_array_module, is_cupy, to_device
 from .projector import (DEFAULT_PADDING, FrequencyPoints, accumulators_to_map, divided_to_map, empty_accumulators,
                         insert_slices, weight_floor)
 
@@ -28,22 +28,53 @@ class Accumulators:
     """(data, weight) grids keyed by (half, part): part 0 only, or parts 0/1 (quarter-sets)
     when ``quarters`` (n,) 0/1 labels per particle are given.
 
-    ``operators`` (G, 3, 3) symmetry operators (numpy); ``xp`` the device's array module."""
+    ``operators`` (G, 3, 3) symmetry operators (numpy); ``xp`` the device's array module.
+    With ``one_half_on_device`` only one half-set's grids live on the device at a time (the
+    other's wait in host memory, pinned on a GPU): a pass runs half-set 1, then 2, and the maps
+    are formed one half-set at a time, so a large box (NU at box 512: four 6.4 GB grids) needs
+    half the device memory for two host round trips per iteration. Half-set 1's grids are made
+    at once (a search sizes its batches from the memory left), half-set 2's on first use."""
 
     def __init__(self, box_size: int, operators, xp, quarters: np.ndarray | None = None,
-                 padding: int = DEFAULT_PADDING):
+                 padding: int = DEFAULT_PADDING, one_half_on_device: bool = False):
         self.box_size = box_size
         self.operators = operators
         self.padding = padding
         self.quarters = quarters
-        parts = (0, 1) if quarters is not None else (0,)
-        self.grids = {(h, q): empty_accumulators(box_size, padding, xp) for h in (1, 2) for q in parts}
+        self.xp = xp
+        self.one_half_on_device = one_half_on_device
+        self.parts = (0, 1) if quarters is not None else (0,)
+        self.grids = {}                  # (half, part) -> (data, weight) on the device
+        self._host = {}                  # (half, part) -> (data, weight) moved to host memory
+        for h in ((1,) if one_half_on_device else (1, 2)):
+            for q in self.parts:
+                self.grids[(h, q)] = empty_accumulators(box_size, padding, xp)
+
+    def _on_device(self, h: int, q: int):
+        """(data, weight) of (half ``h``, part ``q``) on the device; with ``one_half_on_device``
+        the other half-set's grids move to host memory first."""
+        if (h, q) in self.grids:
+            return self.grids[(h, q)]
+        if self.one_half_on_device:
+            for key in [k for k in self.grids if k[0] != h]:
+                self._host[key] = tuple(_to_host(a) for a in self.grids.pop(key))
+            free_device_memory(self.xp)
+        for part in self.parts:
+            if (h, part) in self._host:
+                self.grids[(h, part)] = tuple(to_device(a, self.xp) for a in self._host.pop((h, part)))
+            else:
+                self.grids[(h, part)] = empty_accumulators(self.box_size, self.padding, self.xp)
+        return self.grids[(h, q)]
+
+    def resident_first(self) -> tuple:
+        """Half-sets in the order that needs the fewest host round trips (the one on the device first)."""
+        return (2, 1) if (2, 0) in self.grids and (1, 0) not in self.grids else (1, 2)
 
     def insert(self, half: int, index: np.ndarray, rotations, points: FrequencyPoints, values, weights):
         """Insert images of half-set ``half`` (particle positions ``index`` (B,)) at ``rotations``
         (B, 3, 3) with ``values``/``weights`` (B, M) at ``points``."""
         if self.quarters is None:
-            insert_with_symmetry(self.grids[(half, 0)], rotations, points, values, weights, self.operators,
+            insert_with_symmetry(self._on_device(half, 0), rotations, points, values, weights, self.operators,
                                  self.padding)
             return
         xp = get_array_module(rotations)
@@ -51,14 +82,14 @@ class Accumulators:
             in_q = self.quarters[index] == q
             if in_q.any():
                 idx = to_device(np.nonzero(in_q)[0], xp)
-                insert_with_symmetry(self.grids[(half, q)], rotations[idx], points, values[idx], weights[idx],
+                insert_with_symmetry(self._on_device(half, q), rotations[idx], points, values[idx], weights[idx],
                                      self.operators, self.padding)
 
     def half(self, h: int):
         """(data, weight) of half-set ``h``, summed over its parts."""
         if self.quarters is None:
-            return self.grids[(h, 0)]
-        (da, wa), (db, wb) = self.grids[(h, 0)], self.grids[(h, 1)]
+            return self._on_device(h, 0)
+        (da, wa), (db, wb) = self._on_device(h, 0), self._on_device(h, 1)
         return da + db, wa + wb
 
     def half_map(self, h: int, regularization=None):
@@ -67,10 +98,10 @@ class Accumulators:
         one data grid and one weight grid beyond the accumulators, and the weight is freed before
         the inverse FFT."""
         if self.quarters is None:
-            return accumulators_to_map(*self.grids[(h, 0)], self.box_size, regularization, self.padding)
+            return accumulators_to_map(*self._on_device(h, 0), self.box_size, regularization, self.padding)
         weight = self.half_weight(h)
         weight += weight_floor(weight) if regularization is None else regularization
-        data = self.grids[(h, 0)][0] + self.grids[(h, 1)][0]
+        data = self._on_device(h, 0)[0] + self._on_device(h, 1)[0]
         data /= weight
         weight = None
         return divided_to_map(data, self.box_size, self.padding)
@@ -78,25 +109,47 @@ class Accumulators:
     def half_weight(self, h: int):
         """Σ CTF² of half-set ``h`` (the weight grid of :meth:`half`)."""
         if self.quarters is None:
-            return self.grids[(h, 0)][1]
-        return self.grids[(h, 0)][1] + self.grids[(h, 1)][1]
+            return self._on_device(h, 0)[1]
+        return self._on_device(h, 0)[1] + self._on_device(h, 1)[1]
 
     def quarter(self, h: int, q: int):
         """(data, weight) of quarter-set ``q`` of half-set ``h`` (only with quarters)."""
-        return self.grids[(h, q)]
+        return self._on_device(h, q)
 
     def half_maps(self):
         """Unregularized half-maps [1, 2] (N, N, N) float32."""
-        return [self.half_map(h) for h in (1, 2)]
+        maps = {h: self.half_map(h) for h in self.resident_first()}
+        return [maps[1], maps[2]]
 
 
-def map_stage_device_bytes(box_size: int, nu: bool, padding: int = DEFAULT_PADDING) -> int:
+def _to_host(array):
+    """A device array copied to host memory (pinned on a GPU, so the copy back runs at full
+    bus speed; CuPy's pinned pool keeps the buffers for the next iteration)."""
+    if not is_cupy(array):
+        return array.copy()
+    import cupyx
+    host = cupyx.empty_pinned(array.shape, array.dtype)
+    array.get(out=host)
+    return host
+
+
+def map_stage_device_bytes(box_size: int, nu: bool, padding: int = DEFAULT_PADDING,
+                           one_half_on_device: bool = False) -> int:
     """Device bytes a refinement iteration holds besides images and search work: the
-    accumulators (2 or, for NU, 4 grids of complex data + weight), one prepared reference and
-    the working grids of forming a map (a half-set sum, an inverse FFT and its workspace)."""
+    accumulators (2 or, for NU, 4 grids of complex data + weight; half of them with
+    ``one_half_on_device``), one prepared reference and the working grids of forming a map (a
+    half-set sum, an inverse FFT and its workspace)."""
     np_ = padding * box_size
     grid = np_ * np_ * (np_ // 2 + 1) * 4            # one float32 half-space grid
-    return ((4 if nu else 2) * 3 + 2 + 6) * grid
+    grids = (4 if nu else 2) // (2 if one_half_on_device else 1)
+    return (grids * 3 + 2 + 6) * grid
+
+
+def keep_one_half_on_device(box_size: int, nu: bool, free_bytes: int, padding: int = DEFAULT_PADDING) -> bool:
+    """Should a job keep only one half-set's accumulators on the device? Yes on a GPU when all
+    of them with the map stage would take more than 60% of the ``free_bytes`` (so the images and
+    the search keep room); never on the CPU (``free_bytes`` 0)."""
+    return free_bytes > 0 and map_stage_device_bytes(box_size, nu, padding) > 0.6 * free_bytes
 
 
 def quarter_split(half_set: np.ndarray, seed: int) -> np.ndarray:

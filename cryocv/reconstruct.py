@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .accumulate import Accumulators
-from .backend import to_device, to_numpy
+from .accumulate import Accumulators, keep_one_half_on_device
+from .backend import free_gpu_memory_bytes, to_device, to_numpy
 from .em_pass import em_pass, given_poses
 from .fsc import combine_half_maps, gold_standard_fsc
 from .particles import Particles
@@ -27,7 +27,10 @@ def backproject(particles: Particles, xp=np, symmetry: str = "C1", batch_size: i
     """Accumulate every particle (of this ``shard``) into its half-set on ``xp``'s device.
     Particles with half-set 0 are skipped."""
     particles.require_alignment("reconstruction")
-    acc = Accumulators(particles.box_size, symmetry_operators(symmetry), xp, padding=padding)
+    one_half = keep_one_half_on_device(particles.box_size, False, free_gpu_memory_bytes() if xp is not np else 0,
+                                       padding)
+    acc = Accumulators(particles.box_size, symmetry_operators(symmetry), xp, padding=padding,
+                       one_half_on_device=one_half)
     em_pass(ParticleSource(particles, xp, shard=shard), given_poses, acc, batch_size, padding=padding,
             progress=progress, desc="back-projecting")
     return acc

@@ -71,18 +71,18 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
     ``timer`` collects seconds per step; ``make_mask(average map)`` → mask replaces the dynamic
     mask (e.g. a user's static mask)."""
     box_size, padding = acc.box_size, acc.padding
-    xp = get_array_module(acc.grids[(1, 0)][0])
+    xp = acc.xp
     timer = timer or StageTimer(xp)
     # half-set sums are formed one at a time where they are needed (NU: quarters added), to keep
-    # the device memory of large boxes down
+    # the device memory of large boxes down; the half-set whose accumulators are on the device first
     with timer("maps: half-maps"):
-        raw = [acc.half_map(h) for h in (1, 2)]
+        raw = acc.half_maps()
     with timer("maps: FSC"):
         mask = None if previous_mask is None else to_device(previous_mask, xp)
         raw_report = gold_standard_fsc(raw[0], raw[1], pixel_size_A, mask=mask, seed=seed)
     fsc = np.asarray(raw_report.get("fsc_corrected", raw_report["fsc_unmasked"]))
     regularized, cutoffs = [None, None], []
-    for h in (1, 2):
+    for h in acc.resident_first():
         with timer("maps: half-maps"):
             # σ²/τ² per shell: a property of the data and the signal, shared by a half-set and its quarters
             term = wiener_regularization(acc.half_weight(h), fsc, box_size, padding)

@@ -5,6 +5,7 @@ A job's last write is ``map.mrc``: its presence marks a finished job.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -244,6 +246,8 @@ class CheckpointStore:
         self.keep = keep
         self.root = path(job_dir, ITERATIONS)
         self.skipped = []                # (folder, reason) of checkpoints load_latest passed over
+        self._writer = None              # one background thread writing the files of a save
+        self._pending = None             # its future
 
     def folder(self, iteration: int) -> str:
         return os.path.join(self.root, f"iter_{iteration:03d}")
@@ -251,37 +255,59 @@ class CheckpointStore:
     def exists(self) -> bool:
         return os.path.isfile(path(self.job_dir, CHECKPOINT))
 
-    def save(self, state: RefineState, maps, pixel_size_A: float, half_set: np.ndarray, scores=None):
+    def save(self, state: RefineState, maps, pixel_size_A: float, half_set: np.ndarray, scores=None,
+             background: bool = False):
         """Write iteration ``state.iteration``: references, unfiltered half-maps, mask, FSC, poses
         (``maps`` a :class:`~cryocv.regularize.MapResult`) and, for the final pass (the job's
         outputs, should the process stop before writing them), the full map and NU maps;
-        ``checkpoint.json`` last."""
+        ``checkpoint.json`` last. The arrays are copied to host memory here; with ``background``
+        the files are written by a thread while the caller goes on (the next iteration's pass),
+        one save at a time: call :meth:`wait` before reading them. A save killed half-way leaves
+        a folder without ``checkpoint.json`` pointing to it, which :meth:`load_latest` skips."""
         folder = self.folder(state.iteration)
-        os.makedirs(folder, exist_ok=True)
-        for h in (1, 2):
-            write_map(os.path.join(folder, REFERENCES[h - 1]), state.references[h - 1], pixel_size_A)
-            write_map(os.path.join(folder, HALF_MAPS[h - 1]), to_numpy(maps.half_maps[h - 1]), pixel_size_A)
-        write_json(os.path.join(folder, FSC_JSON), maps.report)
+        maps_out = {REFERENCES[h - 1]: state.references[h - 1] for h in (1, 2)}
+        maps_out.update({HALF_MAPS[h - 1]: to_numpy(maps.half_maps[h - 1]) for h in (1, 2)})
         if state.mask is not None:
-            write_map(os.path.join(folder, MASK), state.mask, pixel_size_A)
+            maps_out[MASK] = state.mask
         if state.final_done:
-            write_map(os.path.join(folder, MAP), to_numpy(maps.full_map), pixel_size_A)
+            maps_out[MAP] = to_numpy(maps.full_map)
         if state.final_done and maps.cutoff_A is not None:
-            write_map(os.path.join(folder, NU_CUTOFF), maps.cutoff_A, pixel_size_A)
-            write_map(os.path.join(folder, NU_FILTERED_MAP), to_numpy(maps.nu_filtered_map), pixel_size_A)
-        with atomic_path(os.path.join(folder, POSES_NPZ)) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, euler_deg=state.euler_deg, origin_A=state.origin_A, half_set=half_set,
-                         noise_var_shell=state.noise_var_shell,
-                         scores=np.zeros(0) if scores is None else scores)
-        write_json(os.path.join(folder, STATE_JSON), {
-            "iteration": state.iteration, "resolution_A": state.resolution_A, "history": state.history,
-            "converged": state.converged, "final_done": state.final_done, "has_mask": state.mask is not None})
-        write_json(path(self.job_dir, CHECKPOINT), {"iteration": state.iteration,
-                                                     "folder": os.path.relpath(folder, self.job_dir)})
-        if self.keep > 0:  # the one just written is intact: older ones beyond `keep` go
-            for old in self.folders()[self.keep:]:
-                shutil.rmtree(old, ignore_errors=True)
+            maps_out[NU_CUTOFF] = maps.cutoff_A
+            maps_out[NU_FILTERED_MAP] = to_numpy(maps.nu_filtered_map)
+        report = copy.deepcopy(maps.report)          # the caller goes on changing its own
+        poses = dict(euler_deg=state.euler_deg, origin_A=state.origin_A, half_set=half_set,
+                     noise_var_shell=state.noise_var_shell, scores=np.zeros(0) if scores is None else scores)
+        meta = {"iteration": state.iteration, "resolution_A": state.resolution_A, "history": copy.deepcopy(state.history),
+                "converged": state.converged, "final_done": state.final_done, "has_mask": state.mask is not None}
+
+        def write():
+            os.makedirs(folder, exist_ok=True)
+            for name, volume in maps_out.items():
+                write_map(os.path.join(folder, name), volume, pixel_size_A)
+            write_json(os.path.join(folder, FSC_JSON), report)
+            with atomic_path(os.path.join(folder, POSES_NPZ)) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, **poses)
+            write_json(os.path.join(folder, STATE_JSON), meta)
+            write_json(path(self.job_dir, CHECKPOINT), {"iteration": meta["iteration"],
+                                                         "folder": os.path.relpath(folder, self.job_dir)})
+            if self.keep > 0:  # the one just written is intact: older ones beyond `keep` go
+                for old in self.folders()[self.keep:]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+        self.wait()
+        if not background:
+            write()
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cryocv-checkpoint")
+        self._pending = self._writer.submit(write)
+
+    def wait(self):
+        """Block until a background save is written (its error, if any, is raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def folders(self) -> list:
         """Iteration folders, newest first."""

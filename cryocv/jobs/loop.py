@@ -19,8 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..accumulate import Accumulators, map_stage_device_bytes, quarter_split
-from ..backend import StageTimer, free_device_memory, image_cache_budget_bytes, to_device, to_numpy
+from ..accumulate import Accumulators, keep_one_half_on_device, map_stage_device_bytes, quarter_split
+from ..backend import (StageTimer, free_device_memory, free_gpu_memory_bytes, image_cache_budget_bytes, to_device,
+                       to_numpy)
 from ..em_pass import HalfReferences, em_pass
 from ..errors import CryocvError
 from ..fourier import lowpass_map
@@ -103,18 +104,33 @@ def nu_params(params) -> NUParams | None:
 def iterate(particles: Particles, state: RefineState, params, xp, store: CheckpointStore,
             make_search: Callable[[dict, object, float, RefineState], PoseSearch], progress: bool = True,
             log=print, make_mask=None) -> tuple[RefineState, MapResult]:
-    """Run iterations from ``state`` until converged, then the final pass; checkpoint each.
+    """Run iterations from ``state`` until converged, then the final pass; checkpoint each
+    (written while the next pass runs; all written when this returns or raises).
 
     ``params``: a refinement's Params (regularizer, NU settings, symmetry, iterations, seed...);
     ``make_search(references, noise, cutoff_px, state)`` → :class:`PoseSearch` (global, local...);
     ``make_mask(average map)`` replaces the dynamic mask (see :func:`regularize_and_assess`)."""
+    try:
+        return _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask)
+    except BaseException:
+        try:
+            store.wait()         # a checkpoint being written is finished, not left half-written
+        except Exception:
+            pass                 # the error that stopped the job is the one to report
+        raise
+
+
+def _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask):
     n, px = particles.box_size, particles.pixel_size_A
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
     ops = symmetry_operators(params.symmetry)
+    one_half = keep_one_half_on_device(n, nu is not None, free_gpu_memory_bytes() if xp is not np else 0)
     source = ParticleSource(particles, xp, 0 if params.stream else
-                            image_cache_budget_bytes(xp, map_stage_device_bytes(n, nu is not None)))
-    log(f"  image FTs ({source.ft_bytes / 2**30:.2f} GiB) {'cached on the device' if source.cached else 'streamed'}")
+                            image_cache_budget_bytes(xp, map_stage_device_bytes(n, nu is not None,
+                                                                                one_half_on_device=one_half)))
+    log(f"  image FTs ({source.ft_bytes / 2**30:.2f} GiB) {'cached on the device' if source.cached else 'streamed'}"
+        + ("; one half-set's accumulators on the device at a time (the other in host memory)" if one_half else ""))
     if state.noise_var_shell is None:
         sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
         state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
@@ -131,7 +147,7 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
                           else spherical_mask(n, n / 2 - 4, 3.0, xp))
             volumes = HalfReferences({h: to_device(state.references[h - 1], xp) * align_mask for h in (1, 2)},
                                      prepare_volume)
-            acc = Accumulators(n, ops, xp, quarters)     # first: the search sizes its batches from what is left
+            acc = Accumulators(n, ops, xp, quarters, one_half_on_device=one_half)     # first: the search sizes its batches from what is left
             search = make_search(volumes, to_device(state.noise_var_shell.astype(np.float32), xp), cutoff, state)
         finest = search.levels[-1]
         log(f"iteration {iteration}{' (final pass, aligned to Nyquist)' if final else ''}: aligning to "
@@ -177,8 +193,8 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
                 log(f"  converged: {reason}")
             elif iteration >= params.max_iterations:
                 log(f"  stopping at --max-iterations {params.max_iterations} without convergence")
-        with timer("checkpoint"):
-            store.save(state, maps, px, particles.half_set, result.scores)
+        with timer("checkpoint"):      # written while the next pass runs; the final one before returning
+            store.save(state, maps, px, particles.half_set, result.scores, background=not final)
         stages = record["stage_seconds"]
         stages.update(timer.rounded())
         log("  seconds per stage: " + ", ".join(f"{name} {value:.2f}" for name, value in stages.items()))
