@@ -7,11 +7,11 @@ import sys
 
 from . import __version__
 from .errors import CryocvError
-from .jobs import convert, demo, fsc, local_refine, reconstruct, refine, simulate, subtract
+from .jobs import abinitio, convert, demo, fsc, local_refine, reconstruct, refine, simulate, subtract
 
 _EPILOG = "Conventions follow RELION 3.1 (ZYZ Euler angles, rlnOriginXAngst, optics groups). See README.md."
 COMMANDS = {"simulate": simulate, "reconstruct": reconstruct, "refine": refine, "local-refine": local_refine,
-            "subtract": subtract, "fsc": fsc, "convert": convert, "demo": demo}
+            "subtract": subtract, "abinitio": abinitio, "fsc": fsc, "convert": convert, "demo": demo}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -153,3 +153,45 @@ def draw_pose_change(fig, rotation_change_deg, shift_change_A, rotation_extent_d
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+
+
+ABINITIO_FIGSIZE = (7.0, 4.2)
+
+
+def draw_abinitio(fig, sgd_history, em_history=None, title: str = "Ab-initio"):
+    """Resolution against iteration into ``fig``: per half-set the SGD's alignment resolution
+    and its own quarter-set FSC resolution, the FSC of the two aligned half-maps (records of
+    ``sgd_history``: ``iteration``, ``cutoff_A``, ``quarter_resolution_A`` (two each),
+    ``half_map_resolution_A``), then the E/M refinement's gold-standard resolution
+    (``em_history`` records of the refinement loop), placed after the last SGD iteration."""
+    ax = fig.add_subplot(1, 1, 1)
+    if sgd_history:
+        it = [h["iteration"] for h in sgd_history]
+        for half, color in ((0, "tab:blue"), (1, "tab:orange")):
+            ax.plot(it, [h["cutoff_A"][half] for h in sgd_history], "-", color=color,
+                    label=f"half-set {half + 1}: aligned to")
+            ax.plot(it, [h["quarter_resolution_A"][half] for h in sgd_history], ":", color=color,
+                    label=f"half-set {half + 1}: own quarter-set FSC")
+        ax.plot(it, [h["half_map_resolution_A"] for h in sgd_history], "k.-", label="FSC of the aligned half-maps")
+    last = sgd_history[-1]["iteration"] if sgd_history else 0
+    if em_history:
+        step = max(1, last // 20)
+        x = [last + step * (i + 1) for i in range(len(em_history))]
+        ax.plot(x, [h["resolution_A"] for h in em_history], "s-", color="tab:green",
+                label="E/M refinement (gold-standard)")
+        ax.annotate(f"{em_history[-1]['resolution_A']:.2f} Å", (x[-1], em_history[-1]["resolution_A"]),
+                    textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=8, color="tab:green")
+        ax.axvline(last + step / 2, color="gray", lw=0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("SGD iteration (then E/M iterations)")
+    ax.set_ylabel("resolution (Å)")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+
+
+def plot_abinitio(sgd_history, path: str, em_history=None, title: str = "Ab-initio"):
+    """:func:`draw_abinitio` to ``path`` (PNG)."""
+    fig = Figure(figsize=ABINITIO_FIGSIZE, dpi=110)
+    draw_abinitio(fig, sgd_history, em_history, title)
+    _save(fig, path)

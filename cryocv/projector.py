@@ -222,3 +222,30 @@ def divided_to_map(ft, box_size: int, padding: int = DEFAULT_PADDING):
     cropped = ift3_centered_crop(ft, np_, box_size, overwrite=True)
     window = spherical_mask(box_size, box_size / 2 - 3, 3.0, xp)
     return (cropped * window / trilinear_gridding_profile(box_size, np_, xp)).astype(xp.float32)
+
+
+def sample_volume_ft(volume_ft, qx, qy, qz):
+    """Trilinear samples of a prepared padded half-space FT at 3D points ``q`` (padded grid
+    units, any sign: ``qx < 0`` reads the Friedel mate): arrays of one shape → complex64 of
+    that shape. Array-module generic (numpy or CuPy, no kernel): for 3D maps (alignment,
+    rotation), not the per-image hot path."""
+    xp = get_array_module(volume_ft)
+    np_, _, nh = volume_ft.shape
+    center = np_ // 2
+    mate = qx < 0
+    qx, qy, qz = xp.where(mate, -qx, qx), xp.where(mate, -qy, qy), xp.where(mate, -qz, qz)
+    flat = volume_ft.ravel()
+    out = xp.zeros(qx.shape, dtype=xp.complex64)
+    x0, y0, z0 = xp.floor(qx), xp.floor(qy), xp.floor(qz)
+    fx, fy, fz = (qx - x0).astype(xp.float32), (qy - y0).astype(xp.float32), (qz - z0).astype(xp.float32)
+    x0, y0, z0 = x0.astype(xp.int64), y0.astype(xp.int64) + center, z0.astype(xp.int64) + center
+    for dz, wz in ((0, 1 - fz), (1, fz)):
+        zi = z0 + dz
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            yi = y0 + dy
+            for dx, wx in ((0, 1 - fx), (1, fx)):
+                xi = x0 + dx
+                inside = (xi < nh) & (yi >= 0) & (yi < np_) & (zi >= 0) & (zi < np_)
+                index = (xp.clip(zi, 0, np_ - 1) * np_ + xp.clip(yi, 0, np_ - 1)) * nh + xp.clip(xi, 0, nh - 1)
+                out += (wz * wy * wx * inside) * flat[index]
+    return xp.where(mate, xp.conj(out), out)

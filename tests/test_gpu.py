@@ -209,3 +209,43 @@ def test_one_half_on_device_on_gpu_matches_numpy():
         assert isinstance(acc._host.get((1, 0), (None,))[0], (np.ndarray, type(None)))
     for a, b in zip(*maps):
         np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+
+
+def test_map_alignment_and_sgd_step_on_gpu_match_numpy():
+    """cryocv.register (trilinear sampling of 3D maps, alignment) and cryocv.sgd (preconditioned
+    step, sampled start) give on the GPU what they give with numpy."""
+    import cupy as cp
+    from cryocv.geometry import axis_angle_to_matrix
+    from cryocv.register import MIRROR, MapTransform, align_maps, transform_volume
+    from cryocv.search import Candidates
+    from cryocv.sgd import HalfSetSGD, sample_start, sgd_update
+    from .conftest import asymmetric_map
+    n = 32
+    vol = asymmetric_map(n, seed=2)
+    T = MapTransform(MIRROR @ axis_angle_to_matrix(np.array([0.3, 1.1, -0.4])), np.array([1.0, -0.5, 2.0]))
+    moved = transform_volume(vol, T)
+    np.testing.assert_allclose(to_numpy(transform_volume(cp.asarray(vol), T)), moved, atol=1e-4 * np.abs(moved).max())
+    cpu, gpu = align_maps(vol, moved, 2.0, 8.0), align_maps(cp.asarray(vol), cp.asarray(moved), 2.0, 8.0)
+    assert cpu.flips_hand and gpu.flips_hand
+    np.testing.assert_allclose(gpu.matrix, cpu.matrix, atol=2e-3)
+    np.testing.assert_allclose(gpu.shift_px, cpu.shift_px, atol=0.05)
+    rng = np.random.default_rng(3)
+    rot = random_rotations(50, rng).astype(np.float32)
+    pts = frequency_points(n)
+    vals = (rng.normal(size=(50, pts.kx.size)) + 1j * rng.normal(size=(50, pts.kx.size))).astype(np.complex64)
+    wts = rng.uniform(0.1, 1, size=vals.shape).astype(np.float32)
+    volumes = []
+    for xp in (np, cp):
+        data, weight = empty_accumulators(n, xp=xp)
+        insert_slices(data, weight, xp.asarray(rot), frequency_points(n, xp=xp), xp.asarray(vals), xp.asarray(wts))
+        state = HalfSetSGD.start(xp.asarray(vol), 10.0)
+        sgd_update(state, data, weight, 50, 8.0, 0.4, 0.5, xp.ones((n,) * 3, dtype=xp.float32), 0.95)
+        volumes.append(to_numpy(state.volume))
+    np.testing.assert_allclose(volumes[1], volumes[0], atol=1e-4 * np.abs(volumes[0]).max())
+    scores = rng.normal(0, 3, (20, 6)).astype(np.float32)
+    cands = Candidates(random_rotations(120, rng).reshape(20, 6, 3, 3).astype(np.float32),
+                       rng.normal(0, 1, (20, 6, 2)).astype(np.float32), scores)
+    u = rng.random(20)
+    picked = [sample_start(Candidates(*(xp.asarray(a) for a in (cands.rotations, cands.shifts_px, cands.scores))),
+                           xp.asarray(u), 1.0) for xp in (np, cp)]
+    np.testing.assert_array_equal(to_numpy(picked[1].scores), picked[0].scores)

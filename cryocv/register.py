@@ -1,0 +1,216 @@
+"""3D map alignment (rotation, shift, hand) and the transform of maps and poses it implies.
+
+A :class:`MapTransform` ``(L, t)`` takes a map V to ``V'(x) = V(L·(x − t))`` (x, t in pixels
+from the box centre, (x, y, z) order; L orthogonal: a rotation, or a rotation times the mirror
+``M = diag(1, 1, −1)`` when the hand flips). In Fourier space ``F'(k) = e^{−2πi k·t/N} F(L·k)``.
+The particles of V keep their images in V' with poses ``A' = A·L`` (det L = 1) or ``M·A·M·Q``
+(``L = M·Q``, a flip) and origins ``o' = o + (A'·t)_xy`` (RELION's re-centre-by-+origin
+convention): :func:`transform_poses`.
+
+:func:`align_maps` registers a map to a reference as 3D alignment tools do (e.g. cryoSPARC's
+align 3D, ASPIRE's ``align_BO``), here as an exhaustive search: both maps are centred on their
+centres of mass, every rotation of an SO(3) grid (and, when allowed, its mirror) is scored by
+the normalized correlation of the Fourier coefficients inside ``resolution_A``, the best few are
+subdivided down to ``fine_step_deg`` (the branch-and-bound children of :mod:`cryocv.search`),
+and the shift is refined by a Fourier cross-correlation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_array_module, to_device, to_numpy
+from .fourier import ft3_centered, ift3_centered, lowpass_map, shift_volume
+from .geometry import euler_to_matrix, so3_grid
+from .projector import DEFAULT_PADDING, prepare_volume, sample_volume_ft
+from .search import rotation_children
+
+MIRROR = np.diag([1.0, 1.0, -1.0])
+_CHUNK_POINTS = 1 << 22          # rotations × points scored per chunk
+
+
+@dataclass
+class MapTransform:
+    """``matrix`` L (3, 3) orthogonal, ``shift_px`` t (3,) (x, y, z), ``score`` the normalized
+    correlation it reached (nan if not from an alignment); see the module docstring."""
+
+    matrix: np.ndarray
+    shift_px: np.ndarray
+    score: float = float("nan")
+
+    @property
+    def flips_hand(self) -> bool:
+        return bool(np.linalg.det(self.matrix) < 0)
+
+    @property
+    def rotation_deg(self) -> float:
+        """Angle of the rotation part (of M·L after a flip)."""
+        rotation = MIRROR @ self.matrix if self.flips_hand else self.matrix
+        return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1))))
+
+    def is_identity(self, max_deg: float = 0.25, max_px: float = 0.25) -> bool:
+        return (not self.flips_hand and self.rotation_deg <= max_deg
+                and float(np.linalg.norm(self.shift_px)) <= max_px)
+
+    def as_dict(self) -> dict:
+        return {"matrix": self.matrix.tolist(), "shift_px": self.shift_px.tolist(), "score": self.score,
+                "flips_hand": self.flips_hand, "rotation_deg": self.rotation_deg}
+
+
+def identity_transform() -> MapTransform:
+    return MapTransform(np.eye(3), np.zeros(3))
+
+
+def _grid_frequencies(box_size: int, xp):
+    """Integer frequencies (kx, ky, kz) of the centred half-space grid (N, N, N//2+1), broadcastable."""
+    k = xp.arange(box_size, dtype=xp.float32) - box_size // 2
+    kx = xp.arange(box_size // 2 + 1, dtype=xp.float32)
+    return kx[None, None, :], k[None, :, None], k[:, None, None]
+
+
+def transform_volume(volume, transform: MapTransform, padding: int = DEFAULT_PADDING):
+    """``V'(x) = V(L·(x − t))`` (N, N, N) float32, by trilinear sampling of the padded,
+    gridding-corrected FT (as a projection samples it) and a phase ramp."""
+    xp = get_array_module(volume)
+    n = volume.shape[0]
+    ft = prepare_volume(volume, padding)
+    kx, ky, kz = _grid_frequencies(n, xp)
+    L = transform.matrix
+    q = [padding * (float(L[i, 0]) * kx + float(L[i, 1]) * ky + float(L[i, 2]) * kz) for i in range(3)]
+    values = sample_volume_ft(ft, *q)
+    tx, ty, tz = (float(v) for v in transform.shift_px)
+    values *= xp.exp((-2j * np.pi / n) * (kx * tx + ky * ty + kz * tz)).astype(xp.complex64)
+    return ift3_centered(values, n).astype(xp.float32)
+
+
+def transform_poses(rotations, origin_px, transform: MapTransform):
+    """Poses (n, 3, 3) and origins (n, 2) px of particles of V, for ``V' = transform(V)``."""
+    rotations = np.asarray(rotations, dtype=np.float64)
+    L = transform.matrix
+    if transform.flips_hand:
+        new = MIRROR @ rotations @ MIRROR @ (MIRROR @ L)
+    else:
+        new = rotations @ L
+    moved = new @ np.asarray(transform.shift_px, dtype=np.float64)
+    return new, np.asarray(origin_px, dtype=np.float64) + moved[:, :2]
+
+
+def center_of_mass_px(volume, floor_fraction: float = 0.05) -> np.ndarray:
+    """Centre of mass (x, y, z) px from the box centre of the density above ``floor_fraction``
+    of the maximum (faint noise spread over the box would pull it to the centre)."""
+    xp = get_array_module(volume)
+    n = volume.shape[0]
+    floor = floor_fraction * float(volume.max())
+    positive = xp.where(volume > floor, volume, 0).astype(xp.float64)
+    total = float(positive.sum())
+    if total <= 0:
+        return np.zeros(3)
+    c = xp.arange(n, dtype=xp.float64) - n // 2
+    z = float((positive.sum(axis=(1, 2)) * c).sum()) / total
+    y = float((positive.sum(axis=(0, 2)) * c).sum()) / total
+    x = float((positive.sum(axis=(0, 1)) * c).sum()) / total
+    return np.array([x, y, z])
+
+
+def _ball_points(box_size: int, radius_px: float, xp):
+    """Half-space integer frequencies (P,) kx, ky, kz with 0 < |k| <= radius, and their flat
+    indices in the centred (N, N, N//2+1) grid."""
+    kx, ky, kz = _grid_frequencies(box_size, xp)
+    r2 = kx ** 2 + ky ** 2 + kz ** 2
+    inside = ((r2 <= radius_px ** 2) & (r2 > 0)).ravel()
+    flat = xp.nonzero(inside)[0]
+    full = [xp.broadcast_to(a, (box_size, box_size, box_size // 2 + 1)).ravel()[flat] for a in (kx, ky, kz)]
+    return full, flat
+
+
+def _scores(reference_values, moving_ft, matrices, points, padding: int):
+    """Normalized correlation (R,) of the reference's values (P,) with the moving map's FT
+    sampled at ``L·k`` for each of ``matrices`` (R, 3, 3)."""
+    xp = get_array_module(moving_ft)
+    kx, ky, kz = points
+    out = []
+    ref_norm = float(xp.sqrt((xp.abs(reference_values) ** 2).sum()))
+    step = max(1, _CHUNK_POINTS // max(1, kx.size))
+    for start in range(0, matrices.shape[0], step):
+        L = to_device(matrices[start:start + step].astype(np.float32), xp)
+        q = [padding * (L[:, i, 0, None] * kx[None] + L[:, i, 1, None] * ky[None] + L[:, i, 2, None] * kz[None])
+             for i in range(3)]
+        values = sample_volume_ft(moving_ft, *q)
+        cross = (reference_values[None].conj() * values).real.sum(axis=1)
+        norm = xp.sqrt((xp.abs(values) ** 2).sum(axis=1)) * ref_norm
+        out.append(to_numpy(cross / xp.maximum(norm, 1e-30)))
+    return np.concatenate(out)
+
+
+def _with_hand(rotations: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """L = M^flip · Q per candidate."""
+    return np.where(flips[:, None, None], MIRROR @ rotations, rotations)
+
+
+def align_maps(reference, moving, pixel_size_A: float, resolution_A: float, allow_flip: bool = True,
+               base_step_deg: float = 15.0, fine_step_deg: float = 0.5, n_kept: int = 8,
+               padding: int = DEFAULT_PADDING) -> MapTransform:
+    """The transform that brings ``moving`` onto ``reference`` (both (N, N, N), one array
+    module): ``transform_volume(moving, T) ≈ reference``. Scored on Fourier coefficients
+    finer than the box and coarser than ``resolution_A``; ``allow_flip`` also tries the mirror
+    image (the hand is undetermined in ab-initio)."""
+    xp = get_array_module(reference)
+    n = reference.shape[0]
+    radius = float(np.clip(n * pixel_size_A / resolution_A, 3.0, n / 2 - 1))
+    c_ref, c_mov = center_of_mass_px(reference), center_of_mass_px(moving)
+    ref_c = lowpass_map(shift_volume(reference.astype(xp.float32), -c_ref), pixel_size_A, n * pixel_size_A / radius)
+    mov_c = shift_volume(moving.astype(xp.float32), -c_mov)
+    points, flat = _ball_points(n, radius, xp)
+    reference_values = ft3_centered(ref_c).ravel()[flat].astype(xp.complex64)
+    moving_ft = prepare_volume(mov_c, padding)
+
+    rotations = euler_to_matrix(so3_grid(base_step_deg))
+    flips = np.zeros(rotations.shape[0], dtype=bool)
+    if allow_flip:
+        rotations, flips = np.concatenate([rotations, rotations]), np.repeat([False, True], rotations.shape[0])
+    scores = _scores(reference_values, moving_ft, _with_hand(rotations, flips), points, padding)
+    step = math.radians(base_step_deg)
+    while True:
+        keep = np.argsort(-scores)[:n_kept]
+        rotations, flips, scores = rotations[keep], flips[keep], scores[keep]
+        if math.degrees(step) <= fine_step_deg * (1 + 1e-6):
+            break
+        children = rotation_children(rotations, step).reshape(-1, 3, 3)
+        child_flips = np.repeat(flips, 8)
+        child_scores = _scores(reference_values, moving_ft, _with_hand(children, child_flips), points, padding)
+        rotations = np.concatenate([rotations, children])
+        flips = np.concatenate([flips, child_flips])
+        scores = np.concatenate([scores, child_scores])
+        step /= 2
+    L = _with_hand(rotations[:1], flips[:1])[0]
+    # ref(x) ≈ mov_c(L·(x − c_ref)) = moving(L·(x − c_ref) + c_mov)  →  t = c_ref − Lᵀ·c_mov
+    transform = MapTransform(L, c_ref - L.T @ c_mov, float(scores[0]))
+    transform.shift_px = transform.shift_px + _residual_shift(reference, transform_volume(moving, transform, padding),
+                                                              pixel_size_A, n * pixel_size_A / radius)
+    return transform
+
+
+def _residual_shift(reference, aligned, pixel_size_A: float, resolution_A: float) -> np.ndarray:
+    """Shift s (x, y, z px) maximizing Σ ref(x)·aligned(x − s) of the low-passed maps, with a
+    parabolic sub-pixel step."""
+    xp = get_array_module(reference)
+    n = reference.shape[0]
+    a = lowpass_map(reference, pixel_size_A, resolution_A)
+    b = lowpass_map(aligned, pixel_size_A, resolution_A)
+    cc = xp.fft.irfftn(xp.fft.rfftn(a) * xp.fft.rfftn(b).conj(), s=a.shape)
+    cc = to_numpy(cc)
+    peak = np.unravel_index(int(np.argmax(cc)), cc.shape)
+    shift = []
+    for axis in (2, 1, 0):                      # x, y, z
+        i = peak[axis]
+        at = [list(peak) for _ in range(3)]
+        for j, d in enumerate((-1, 0, 1)):
+            at[j][axis] = (i + d) % n
+        ym, y0, yp = (cc[tuple(p)] for p in at)
+        denominator = ym - 2 * y0 + yp
+        frac = 0.5 * (ym - yp) / denominator if denominator < 0 else 0.0
+        s = i if i < n // 2 else i - n
+        shift.append(s + float(np.clip(frac, -0.5, 0.5)))
+    return np.array(shift)
