@@ -53,6 +53,24 @@ def judge(job: str, truth: np.ndarray, px: float, truth_particles, sym: str) -> 
             "n_particles": len(refined)}
 
 
+def refine_start(truth: np.ndarray, name: str) -> np.ndarray:
+    """A refinement's starting map: the truth itself (truth30, mirror30: the job low-passes it),
+    its mirror image, or a Gaussian blob of its radius of gyration (blob40)."""
+    if name == "truth30":
+        return truth
+    if name == "mirror30":
+        return np.ascontiguousarray(truth[::-1])
+    if name == "blob40":
+        n = truth.shape[0]
+        grid = np.indices(truth.shape).astype(np.float64) - n // 2
+        weight = np.clip(truth, 0, None) / np.clip(truth, 0, None).sum()
+        centre = [(g * weight).sum() for g in grid]
+        r2 = sum((g - c) ** 2 for g, c in zip(grid, centre))
+        rg2 = float((r2 * weight).sum())
+        return np.exp(-1.5 * r2 / rg2).astype(np.float32)      # a Gaussian with the same radius of gyration
+    raise ValueError(f"unknown start {name}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--map", required=True)
@@ -60,7 +78,10 @@ def main(argv=None):
     parser.add_argument("--snr", type=float, default=0.05)
     parser.add_argument("--truth-sym", default="C1")
     parser.add_argument("--abinitio-args", default="", help="extra `cryocv abinitio` options, quoted")
-    parser.add_argument("--no-refine", action="store_true", help="skip the refinement from the truth")
+    parser.add_argument("--refine-starts", nargs="*", default=["truth30"],
+                        help="refinements to compare, each from a start: truth30 (the truth low-passed to 30 Å), "
+                             "blob40 (a Gaussian blob of the truth's radius of gyration, low-passed to 40 Å), "
+                             "mirror30 (the truth's mirror image, the wrong hand, low-passed to 30 Å)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="results path without extension (.json, .md)")
     args = parser.parse_args(argv)
@@ -88,19 +109,18 @@ def main(argv=None):
     results["abinitio"]["sgd_half_map_1_vs_truth_0.5_A"] = resolution_at(
         fsc_curve(transform_volume(sgd_map, t), truth), 0.5, truth.shape[0], px)
     print("abinitio", results["abinitio"], flush=True)
-    if not args.no_refine:
-        from cryocv.fourier import lowpass_map
+    for start_name in args.refine_starts:
         from cryocv.io.mrc import write_map
-        start = os.path.join(args.out, "truth.mrc")
-        write_map(start, truth, px)
+        start = os.path.join(args.out, f"start_{start_name}.mrc")
+        write_map(start, refine_start(truth, start_name), px)
         t0 = time.time()
-        run_refine(star, start, os.path.join(args.out, "refine"),
-                   RefineParams(regularizer=params.regularizer, symmetry=params.symmetry, initial_lowpass_A=30.0),
+        job = os.path.join(args.out, f"refine_{start_name}")
+        run_refine(star, start, job, RefineParams(regularizer=params.regularizer, symmetry=params.symmetry,
+                                                  initial_lowpass_A=40.0 if start_name == "blob40" else 30.0),
                    progress=False, overwrite=True)
-        results["refine_from_truth_30A"] = {"wall_s": round(time.time() - t0, 1),
-                                            **judge(os.path.join(args.out, "refine"), truth, px, truth_particles,
-                                                    args.truth_sym)}
-        print("refine", results["refine_from_truth_30A"], flush=True)
+        results[f"refine_from_{start_name}"] = {"wall_s": round(time.time() - t0, 1),
+                                                **judge(job, truth, px, truth_particles, args.truth_sym)}
+        print(f"refine from {start_name}", results[f"refine_from_{start_name}"], flush=True)
     with open(args.results + ".json", "w") as handle:
         json.dump(results, handle, indent=2, default=str)
     rows = [(name, r) for name, r in results.items() if isinstance(r, dict) and "wall_s" in r]

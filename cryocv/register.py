@@ -151,11 +151,13 @@ def _with_hand(rotations: np.ndarray, flips: np.ndarray) -> np.ndarray:
 
 def align_maps(reference, moving, pixel_size_A: float, resolution_A: float, allow_flip: bool = True,
                base_step_deg: float = 15.0, fine_step_deg: float = 0.5, n_kept: int = 8,
-               padding: int = DEFAULT_PADDING) -> MapTransform:
+               keep_identity_within: float | None = None, padding: int = DEFAULT_PADDING) -> MapTransform:
     """The transform that brings ``moving`` onto ``reference`` (both (N, N, N), one array
     module): ``transform_volume(moving, T) ≈ reference``. Scored on Fourier coefficients
     finer than the box and coarser than ``resolution_A``; ``allow_flip`` also tries the mirror
-    image (the hand is undetermined in ab-initio)."""
+    image (the hand is undetermined in ab-initio). ``keep_identity_within``: a rotation near
+    the identity (searched locally) wins when its score is within this of the best, so maps
+    already in register stay put (a symmetric map matches equally well at every symmetry mate)."""
     xp = get_array_module(reference)
     n = reference.shape[0]
     radius = float(np.clip(n * pixel_size_A / resolution_A, 3.0, n / 2 - 1))
@@ -166,30 +168,44 @@ def align_maps(reference, moving, pixel_size_A: float, resolution_A: float, allo
     reference_values = ft3_centered(ref_c).ravel()[flat].astype(xp.complex64)
     moving_ft = prepare_volume(mov_c, padding)
 
+    def score(rotations, flips):
+        return _scores(reference_values, moving_ft, _with_hand(rotations, flips), points, padding)
+
     rotations = euler_to_matrix(so3_grid(base_step_deg))
     flips = np.zeros(rotations.shape[0], dtype=bool)
     if allow_flip:
         rotations, flips = np.concatenate([rotations, rotations]), np.repeat([False, True], rotations.shape[0])
-    scores = _scores(reference_values, moving_ft, _with_hand(rotations, flips), points, padding)
-    step = math.radians(base_step_deg)
+    best = _subdivide(score, rotations, flips, score(rotations, flips), math.radians(base_step_deg), fine_step_deg,
+                      n_kept)
+    if keep_identity_within is not None:
+        near = np.eye(3)[None]
+        start_step = math.radians(4 * fine_step_deg)
+        identity = _subdivide(score, near, np.zeros(1, dtype=bool), score(near, np.zeros(1, dtype=bool)), start_step,
+                              fine_step_deg, n_kept)
+        if identity[2] >= best[2] - keep_identity_within:
+            best = identity
+    L = _with_hand(best[0][None], np.array([best[1]]))[0]
+    # ref(x) ≈ mov_c(L·(x − c_ref)) = moving(L·(x − c_ref) + c_mov)  →  t = c_ref − Lᵀ·c_mov
+    transform = MapTransform(L, c_ref - L.T @ c_mov, float(best[2]))
+    transform.shift_px = transform.shift_px + _residual_shift(reference, transform_volume(moving, transform, padding),
+                                                              pixel_size_A, n * pixel_size_A / radius)
+    return transform
+
+
+def _subdivide(score, rotations, flips, scores, step: float, fine_step_deg: float, n_kept: int):
+    """Keep the best ``n_kept``, add their 8 children (:func:`cryocv.search.rotation_children`),
+    halve the step, until it reaches ``fine_step_deg``: (rotation, flip, score) of the best."""
     while True:
         keep = np.argsort(-scores)[:n_kept]
         rotations, flips, scores = rotations[keep], flips[keep], scores[keep]
         if math.degrees(step) <= fine_step_deg * (1 + 1e-6):
-            break
+            return rotations[0], bool(flips[0]), float(scores[0])
         children = rotation_children(rotations, step).reshape(-1, 3, 3)
         child_flips = np.repeat(flips, 8)
-        child_scores = _scores(reference_values, moving_ft, _with_hand(children, child_flips), points, padding)
         rotations = np.concatenate([rotations, children])
         flips = np.concatenate([flips, child_flips])
-        scores = np.concatenate([scores, child_scores])
+        scores = np.concatenate([scores, score(children, child_flips)])
         step /= 2
-    L = _with_hand(rotations[:1], flips[:1])[0]
-    # ref(x) ≈ mov_c(L·(x − c_ref)) = moving(L·(x − c_ref) + c_mov)  →  t = c_ref − Lᵀ·c_mov
-    transform = MapTransform(L, c_ref - L.T @ c_mov, float(scores[0]))
-    transform.shift_px = transform.shift_px + _residual_shift(reference, transform_volume(moving, transform, padding),
-                                                              pixel_size_A, n * pixel_size_A / radius)
-    return transform
 
 
 def _residual_shift(reference, aligned, pixel_size_A: float, resolution_A: float) -> np.ndarray:

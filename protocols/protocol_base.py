@@ -35,14 +35,19 @@ class CryocvProtocolBase:
                            "e.g. C4 for a tetrameric channel.")
 
     @staticmethod
-    def _defineRegularizationParams(form, paramsClass):
-        """Regularizer, initial low-pass and iterations of a refinement, defaults from ``paramsClass``
-        (the job's Params dataclass)."""
+    def _defineRegularizerParam(form, paramsClass):
+        """The regularizer choice, default from ``paramsClass`` (the job's Params dataclass)."""
         form.addParam("regularizer", params.EnumParam, choices=["non-uniform (NU)", "uniform"],
                       default=REGULARIZERS.index(paramsClass.regularizer),
                       display=params.EnumParam.DISPLAY_HLIST, label="Regularizer",
                       help="NU: per-voxel low-pass chosen by cross-validation (best for membrane proteins in "
                            "micelles or flexible parts). Uniform: one FSC-derived Wiener filter.")
+
+    @staticmethod
+    def _defineRegularizationParams(form, paramsClass):
+        """Regularizer, initial low-pass and iterations of a refinement, defaults from ``paramsClass``
+        (the job's Params dataclass)."""
+        CryocvProtocolBase._defineRegularizerParam(form, paramsClass)
         form.addParam("initialLowpass", params.FloatParam, default=paramsClass.initial_lowpass_A,
                       label="Initial low-pass (Å)",
                       help="The reference is low-passed to this resolution before the first iteration.")
@@ -100,11 +105,12 @@ class CryocvProtocolBase:
         return [self._convertMap(source, name, volume.getSamplingRate())
                 for source, name in zip(volume.getHalfMaps().split(","), INPUT_HALF_MAPS)]
 
-    def _runResumable(self, command, args):
+    def _runResumable(self, command, args, checkpoints=(jobdir.CHECKPOINT,)):
         """Run a refinement job; one killed earlier with the same arguments continues from its last
-        checkpoint (Scipion's Continue), one with other arguments starts over."""
+        checkpoint (Scipion's Continue), one with other arguments starts over. ``checkpoints``: the
+        job-folder files any of which marks a job that ``--continue`` can go on with."""
         job, record = self._jobPath(), self._getExtraPath(ARGS_JSON)
-        if os.path.exists(os.path.join(job, jobdir.CHECKPOINT)) and os.path.exists(record):
+        if any(os.path.exists(os.path.join(job, name)) for name in checkpoints) and os.path.exists(record):
             with open(record) as handle:
                 same = json.load(handle) == args
             if same:

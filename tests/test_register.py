@@ -69,3 +69,18 @@ def test_align_maps_recovers_a_rotated_shifted_mirrored_copy():
         aligned = transform_volume(copy, found)
         assert _correlation(aligned, vol) > _correlation(transform_volume(copy, exact), vol) - 0.005
         assert fsc_curve(aligned, vol)[: n // 4].min() > 0.9
+
+
+def test_maps_in_register_stay_put_under_symmetry():
+    """A C4 map matches itself equally well at 0°, 90°, 180° and 270°: with
+    ``keep_identity_within`` a second copy that is already in register is left where it is
+    (ab-initio would otherwise turn half-set 2 by 90° at every check)."""
+    from cryocv.symmetry import symmetry_operators
+    n = 32
+    base = asymmetric_map(n, seed=4)
+    vol = sum(transform_volume(base, MapTransform(g, np.zeros(3))) for g in symmetry_operators("C4"))
+    rng = np.random.default_rng(5)
+    copy = vol + rng.normal(0, 0.01 * vol.max(), vol.shape).astype(np.float32)
+    found = align_maps(vol, copy, 2.0, 8.0, keep_identity_within=0.005)
+    assert found.rotation_deg < 1.0 and not found.flips_hand
+    assert np.linalg.norm(found.shift_px) < 0.3

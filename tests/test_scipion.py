@@ -3,7 +3,7 @@ particles simulated from a known map are imported from a RELION 3.1 STAR file wi
 wrong (random) alignment, refined with ProtCryocvRefine, reconstructed with
 ProtCryocvReconstruct, and the outputs are checked against the true map and poses;
 ProtCryocvSubtract and ProtCryocvLocalRefine run on particles imported with true or perturbed
-poses and half-sets.
+poses and half-sets; ProtCryocvAbinitio runs on a tiny set imported without poses or half-sets.
 Skipped when the Scipion stack (``pip install cryocv[scipion]``) is not installed."""
 import os
 
@@ -112,9 +112,10 @@ def test_plugin_loads_with_protocols_viewers_bibtex_and_menu(tmp_path):
     from pyworkflow.viewer import DESKTOP_TKINTER
     assert "cryocv" in Domain.getPlugins(), "Scipion did not load the cryocv plugin (import error?)"
     protocols = Domain.getProtocols()
-    ours = {"ProtCryocvRefine", "ProtCryocvLocalRefine", "ProtCryocvReconstruct", "ProtCryocvSubtract"}
+    ours = {"ProtCryocvRefine", "ProtCryocvLocalRefine", "ProtCryocvReconstruct", "ProtCryocvSubtract",
+            "ProtCryocvAbinitio"}
     assert ours <= set(protocols)
-    for name in ("ProtCryocvRefine", "ProtCryocvLocalRefine", "ProtCryocvReconstruct"):
+    for name in ("ProtCryocvRefine", "ProtCryocvLocalRefine", "ProtCryocvReconstruct", "ProtCryocvAbinitio"):
         viewers = Domain.findViewers(protocols[name].getClassName(), DESKTOP_TKINTER)
         assert "CryocvViewer" in [v.__name__ for v in viewers], name
     module = Domain.getPlugins()["cryocv"]
@@ -204,6 +205,15 @@ def test_validate_catches_bad_inputs(project, imported, dataset, tmp_path):
     for expected in ("no CTF", "no 3D alignment", "no half-sets (_rlnRandomSubset)", "The map has no half-maps",
                      f"The mask is {BOX + 8} px, the particles {BOX} px", f"The map is {BOX + 8} px"):
         assert any(expected in e for e in errors), (expected, errors)
+    # ab-initio: particles without CTF (no alignment is needed)
+    from cryocv.protocols import ProtCryocvAbinitio
+    abinitio = project.newProtocol(ProtCryocvAbinitio)
+    abinitio.inputParticles.set(bare.outputParticles)
+    errors = abinitio.validate()
+    assert any("no CTF" in e for e in errors) and not any("alignment" in e for e in errors), errors
+    abinitio = project.newProtocol(ProtCryocvAbinitio)
+    abinitio.inputParticles.set(particles)
+    assert abinitio.validate() == []
     refine = project.newProtocol(ProtCryocvRefine, gpuList="")
     refine.inputParticles.set(particles)
     refine.referenceVolume.set(reference)
@@ -343,6 +353,133 @@ def test_local_refine_form_mirrors_the_cli():
     assert parsed(protocol) == changed and changed.fulcrum == "10,20.5,3" and changed.subtract and not changed.fit_scale
     assert {f: getattr(changed, f) for f in ("prior_sigma_deg", "prior_sigma_A", "mask_mode", "regularizer")} == \
         {"prior_sigma_deg": 15.0, "prior_sigma_A": 7.0, "mask_mode": "dynamic", "regularizer": "uniform"}
+
+
+def test_abinitio_form_mirrors_the_cli():
+    """The form's defaults are the job's (AbinitioParams), every form value reaches the CLI (its
+    arguments parse back into the same parameters), and the core's parameter errors come back
+    in the form's words."""
+    import dataclasses
+    from cryocv.cli import build_parser
+    from cryocv.jobs.abinitio import AbinitioParams
+    from cryocv.jobs.common import params_from_args
+    from cryocv.protocols import ProtCryocvAbinitio
+
+    def parsed(protocol):
+        args = build_parser().parse_args(["abinitio"] + protocol._abinitioArgs())
+        args.minibatch_start, args.minibatch_end = args.minibatch          # as abinitio.main does
+        return params_from_args(AbinitioParams, args)
+    protocol = ProtCryocvAbinitio()
+    assert protocol._abinitioParams() == AbinitioParams() == parsed(protocol)
+    assert "--n-particles" not in protocol._abinitioArgs()                 # empty: all particles
+    values = dict(symmetryGroup="C2", nParticles=100, initRes=25.0, sgdIterations=50, minibatchStart=20,
+                  minibatchEnd=40, checkEvery=5, regularizer=1, maxIterations=2, seed=7)
+    for name, value in values.items():
+        getattr(protocol, name).set(value)
+    changed = protocol._abinitioParams()
+    assert parsed(protocol) == changed
+    expected = dict(symmetry="C2", n_particles=100, init_res_A=25.0, sgd_iterations=50, minibatch_start=20,
+                    minibatch_end=40, check_every=5, regularizer="uniform", max_iterations=2, seed=7)
+    default = AbinitioParams()
+    assert {f.name: getattr(changed, f.name) for f in dataclasses.fields(changed)
+            if getattr(changed, f.name) != getattr(default, f.name)} == expected   # every form value, nothing else
+    for name, value, words in (("minibatchStart", 400, "Minibatch start"), ("nParticles", 3, "Number of particles"),
+                               ("initRes", -1.0, "Initial resolution")):
+        bad = ProtCryocvAbinitio()
+        getattr(bad, name).set(value)
+        assert any(words in e for e in bad._validate()), (name, bad._validate())
+
+
+def test_abinitio_step_continues_a_killed_job_in_its_sgd_phase(tmp_path, monkeypatch):
+    """A job killed during its SGD phase (sgd_state.npz, no checkpoint.json yet) continues with
+    --continue when the step runs again with the same arguments, and starts over with others."""
+    from cryocv.jobs import jobdir
+    from cryocv.protocols import ProtCryocvAbinitio
+    protocol = ProtCryocvAbinitio()
+    monkeypatch.setattr(protocol, "_getExtraPath", lambda *names: os.path.join(str(tmp_path), "extra", *names))
+    calls = []
+    monkeypatch.setattr(protocol, "_runCryocv", lambda command, args: calls.append((command, args)))
+    args = protocol._abinitioArgs()
+    os.makedirs(protocol._jobPath())
+    protocol.abinitioStep(args)                                   # a fresh job: the arguments as they are
+    assert calls[-1] == ("abinitio", args)
+    open(protocol._jobPath(jobdir.SGD_STATE), "wb").close()       # ...killed during the SGD
+    protocol.abinitioStep(args)
+    assert calls[-1] == ("abinitio", ["--continue", protocol._jobPath()])
+    other = list(args)
+    other[other.index("--seed") + 1] = "99"
+    protocol.abinitioStep(other)                                  # an edited form starts over
+    assert calls[-1] == ("abinitio", other) and not os.path.exists(protocol._jobPath(jobdir.SGD_STATE))
+
+
+def test_abinitio_protocol_from_particles_without_poses(project, tmp_path_factory):
+    """A tiny set (24 px, 300 particles) imported without poses or half-sets, 240 of them used:
+    a short ab-initio job on the CPU registers particles with a projection alignment and
+    half-sets, a map with half-maps on the particles' grid and the FSC; summary, methods and
+    viewer (FSC, poses, resolution against iteration) follow."""
+    from pwem.protocols import ProtImportParticles
+    from pyworkflow.object import RELATION_TRANSFORM
+    from cryocv.protocols import ProtCryocvAbinitio
+    from cryocv.viewers import CryocvViewer
+    root = tmp_path_factory.mktemp("scipion_abinitio")
+    box, pixel_A, n, used = 24, 3.0, 300, 240
+    truth = asymmetric_map(box, seed=11, n_atoms=50, sigma_px=1.0)
+    simulate(truth, pixel_A, n, str(root), snr=1.0, seed=2, progress=False)
+    tables = starfile.read(str(root / "particles.star"), always_dict=True)
+    tables["particles"] = tables["particles"].drop(columns=[c for c in tables["particles"].columns if c.startswith(
+        ("rlnAngle", "rlnOrigin", "rlnRandomSubset"))])
+    starfile.write(tables, str(root / "no_poses.star"), overwrite=True)
+    particles = launch(project, project.newProtocol(
+        ProtImportParticles, objLabel="import without poses", importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+        starFile=str(root / "no_poses.star"), samplingRate=pixel_A, voltage=300, sphericalAberration=2.7,
+        amplitudeContrast=0.1)).outputParticles
+    assert particles.getSize() == n and not particles.hasAlignmentProj() and particles.hasCTF()
+    protocol = project.newProtocol(ProtCryocvAbinitio, objLabel="cryocv ab-initio", nParticles=used,
+                                   sgdIterations=12, minibatchStart=30, minibatchEnd=60, checkEvery=6,
+                                   maxIterations=1, regularizer=1, useGpu=False)
+    protocol.inputParticles.set(particles)
+    assert protocol.validate() == []
+    launch(project, protocol)
+
+    out = protocol.outputParticles
+    assert out.getSize() == used and out.hasAlignmentProj() and out.hasCTF()
+    assert out.getSamplingRate() == pytest.approx(pixel_A) and out.getXDim() == box
+    assert all(p.getTransform() is not None for p in out.iterItems())
+    poses = scipion_poses(out, str(root))
+    assert len(poses) == used and poses.has_alignment
+    assert np.std(poses.euler_deg[:, 1]) > 10                   # poses from the search, not all one
+    halves = np.array([p._rlnRandomSubset.get() for p in out.iterItems(orderBy="id")])
+    assert set(halves) == {1, 2} and abs(int((halves == 1).sum()) - used // 2) <= 2   # the job's seeded split
+    volume = protocol.outputVolume
+    halves_maps = volume.getHalfMaps().split(",")
+    assert len(halves_maps) == 2 and all(os.path.exists(p) for p in [volume.getFileName()] + halves_maps)
+    assert volume.getSamplingRate() == pytest.approx(pixel_A) and volume.getDim() == (box, box, box)
+    for path in halves_maps:
+        half, half_pixel_A = read_map(path)
+        assert half.shape == (box,) * 3 and half_pixel_A == pytest.approx(pixel_A)
+    report = protocol._fscReport()
+    assert report["n_particles"] == used and report["sgd"][-1]["iteration"] == 12 and len(report["sgd"]) == 2
+    assert float(protocol.outputFSC.calculateResolution()) == pytest.approx(report["resolution_A"], rel=0.05)
+    assert 2 * pixel_A <= report["resolution_A"] < 30.0
+    summary = protocol.summary()
+    print("\n".join(summary + protocol.methods()))
+    assert f"{report['resolution_A']:.2f} Å" in summary[0] and "after 2 E/M passes" in summary[0]
+    assert "SGD: 12 iterations" in summary[1]
+    assert "CPU" in summary[2]
+    assert "[Punjani2017]" in protocol.methods()[0] and protocol._citations() == ["Punjani2017", "Scheres2012"]
+    assert volume.getObjId() in {o.getObjId() for o in project.getSourceChilds(particles)}
+    assert out.getObjId() in {o.getObjId() for o in project.mapper.getRelationChilds(RELATION_TRANSFORM, particles)}
+    assert protocol.outputFSC.getObjId() in {o.getObjId() for o in project.getSourceChilds(volume)}
+    # the viewer: FSC, viewing directions, and resolution against iteration (SGD, then E/M)
+    views = CryocvViewer(project=project, protocol=protocol)._visualize(protocol)
+    assert len(views) == 3
+    axes = views[2].figure.axes[0]
+    assert axes.get_ylabel() == "resolution (Å)" and "SGD iteration" in axes.get_xlabel()
+    assert any(list(line.get_xdata()) == [6, 12] for line in axes.lines)  # the SGD checks
+    for name, view in zip(["fsc", "poses", "abinitio"], views):
+        path = str(root / f"{name}_view.png")
+        view.figure.savefig(path)
+        assert matplotlib_image(path)[..., :3].std() > 0.05
 
 
 def _correlation(a, b):

@@ -1,14 +1,16 @@
 """Viewers of the cryocv protocols: the half-map FSC curves and the pose diagnostics
 (viewing-direction distribution, convergence, per-particle pose change from the input
-alignment; for a local refinement, the rotation and shift change against the extents),
-drawn by :mod:`cryocv.plotting` into pyworkflow plotters from the job's files."""
+alignment; for a local refinement, the rotation and shift change against the extents; for an
+ab-initio job, also its resolution against iteration), drawn by :mod:`cryocv.plotting` into
+pyworkflow plotters from the job's files."""
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
 from cryocv.jobs import jobdir
-from cryocv.plotting import FSC_FIGSIZE, POSE_CHANGE_FIGSIZE, draw_fsc, draw_pose_change, draw_poses, poses_figsize
+from cryocv.plotting import (ABINITIO_FIGSIZE, FSC_FIGSIZE, POSE_CHANGE_FIGSIZE, draw_abinitio, draw_fsc,
+                             draw_pose_change, draw_poses, poses_figsize)
 
-from ..protocols import ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvRefine
+from ..protocols import ProtCryocvAbinitio, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvRefine
 
 
 def fscPlotter(protocol):
@@ -43,12 +45,25 @@ def poseChangePlotter(protocol):
     return plotter
 
 
+def abinitioPlotter(protocol):
+    """Plotter of an ab-initio job's resolution against iteration (the figure the job saves as
+    its abinitio.png): per half-set the SGD's alignment and quarter-set FSC resolution, the FSC
+    of the aligned half-maps, then the E/M iterations, from the job's fsc.json."""
+    report = protocol._fscReport()
+    plotter = Plotter(figsize=ABINITIO_FIGSIZE, windowTitle=f"{protocol.getRunName()}: ab-initio")
+    draw_abinitio(plotter.figure, report.get("sgd") or [], report.get("iterations") or [],
+                  title=f"{protocol.getRunName()}: {report['resolution_A']:.2f} Å ({report['n_particles']} "
+                        f"particles, {report['symmetry']})")
+    return plotter
+
+
 class CryocvViewer(Viewer):
     """FSC curves (unmasked, masked, phase-randomized, corrected; 0.143 line); for a
     refinement, the angular distribution and the pose change from the input alignment; for a
-    local refinement, the rotation and shift change from the input poses against the extents."""
+    local refinement, the rotation and shift change from the input poses against the extents;
+    for an ab-initio job, the angular distribution and the resolution against iteration."""
     _label = "cryocv FSC and poses"
-    _targets = [ProtCryocvRefine, ProtCryocvLocalRefine, ProtCryocvReconstruct]
+    _targets = [ProtCryocvRefine, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvAbinitio]
     _environments = [DESKTOP_TKINTER]
 
     def _visualize(self, obj, **kwargs):
@@ -57,6 +72,8 @@ class CryocvViewer(Viewer):
         views = [fscPlotter(obj)]
         if isinstance(obj, ProtCryocvRefine):
             views.append(posesPlotter(obj))
+        elif isinstance(obj, ProtCryocvAbinitio):
+            views += [posesPlotter(obj), abinitioPlotter(obj)]
         elif isinstance(obj, ProtCryocvLocalRefine):
             views.append(poseChangePlotter(obj))
         return views

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from .loop import iterate
 from .refine import RefineParams, add_search_and_regularizer_args, global_search
 
 HELP = "ab-initio refinement: SGD on two independent half-sets from random maps, then gold-standard E/M"
+IN_REGISTER_SCORE = 0.005  # half-set 2 stays put when that scores within this of the best alignment
 NOISE_SAMPLE = 500        # images per half-set whose power spectrum is its SGD noise model
 
 
@@ -51,7 +52,7 @@ class AbinitioParams(RefineParams):
     after the SGD, ``max_iterations`` of them before the final pass."""
 
     init_res_A: float = 35.0              # the SGD aligns to this resolution first
-    max_sgd_res_A: float | None = None    # the SGD never aligns finer (default: 3 × Nyquist... see run)
+    max_sgd_res_A: float | None = None    # the SGD never aligns finer (default: 4 pixels, twice Nyquist)
     sgd_iterations: int = 300             # minibatches per half-set
     minibatch_start: int = 90
     minibatch_end: int = 300
@@ -68,7 +69,7 @@ class AbinitioParams(RefineParams):
     min_iterations: int = 2
 
     def validate(self):
-        super().validate()
+        RefineParams.validate(replace(self, max_iterations=max(self.max_iterations, 1)))   # 0 E/M iterations is fine here
         checks = [(self.init_res_A > 0, "--init-res-A must be positive"),
                   (self.sgd_iterations >= 1, "--sgd-iterations must be at least 1"),
                   (1 <= self.minibatch_start <= self.minibatch_end, "need 1 <= --minibatch START <= END"),
@@ -113,7 +114,7 @@ def add_args(p):
     p.add_argument("--max-shift-A", dest="max_shift_A", type=float, default=AbinitioParams.max_shift_A,
                    help="shift search range ± (default 10%% of the box)")
     option(p, "--base-step-deg", AbinitioParams, "base_step_deg", help="base angular grid of the search")
-    add_search_and_regularizer_args(p, AbinitioParams)
+    add_search_and_regularizer_args(p, AbinitioParams, initial_lowpass=False)
     output_args(p)
     device_args(p, gpu=True)
 
@@ -257,7 +258,7 @@ def _check(states, px: float, max_res_A: float, iteration: int, b: int, rate: fl
         state.cutoff_A = float(max(min(state.cutoff_A, max(own, fastest)), max_res_A))
         recentre(state)
     align_res = max(states[1].cutoff_A, states[2].cutoff_A)
-    transform = align_maps(states[1].volume, states[2].volume, px, align_res)
+    transform = align_maps(states[1].volume, states[2].volume, px, align_res, keep_identity_within=IN_REGISTER_SCORE)
     if not transform.is_identity(max_deg=0.5, max_px=0.5):
         states[2].volume = xp.clip(transform_volume(states[2].volume, transform), 0, None)
         states[2].velocity = transform_volume(states[2].velocity, transform)
@@ -265,7 +266,8 @@ def _check(states, px: float, max_res_A: float, iteration: int, b: int, rate: fl
         transforms.append({"iteration": iteration, **transform.as_dict()})
     sphere = spherical_mask(n, 0.45 * n, 4.0, xp)
     fsc = to_numpy(fsc_curve(states[1].volume * sphere, states[2].volume * sphere))
-    half_res = float(resolution_at(fsc, 0.143, n, px))
+    # never finer than the coarser cutoff: beyond it the maps hold only what non-negativity made alike
+    half_res = max(float(resolution_at(fsc, 0.143, n, px)), states[1].cutoff_A, states[2].cutoff_A)
     record = {"iteration": iteration, "minibatch": b, "learning_rate": rate,
               "cutoff_A": [states[1].cutoff_A, states[2].cutoff_A], "quarter_resolution_A": quarter,
               "half_map_resolution_A": half_res, "half_2_moved": not transform.is_identity(0.5, 0.5),

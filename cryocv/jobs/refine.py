@@ -132,12 +132,14 @@ def add_args(p):
     device_args(p, gpu=True)
 
 
-def add_search_and_regularizer_args(p, params_class):
-    """Options refine and local-refine share, defaults from ``params_class``."""
+def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = True):
+    """Options refine, local-refine and abinitio share, defaults from ``params_class``
+    (``initial_lowpass``: the job starts from a given map)."""
     option(p, "--regularizer", params_class, "regularizer", choices=["nu", "uniform"],
            help="nu: non-uniform cross-validated filter; uniform: FSC-Wiener filter")
     option(p, "--sym", params_class, "symmetry", help="point group: C<n>, D<n>, T, O, I")
-    option(p, "--initial-lowpass-A", params_class, "initial_lowpass_A", help="low-pass of the reference (Å)")
+    if initial_lowpass:
+        option(p, "--initial-lowpass-A", params_class, "initial_lowpass_A", help="low-pass of the reference (Å)")
     option(p, "--max-iterations", params_class, "max_iterations",
            help="iterations before the final pass to Nyquist, if not converged earlier")
     option(p, "--fine-step-deg", params_class, "fine_step_deg", help="finest angular step")
