@@ -86,3 +86,31 @@ def test_bad_input_gives_one_line_errors(tiny, tmp_path):
         run(star, str(tmp_path / "b"), quick_params(minibatch_start=100, minibatch_end=50), device="cpu",
             progress=False)
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_killed_in_the_sgd_phase_continues_and_leaves_unused_particles_out(tiny, tmp_path, monkeypatch):
+    """A job killed after its first SGD checkpoint continues from it (--continue) and finishes
+    with the whole SGD history; with --n-particles the rest go to unused_particles.star."""
+    from cryocv.jobs import abinitio
+    root, _ = tiny
+    star = str(root / "sim" / "particles.star")
+    out = str(tmp_path / "job")
+    original = abinitio._save_sgd
+
+    def save_then_die(out_dir, states, rngs, noise, history, iteration, transforms):
+        original(out_dir, states, rngs, noise, history, iteration, transforms)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(abinitio, "_save_sgd", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(star, out, quick_params(sgd_iterations=20, n_particles=400, max_iterations=0), device="cpu",
+            progress=False)
+    monkeypatch.setattr(abinitio, "_save_sgd", original)
+    assert not os.path.exists(os.path.join(out, "map.mrc"))
+    report = run(None, out, resume=True, progress=False)
+    assert [h["iteration"] for h in report["sgd"]] == [10, 20]
+    assert "SGD continues from its checkpoint at iteration 10" in open(os.path.join(out, "run.log")).read()
+    used = load_particles(os.path.join(out, "particles.star"))
+    unused = load_particles(os.path.join(out, "unused_particles.star"))
+    assert len(used) == 400 and len(unused) == 200
+    assert not set(used.stack_indices) & set(unused.stack_indices)
