@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from ..accumulate import insert_with_symmetry
-from ..backend import get_array_module, to_device, to_numpy
+from ..backend import free_device_memory, get_array_module, image_cache_budget_bytes, to_device, to_numpy
 from ..errors import CryocvError
 from ..fsc import fsc_curve, resolution_at
 from ..io.mrc import atomic_path, write_map
@@ -65,8 +65,8 @@ class AbinitioParams(RefineParams):
     quarter_decay: float = 0.95           # running quarter-set sums: a window of ~20 minibatches
     check_every: int = 20                 # iterations between resolution checks, re-centring and half-set alignment
     n_particles: int | None = None        # use a random subset of this many (default: all)
-    max_iterations: int = 4               # E/M iterations after the SGD (then the final pass)
-    min_iterations: int = 2
+    max_iterations: int = 8               # E/M iterations after the SGD (then the final pass), if not converged
+    min_iterations: int = 3
 
     def validate(self):
         RefineParams.validate(replace(self, max_iterations=max(self.max_iterations, 1)))   # 0 E/M iterations is fine here
@@ -315,7 +315,8 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
     for note in notes:
         log(note)
     state = store.load_latest() if resume else None
-    source = ParticleSource(particles, xp, 0)       # the E/M loop makes its own, sized for its maps
+    # image FTs cached on the device as minibatches first read them (the E/M loop, after, makes its own cache)
+    source = ParticleSource(particles, xp, 0 if params.stream else image_cache_budget_bytes(xp))
     if state is None:
         log(f"ab-initio of {len(particles)} particles ({n} px, {px:.3f} Å/px), symmetry {params.symmetry}: SGD on "
             f"each half-set from its own random map, {params.sgd_iterations} minibatches of "
@@ -332,7 +333,8 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
     else:
         sgd_history = _sgd_history(out_dir)
         log(f"continuing the E/M refinement from the checkpoint of iteration {state.iteration}")
-    source = None
+    source = None                                   # its cache, if any, is freed before the E/M loop's
+    free_device_memory(xp)
     if not state.final_done:
         state, maps = iterate(particles, state, params, xp, store, global_search(params, n, px, xp),
                               progress=progress, log=log)
