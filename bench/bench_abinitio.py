@@ -109,6 +109,7 @@ def main(argv=None):
     results["abinitio"]["sgd_half_map_1_vs_truth_0.5_A"] = resolution_at(
         fsc_curve(transform_volume(sgd_map, t), truth), 0.5, truth.shape[0], px)
     print("abinitio", results["abinitio"], flush=True)
+    write_results(args, results, truth, px)
     for start_name in args.refine_starts:
         from cryocv.io.mrc import write_map
         start = os.path.join(args.out, f"start_{start_name}.mrc")
@@ -121,6 +122,11 @@ def main(argv=None):
         results[f"refine_from_{start_name}"] = {"wall_s": round(time.time() - t0, 1),
                                                 **judge(job, truth, px, truth_particles, args.truth_sym)}
         print(f"refine from {start_name}", results[f"refine_from_{start_name}"], flush=True)
+        write_results(args, results, truth, px)          # after every job: a run cut short keeps what it measured
+
+
+def write_results(args, results: dict, truth, px: float):
+    """results.json and a Markdown table of the jobs measured so far."""
     with open(args.results + ".json", "w") as handle:
         json.dump(results, handle, indent=2, default=str)
     rows = [(name, r) for name, r in results.items() if isinstance(r, dict) and "wall_s" in r]
