@@ -195,3 +195,49 @@ def plot_abinitio(sgd_history, path: str, em_history=None, title: str = "Ab-init
     fig = Figure(figsize=ABINITIO_FIGSIZE, dpi=110)
     draw_abinitio(fig, sgd_history, em_history, title)
     _save(fig, path)
+
+
+RELAX_FIGSIZE = (11.0, 3.6)
+
+
+def draw_relaxation(fig, difference_map, change_deg=None, occupancy=None, group: str = "",
+                    title: str = "Symmetry relaxation"):
+    """Into ``fig``: the central orthogonal slices of ``difference_map`` (N, N, N: the relaxed
+    map minus its symmetrized version, red positive / blue negative), the histogram of each
+    particle's angle between its relaxed and its input pose (``change_deg``), and the fraction
+    of particles in each of the group's modes (``occupancy``)."""
+    d = np.asarray(difference_map)
+    n = d.shape[0]
+    limit = float(np.abs(d).max()) or 1.0
+    panels = 3 + (change_deg is not None) + (occupancy is not None)
+    for i, (plane, label) in enumerate(((d[n // 2], "xy (z = centre)"), (d[:, n // 2], "xz"), (d[:, :, n // 2], "yz"))):
+        ax = fig.add_subplot(1, panels, i + 1)
+        ax.imshow(plane, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
+        ax.set_title(f"difference map {label}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    k = 4
+    if change_deg is not None:
+        ax = fig.add_subplot(1, panels, k)
+        change = np.asarray(change_deg)
+        ax.hist(change, bins=np.linspace(0, 180, 61), color="tab:gray")
+        ax.set_xlabel("relaxed vs input pose (°)")
+        ax.set_ylabel("particles")
+        ax.set_title(f"median {np.median(change):.1f}°", fontsize=8)
+        k += 1
+    if occupancy is not None:
+        ax = fig.add_subplot(1, panels, k)
+        ax.bar(np.arange(len(occupancy)), occupancy, color="tab:blue")
+        ax.set_xlabel(f"{group} operator (mode)")
+        ax.set_ylabel("fraction of particles")
+        ax.set_title("mode occupancy", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+
+
+def plot_relaxation(difference_map, change_deg, occupancy, group: str, path: str,
+                    title: str = "Symmetry relaxation"):
+    """:func:`draw_relaxation` to ``path`` (PNG)."""
+    fig = Figure(figsize=RELAX_FIGSIZE, dpi=110)
+    draw_relaxation(fig, difference_map, change_deg, occupancy, group, title)
+    _save(fig, path)

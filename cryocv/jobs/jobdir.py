@@ -51,6 +51,9 @@ POSES_NPZ = "poses.npz"
 # subtract: writes the stack, job.json, then particles.star (its last write: marks the job finished)
 SUBTRACTED_STACK = "particles_subtracted.mrcs"
 POSE_CHANGE_PNG = "pose_change.png"         # local refinement: rotation and shift change from the input
+# symmetry relaxation: the relaxed map minus its symmetrized version, and its diagnostics
+DIFFERENCE_MAP = "difference_map.mrc"
+RELAX_PNG = "relax.png"
 # abinitio: the SGD phase's state (for --continue) and its aligned half-maps, particles left out by --n-particles
 SGD_STATE = "sgd_state.npz"
 SGD_HALF_MAPS = ("sgd_half_map_1.mrc", "sgd_half_map_2.mrc")

@@ -84,6 +84,10 @@ def convergence(history: list, min_iterations: int, final_step_deg: float) -> tu
     change, change_before = last.get("pose_change_median_deg"), previous.get("pose_change_median_deg")
     poses_stalled = (change is not None and change_before is not None
                      and (change >= 0.9 * change_before or change <= final_step_deg))
+    switches, switches_before = last.get("mode_switch_fraction"), previous.get("mode_switch_fraction")
+    if switches is not None and switches_before is not None and not (switches >= 0.9 * switches_before
+                                                                      or switches <= 0.01):
+        return False, ""                    # relaxation: particles still settling into their modes
     if resolution_stalled and poses_stalled:
         poses = (f"median pose change {change:.2f}° is within the finest search step ({final_step_deg:.2f}°)"
                  if change <= final_step_deg else
@@ -91,6 +95,14 @@ def convergence(history: list, min_iterations: int, final_step_deg: float) -> tu
         return True, (f"resolution improved by less than 1% ({last['resolution_A']:.2f} Å vs best "
                       f"{best_before:.2f} Å before) and {poses}")
     return False, ""
+
+
+def min_operator_angle_deg(symmetry: str) -> float:
+    """The smallest rotation angle among a group's operators other than the identity (360° for C1)."""
+    ops = symmetry_operators(symmetry)[1:]
+    if len(ops) == 0:
+        return 360.0
+    return float(min(np.degrees(np.arccos(np.clip((np.trace(g) - 1) / 2, -1, 1))) for g in ops))
 
 
 def nu_params(params) -> NUParams | None:
@@ -103,15 +115,17 @@ def nu_params(params) -> NUParams | None:
 
 def iterate(particles: Particles, state: RefineState, params, xp, store: CheckpointStore,
             make_search: Callable[[dict, object, float, RefineState], PoseSearch], progress: bool = True,
-            log=print, make_mask=None) -> tuple[RefineState, MapResult]:
+            log=print, make_mask=None, register_halves=None) -> tuple[RefineState, MapResult]:
     """Run iterations from ``state`` until converged, then the final pass; checkpoint each
     (written while the next pass runs; all written when this returns or raises).
 
     ``params``: a refinement's Params (regularizer, NU settings, symmetry, iterations, seed...);
     ``make_search(references, noise, cutoff_px, state)`` → :class:`PoseSearch` (global, local...);
-    ``make_mask(average map)`` replaces the dynamic mask (see :func:`regularize_and_assess`)."""
+    ``make_mask(average map)`` replaces the dynamic mask (see :func:`regularize_and_assess`);
+    ``register_halves(state)`` → state, called before each iteration, may move half-set 2's
+    reference and poses (symmetry relaxation)."""
     try:
-        return _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask)
+        return _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask, register_halves)
     except BaseException:
         try:
             store.wait()         # a checkpoint being written is finished, not left half-written
@@ -120,11 +134,12 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
         raise
 
 
-def _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask):
+def _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask, register_halves):
     n, px = particles.box_size, particles.pixel_size_A
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
-    ops = symmetry_operators(params.symmetry)
+    ops = symmetry_operators(params.reconstruction_symmetry())
+    pose_symmetry = params.reconstruction_symmetry()        # C1 when relaxing: a change of mode is a change
     one_half = keep_one_half_on_device(n, nu is not None, free_gpu_memory_bytes() if xp is not np else 0)
     source = ParticleSource(particles, xp, 0 if params.stream else
                             image_cache_budget_bytes(xp, map_stage_device_bytes(n, nu is not None,
@@ -137,8 +152,11 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
     input_rotations = particles.rotations if particles.has_alignment else None
     while True:
         timer = StageTimer(xp)
-        final = state.converged or state.iteration >= params.max_iterations
+        finals_before = sum(1 for h in state.history if h.get("final"))
+        final = state.converged or state.iteration >= params.max_iterations or finals_before > 0
         iteration = state.iteration + 1
+        if register_halves is not None and state.iteration > 0:
+            state = register_halves(state)
         cutoff = n / 2 if final else alignment_cutoff_px(n, px, state.resolution_A, params.extra_shells)
         if params.max_align_res_A:             # never align beyond this, the final pass included
             cutoff = min(cutoff, n * px / params.max_align_res_A)
@@ -167,24 +185,28 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
                   "particles_per_second": round(len(particles) / max(result.seconds, 1e-9), 1),
                   "stage_seconds": {**result.stage_seconds, **timer.rounded()}}  # + checkpoint, below
         if state.euler_deg is not None:
-            change = pose_distance_deg(result.rotations, euler_to_matrix(state.euler_deg), params.symmetry)
+            change = pose_distance_deg(result.rotations, euler_to_matrix(state.euler_deg), pose_symmetry)
             shift_change = np.linalg.norm(result.origin_px * px - state.origin_A, axis=1)
             record.update(pose_change_median_deg=float(np.median(change)),
                           shift_change_median_A=float(np.median(shift_change)))
+            if pose_symmetry != params.symmetry:     # relaxing: particles that moved to another mode
+                record["mode_switch_fraction"] = float(np.mean(change > 0.5 * min_operator_angle_deg(params.symmetry)))
         if input_rotations is not None:
-            vs_input = pose_distance_deg(result.rotations, input_rotations, params.symmetry)
+            vs_input = pose_distance_deg(result.rotations, input_rotations, pose_symmetry)
             record["pose_change_vs_input_median_deg"] = float(np.median(vs_input))
         state = RefineState(iteration=iteration, references=[to_numpy(m) for m in maps.references],
                             mask=None if maps.mask is None else to_numpy(maps.mask),
                             resolution_A=maps.report["resolution_A"],
                             euler_deg=matrix_to_euler(result.rotations), origin_A=result.origin_px * px,
                             noise_var_shell=result.noise_var_shell, history=state.history + [record],
-                            final_done=final)
+                            final_done=final and finals_before >= params.extra_final_passes)
         msg = (f"  resolution {record['resolution_A']:.2f} Å (unmasked {record['resolution_unmasked_A']:.2f} Å), "
                f"{record['particles_per_second']:.0f} particles/s")
         if "pose_change_median_deg" in record:
             msg += (f", median pose change {record['pose_change_median_deg']:.2f}°, "
                     f"shift {record['shift_change_median_A']:.2f} Å")
+        if "mode_switch_fraction" in record:
+            msg += f", {100 * record['mode_switch_fraction']:.1f}% changed mode"
         log(msg)
         if not final:
             state.converged, reason = convergence(state.history, params.min_iterations,
@@ -194,9 +216,9 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
             elif iteration >= params.max_iterations:
                 log(f"  stopping at --max-iterations {params.max_iterations} without convergence")
         with timer("checkpoint"):      # written while the next pass runs; the final one before returning
-            store.save(state, maps, px, particles.half_set, result.scores, background=not final)
+            store.save(state, maps, px, particles.half_set, result.scores, background=not state.final_done)
         stages = record["stage_seconds"]
         stages.update(timer.rounded())
         log("  seconds per stage: " + ", ".join(f"{name} {value:.2f}" for name, value in stages.items()))
-        if final:
+        if state.final_done:
             return state, maps

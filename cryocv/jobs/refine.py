@@ -20,7 +20,7 @@ from ..nonuniform import NUParams
 from ..plotting import plot_poses
 from ..search import BaseGrid, SearchParams, search_batch_size, search_poses, search_schedule
 from ..symmetry import DEFAULT_SYMMETRY, pose_distance_deg
-from . import jobdir
+from . import jobdir, relaxation
 from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, output_args, load_checked_particles, option, params_from_args, read_cubic_map,
                      require_half_sets, select_device, symmetry_arg)
 from .jobdir import CheckpointStore, JobLog
@@ -58,6 +58,14 @@ class RefineParams:
     strict: bool = False                # unusable images stop the job instead of being left out
     keep_checkpoints: int = 2           # iteration folders kept (the newest); 0 keeps all
     seed: int = DEFAULT_SEED
+    relax: str | None = None            # symmetry relaxation: "maximize" (search --sym's mates, reconstruct in C1)
+    break_symmetry: bool = False        # relaxation: start from C1 half-maps of the input poses turned by random mates
+    relax_max_align_res_A: float | None = None  # relaxation: the mate choice never aligns finer than this (Å)
+    extra_final_passes: int = 0         # passes at Nyquist after the final one
+
+    def reconstruction_symmetry(self) -> str:
+        """The symmetry the maps are reconstructed with: C1 when relaxing, else ``symmetry``."""
+        return "C1" if self.relax else self.symmetry
 
     def validate(self):
         if self.regularizer not in ("nu", "uniform"):
@@ -73,7 +81,12 @@ class RefineParams:
                   (self.nu_awf > 0, "--nu-awf must be positive"),
                   (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
-                  (self.max_align_res_A is None or self.max_align_res_A > 0, "--max-align-res-A must be positive")]
+                  (self.max_align_res_A is None or self.max_align_res_A > 0, "--max-align-res-A must be positive"),
+                  (self.relax in (None, "maximize"), "--relax must be maximize (marginalize is not implemented yet)"),
+                  (not self.break_symmetry or self.relax, "--break-symmetry needs --relax"),
+                  (self.relax_max_align_res_A is None or self.relax_max_align_res_A > 0,
+                   "--relax-max-align-res-A must be positive"),
+                  (self.extra_final_passes >= 0, "--extra-final-passes must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
@@ -128,6 +141,7 @@ def add_args(p):
                    help="shift search range ± (default 10%% of the box)")
     option(p, "--base-step-deg", RefineParams, "base_step_deg", help="base angular grid of the search")
     add_search_and_regularizer_args(p, RefineParams)
+    add_relaxation_args(p, RefineParams)
     output_args(p)
     device_args(p, gpu=True)
 
@@ -165,6 +179,21 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
     option(p, "--strict", params_class, "strict", action="store_true",
            help="stop at an unusable image (NaN, blank, overflowing) instead of leaving it out")
     p.add_argument("--datadir", help="extra folder to look for image stacks in")
+    option(p, "--extra-final-passes", params_class, "extra_final_passes",
+           help="passes aligned to Nyquist after the final one")
+
+
+def add_relaxation_args(p, params_class):
+    """Symmetry relaxation options (refine; local-refine to come)."""
+    p.add_argument("--relax", choices=["maximize"], default=params_class.relax,
+                   help="symmetry relaxation: each particle takes the best of the --sym mates of its pose against "
+                        "a C1 reference (refined by a short subdivision) and the maps are reconstructed in C1 "
+                        "(pseudo-symmetric particles)")
+    option(p, "--break-symmetry", params_class, "break_symmetry", action="store_true",
+           help="with --relax and input poses: start from C1 half-maps with each particle turned by a random mate")
+    p.add_argument("--relax-max-align-res-A", dest="relax_max_align_res_A", type=float,
+                   default=params_class.relax_max_align_res_A,
+                   help="with --relax: the mate choice never aligns finer than this (Å; default: as the alignment)")
 
 
 def main(args) -> int:
@@ -216,7 +245,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     if state is None:
         state = initial_state(reference, reference_px, particles, params.initial_lowpass_A)
     if not resume:
-        jobdir.create_output_dir(out_dir, overwrite)
+        jobdir.create_output_dir(out_dir, overwrite, also=(jobdir.DIFFERENCE_MAP, jobdir.RELAX_PNG))
         jobdir.write_json(config_path, {"particles": os.path.abspath(particles_path),
                                         "reference": os.path.abspath(reference_path),
                                         "datadir": datadir, "device": device, "gpu": gpu_ids,
@@ -239,9 +268,19 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
             log(f"  note: using GPU {ids[0]} of {ids}; multi-GPU refinement is not implemented yet")
     else:
         log(f"continuing from the checkpoint of iteration {state.iteration} ({state.resolution_A:.2f} Å)")
+    input_rotations = particles.rotations if particles.has_alignment else None
+    make_search, register_halves = global_search(params, n, px, xp), None
+    if params.relax:
+        make_search = relaxation.relaxing(make_search, params, n, px)
+        register_halves = relaxation.half_set_registration(params, particles.half_set, log)
+        if state.iteration == 0:
+            log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates; maps in C1")
+            if params.break_symmetry:
+                particles.require_alignment("--break-symmetry")
+                state = relaxation.broken_symmetry_state(particles, state, params, xp, log)
     if not state.final_done:
-        state, maps = iterate(particles, state, params, xp, store, global_search(params, n, px, xp),
-                              progress=progress, log=log)
+        state, maps = iterate(particles, state, params, xp, store, make_search, progress=progress, log=log,
+                              register_halves=register_halves)
         half_maps, mask, report, full, cutoff_A = maps.half_maps, maps.mask, maps.report, maps.full_map, maps.cutoff_A
     else:
         half_maps, mask, report, full, cutoff_A = store.final_outputs(state)
@@ -250,6 +289,8 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     particles.has_alignment = True
     report.update(symmetry=params.symmetry, n_particles=len(particles), regularizer=params.regularizer,
                   iterations=state.history)
+    if params.relax:
+        report["relax"] = relaxation.relaxation_outputs(out_dir, full, particles, input_rotations, params, px)
     extra_maps = {}
     if cutoff_A is not None:
         extra_maps[jobdir.NU_CUTOFF] = cutoff_A

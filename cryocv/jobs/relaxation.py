@@ -1,0 +1,116 @@
+"""Symmetry relaxation in a refinement job (``--relax maximize``, see :mod:`cryocv.relax`): the
+pieces a job composes with its pose search and the shared loop.
+
+- :func:`relaxing`: wraps a job's ``make_search``: after its search against the C1 reference,
+  each particle takes the best of the N mates of its pose (refined by a short subdivision,
+  scored to ``--relax-max-align-res-A``).
+- :func:`broken_symmetry_state`: ``--break-symmetry``: C1 half-maps from the input poses, each
+  particle turned by a random mate (a reference whose symmetry is already broken).
+- :func:`half_set_registration`: before each iteration, half-set 2's reference (and poses) is
+  turned by the group operator that brings its asymmetric part onto half-set 1's.
+- :func:`relaxation_outputs`: the mode occupancy and the change from the input (symmetric
+  consensus) poses, ``difference_map.mrc`` (the relaxed map minus its G-average) and
+  ``relax.png``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import to_device, to_numpy
+from ..geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
+from ..io.mrc import write_map
+from ..plotting import plot_relaxation
+from ..reconstruct import reconstruct_half_maps
+from ..register import MapTransform, transform_volume
+from ..relax import mode_of, register_over_group, relaxed_poses, symmetrized
+from ..search import search_schedule
+from ..symmetry import symmetry_operators
+from . import jobdir
+from .jobdir import RefineState
+from .loop import PoseSearch
+
+RELAX_LEVELS = 3          # the mates are refined from cells of the third-finest level of the search
+
+
+def relaxing(make_search, params, box_size: int, pixel_size_A: float):
+    """``make_search`` whose ``find_poses`` ends with the maximization over the mates of
+    ``params.symmetry`` (each half-set against its own C1 reference)."""
+    operators = symmetry_operators(params.symmetry)
+    search = params.search_params(box_size, pixel_size_A)
+
+    def make_relaxed_search(volumes, noise, cutoff_px: float, state=None) -> PoseSearch:
+        inner = make_search(volumes, noise, cutoff_px, state)
+        relax_cutoff = cutoff_px if not params.relax_max_align_res_A else min(
+            cutoff_px, box_size * pixel_size_A / params.relax_max_align_res_A)
+        levels = search_schedule(box_size, relax_cutoff, search)[-RELAX_LEVELS:]
+
+        def find_poses(batch):
+            best = inner.find_poses(batch)
+            found, _ = relaxed_poses(volumes[batch.half], batch.images_ft, batch.ctf, noise, best, operators,
+                                     levels, search)
+            return found
+        return PoseSearch(find_poses, inner.levels, max(1, inner.batch_size // 2))
+
+    return make_relaxed_search
+
+
+def broken_symmetry_state(particles, state: RefineState, params, xp, log) -> RefineState:
+    """``--break-symmetry``: the references become C1 half-maps of the input poses, each
+    particle turned by a random mate (seeded), low-passed as the start is."""
+    from ..fourier import lowpass_map
+    operators = symmetry_operators(params.symmetry)
+    rng = np.random.default_rng([params.seed, 31])
+    original = particles.euler_deg.copy()
+    pick = rng.integers(0, len(operators), len(particles))
+    turned = np.einsum("nij,njk->nik", particles.rotations, np.transpose(operators[pick], (0, 2, 1)))
+    particles.euler_deg = matrix_to_euler(turned)
+    halves = reconstruct_half_maps(particles, xp, "C1", progress=False)
+    particles.euler_deg = original
+    px = particles.pixel_size_A
+    state.references = [np.clip(to_numpy(lowpass_map(h, px, state.resolution_A)), 0, None) for h in halves]
+    log(f"  --break-symmetry: C1 half-maps from the input poses, each particle turned by a random {params.symmetry} "
+        f"mate, low-passed to {state.resolution_A:.1f} Å")
+    return state
+
+
+def half_set_registration(params, half_set: np.ndarray, log):
+    """``register_halves(state)`` for :func:`cryocv.jobs.loop.iterate`: turn half-set 2's
+    reference by the operator g that brings it onto half-set 1's (compared inside the mask),
+    and its poses by the same (A' = A·g), so that the FSC and the final map compare like with like."""
+    operators = symmetry_operators(params.symmetry)
+    members = half_set == 2
+
+    def register_halves(state: RefineState) -> RefineState:
+        index, g = register_over_group(state.references[0], state.references[1], operators, state.mask)
+        if index == 0:
+            log(f"  half-sets in register (operator 0 of {params.symmetry})")
+            return state
+        state.references[1] = np.clip(to_numpy(transform_volume(state.references[1], MapTransform(g, np.zeros(3)))),
+                                      0, None)
+        if state.euler_deg is not None:
+            rotations = euler_to_matrix(state.euler_deg[members]) @ g
+            state.euler_deg[members] = matrix_to_euler(rotations)
+        log(f"  half-set 2 turned by operator {index} of {params.symmetry} "
+            f"({np.degrees(np.arccos(np.clip((np.trace(g) - 1) / 2, -1, 1))):.0f}°) onto half-set 1")
+        return state
+
+    return register_halves
+
+
+def relaxation_outputs(out_dir: str, full_map, particles, input_rotations, params, pixel_size_A: float) -> dict:
+    """Write ``difference_map.mrc`` and ``relax.png``; return the record for fsc.json: mode
+    occupancy per operator and the angle between each particle's relaxed pose and its input
+    (symmetric consensus) pose, both relative to the input poses when there are any."""
+    operators = symmetry_operators(params.symmetry)
+    full = to_numpy(full_map)
+    difference = full - to_numpy(symmetrized(full, operators))
+    write_map(jobdir.path(out_dir, jobdir.DIFFERENCE_MAP), difference.astype(np.float32), pixel_size_A)
+    record = {"group": params.symmetry, "mode": params.relax}
+    change = occupancy = None
+    if input_rotations is not None:
+        modes = mode_of(particles.rotations, input_rotations, operators)
+        occupancy = np.bincount(modes, minlength=len(operators)) / len(modes)
+        change = angular_distance_deg(particles.rotations, input_rotations)
+        record.update(mode_occupancy=occupancy.tolist(), change_from_input_median_deg=float(np.median(change)))
+    plot_relaxation(difference, change, occupancy, params.symmetry, jobdir.path(out_dir, jobdir.RELAX_PNG))
+    return record
