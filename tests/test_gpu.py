@@ -249,3 +249,32 @@ def test_map_alignment_and_sgd_step_on_gpu_match_numpy():
     picked = [sample_start(Candidates(*(xp.asarray(a) for a in (cands.rotations, cands.shifts_px, cands.scores))),
                            xp.asarray(u), 1.0) for xp in (np, cp)]
     np.testing.assert_array_equal(to_numpy(picked[1].scores), picked[0].scores)
+
+
+def test_relaxed_poses_on_gpu_match_numpy():
+    """cryocv.relax.relaxed_poses (maximization over the symmetry mates) picks the same mates and
+    poses on both devices."""
+    import cupy as cp
+    from cryocv.relax import relaxed_poses, symmetrized
+    from cryocv.search import SearchParams, SearchResult, search_schedule
+    from cryocv.simulate import clean_projections
+    from cryocv.symmetry import symmetry_operators
+    from .conftest import asymmetric_map
+    n = 32
+    ops = symmetry_operators("C4")
+    vol = symmetrized(asymmetric_map(n, seed=8), ops) * 4 + asymmetric_map(n, seed=9, n_atoms=6)
+    rng = np.random.default_rng(2)
+    truth = random_rotations(30, rng).astype(np.float32)
+    images = ft2_centered(clean_projections(prepare_volume(vol), truth, np.zeros((30, 2), np.float32), None, n))
+    start = np.einsum("bij,bjk->bik", truth, np.transpose(ops[rng.integers(0, 4, 30)], (0, 2, 1))).astype(np.float32)
+    params = SearchParams(base_step_deg=15.0, fine_step_deg=1.0, max_shift_px=2.0)
+    levels = search_schedule(n, n / 2, params)[-3:]
+    out = []
+    for xp in (np, cp):
+        best = SearchResult(xp.asarray(start), xp.zeros((30, 2), dtype=xp.float32), xp.zeros(30, dtype=xp.float32))
+        found, choice = relaxed_poses(prepare_volume(xp.asarray(vol)), xp.asarray(images.astype(np.complex64)), None,
+                                      xp.ones(n // 2 + 1, dtype=xp.float32), best, ops, levels, params)
+        out.append((to_numpy(found.rotations), to_numpy(choice)))
+    assert np.mean(out[0][1] == out[1][1]) >= 0.95
+    from cryocv.geometry import angular_distance_deg
+    assert np.median(angular_distance_deg(out[1][0], out[0][0])) < 0.1
