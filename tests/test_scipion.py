@@ -222,6 +222,27 @@ def test_validate_catches_bad_inputs(project, imported, dataset, tmp_path):
     refine.inputParticles.set(particles)
     refine.referenceVolume.set(reference)
     assert refine.validate() == []
+    # symmetry relaxation: Break symmetry first without relaxing, or without input poses; relaxing C1;
+    # the core's parameter errors in the form's words
+    refine = project.newProtocol(ProtCryocvRefine, symmetryGroup="C4", breakSymmetry=True)
+    refine.inputParticles.set(particles)
+    refine.referenceVolume.set(reference)
+    errors = refine.validate()
+    assert len(errors) == 1 and "Break symmetry first" in errors[0] and "Relax symmetry is not" in errors[0], errors
+    refine.relax.set(True)
+    assert refine.validate() == []                               # the imported particles have poses
+    refine.inputParticles.set(bare.outputParticles)
+    assert any("Break symmetry first needs input particles with an alignment" in e for e in refine.validate())
+    refine.breakSymmetry.set(False)
+    assert not any("Break symmetry" in e for e in refine.validate())   # relaxing alone needs no poses
+    refine = project.newProtocol(ProtCryocvRefine, relax=True)       # the default symmetry, C1
+    refine.inputParticles.set(particles)
+    refine.referenceVolume.set(reference)
+    assert any("not C1" in e for e in refine.validate())
+    refine.symmetryGroup.set("D3")
+    refine.relaxMaxAlignRes.set(-4.0)
+    errors = refine.validate()
+    assert len(errors) == 1 and "Max. resolution for the mate choice must be positive" in errors[0], errors
 
 
 def test_refine_protocol_recovers_poses_and_map(refined, imported, dataset, tmp_path):
@@ -329,6 +350,54 @@ def test_subtract_protocol_leaves_the_noise_with_half_sets_poses_and_original_na
     protocol.refMask.set(mask)
     errors = protocol.validate()
     assert any("no half-maps" in e for e in errors) and any("even" in e for e in errors), errors
+
+
+def test_refine_form_mirrors_the_cli():
+    """The form's defaults are the job's (RefineParams), the relaxation options included, and
+    every form value reaches the CLI: its arguments parse back into the same parameters. The
+    relaxation options are shown only while relaxing (Break symmetry first also while set) and
+    passed only when set; hidden ones are not used."""
+    import dataclasses
+    from cryocv.cli import build_parser
+    from cryocv.jobs.common import params_from_args
+    from cryocv.jobs.refine import RefineParams
+    from cryocv.protocols import ProtCryocvRefine
+
+    def parsed(protocol):
+        return params_from_args(RefineParams, build_parser().parse_args(["refine"] + protocol._refineArgs()))
+    protocol = ProtCryocvRefine()
+    assert protocol._refineParams() == RefineParams() == parsed(protocol)
+    assert (protocol.relax.get(), protocol.breakSymmetry.get(), protocol.relaxMaxAlignRes.get(),
+            protocol.extraFinalPasses.get()) == (RefineParams.relax is not None, RefineParams.break_symmetry,
+                                                 RefineParams.relax_max_align_res_A, RefineParams.extra_final_passes)
+    args = protocol._refineArgs()
+    assert not {"--relax", "--break-symmetry", "--relax-max-align-res-A", "--extra-final-passes"} & set(args)
+    assert not any(protocol.evalParamCondition(name) for name in ("breakSymmetry", "relaxMaxAlignRes",
+                                                                  "extraFinalPasses"))
+    values = dict(relax=True, breakSymmetry=True, relaxMaxAlignRes=6.5, extraFinalPasses=2, symmetryGroup="C4",
+                  regularizer=1, initialLowpass=15.0, maxIterations=3, maxShift=4.0, seed=7)
+    for name, value in values.items():
+        getattr(protocol, name).set(value)
+    assert all(protocol.evalParamCondition(name) for name in ("breakSymmetry", "relaxMaxAlignRes",
+                                                              "extraFinalPasses"))
+    changed = protocol._refineParams()
+    assert parsed(protocol) == changed
+    expected = dict(relax="maximize", break_symmetry=True, relax_max_align_res_A=6.5, extra_final_passes=2,
+                    symmetry="C4", regularizer="uniform", initial_lowpass_A=15.0, max_iterations=3, max_shift_A=4.0,
+                    seed=7)
+    default = RefineParams()
+    assert {f.name: getattr(changed, f.name) for f in dataclasses.fields(changed)
+            if getattr(changed, f.name) != getattr(default, f.name)} == expected   # every form value, nothing else
+    # relaxing off: the hidden mate-choice resolution and extra passes are not used; Break symmetry
+    # first stays visible while set (the form reports it, see test_validate_catches_bad_inputs)
+    protocol.relax.set(False)
+    assert protocol.evalParamCondition("breakSymmetry") and not protocol.evalParamCondition("relaxMaxAlignRes")
+    protocol.breakSymmetry.set(False)
+    assert not protocol.evalParamCondition("breakSymmetry")
+    changed = protocol._refineParams()
+    assert parsed(protocol) == changed and changed.relax is None and not changed.break_symmetry
+    assert (changed.relax_max_align_res_A, changed.extra_final_passes) == (RefineParams.relax_max_align_res_A,
+                                                                          RefineParams.extra_final_passes)
 
 
 def test_local_refine_form_mirrors_the_cli():
@@ -638,6 +707,89 @@ def test_viewers_render_fsc_and_pose_plots(refined, tmp_path):
     change_axes = views[1].figure.axes[-1]
     assert "pose change from input" in change_axes.get_xlabel()
     assert sum(p.get_height() for p in change_axes.patches) >= 0.98 * N_PARTICLES  # bins to the 99th percentile
+
+
+def test_refine_protocol_relaxes_a_pseudo_symmetric_particle(project, tmp_path_factory):
+    """A tiny C4 particle with one off-axis partner (24 px, 300 particles) imported with the poses a
+    C4 consensus leaves (the true poses turned by random mates) and a C4-symmetric start: relaxing
+    C4 with Break symmetry first, 2 iterations on the CPU, puts nearly every particle back in its
+    true mate (up to one global operator); the difference map is registered (the partner shows in
+    it), and summary, methods and viewer (difference-map slices, change from the input poses, mate
+    occupancy) report the relaxation."""
+    from pwem.protocols import ProtImportParticles, ProtImportVolumes
+    from cryocv.io.particle_files import save_particles
+    from cryocv.jobs import jobdir
+    from cryocv.protocols import ProtCryocvRefine
+    from cryocv.relax import mode_of, symmetrized
+    from cryocv.symmetry import symmetry_operators
+    from cryocv.viewers import CryocvViewer
+    root = tmp_path_factory.mktemp("scipion_relax")
+    box, pixel_A, n = 24, 4.0, 300
+    ops = symmetry_operators("C4")                 # a C4 core and one off-axis partner blob (as test_relax's)
+    core = symmetrized(asymmetric_map(box, seed=8, n_atoms=40, sigma_px=1.2), ops) * len(ops)
+    z, y, x = np.indices((box,) * 3).astype(np.float32) - box // 2
+    partner = np.exp(-((x - 0.28 * box) ** 2 + y ** 2 + (z - 0.1 * box) ** 2) / (2 * 2.0 ** 2))
+    truth_map = (core + 0.6 * core.max() * partner).astype(np.float32)
+    simulate(truth_map, pixel_A, n, str(root), snr=2.0, seed=3, progress=False)
+    truth = load_particles(str(root / "particles.star"))
+    consensus = load_particles(str(root / "particles.star"))
+    wrong = np.random.default_rng(4).integers(0, len(ops), n)
+    consensus.euler_deg = matrix_to_euler(np.einsum("bij,bjk->bik", truth.rotations,
+                                                    np.transpose(ops[wrong], (0, 2, 1))))
+    save_particles(consensus, str(root / "consensus.star"))
+    write_map(str(root / "symmetric.mrc"), symmetrized(truth_map, ops), pixel_A)
+    particles = launch(project, project.newProtocol(
+        ProtImportParticles, objLabel="import C4 consensus", importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+        starFile=str(root / "consensus.star"), samplingRate=pixel_A, voltage=300, sphericalAberration=2.7,
+        amplitudeContrast=0.1)).outputParticles
+    reference = launch(project, project.newProtocol(ProtImportVolumes, filesPath=str(root / "symmetric.mrc"),
+                                                    samplingRate=pixel_A)).outputVolume
+    protocol = project.newProtocol(ProtCryocvRefine, objLabel="cryocv refine, C4 relaxed", symmetryGroup="C4",
+                                   relax=True, breakSymmetry=True, regularizer=1, initialLowpass=16.0,
+                                   maxIterations=2, useGpu=False)
+    protocol.inputParticles.set(particles)
+    protocol.referenceVolume.set(reference)
+    assert protocol.validate() == []
+    args = protocol._refineArgs()
+    assert args[args.index("--relax") + 1] == "maximize" and "--break-symmetry" in args
+    launch(project, protocol)
+
+    out = protocol.outputParticles
+    assert out.getSize() == n and out.hasAlignmentProj()
+    modes = mode_of(scipion_poses(out, str(root)).rotations, truth.rotations, ops)
+    wall_s = jobdir.read_json(protocol._jobPath(jobdir.JOB_JSON))["wall_time_s"]
+    print(f"Scipion C4 relaxation ({wall_s:.0f} s job): fraction per mate of the truth "
+          f"{np.bincount(modes, minlength=4) / n}")
+    assert np.bincount(modes, minlength=4).max() / n >= 0.8       # one global operator for nearly all
+    difference = protocol.outputDifferenceMap
+    assert difference.getFileName() == protocol._jobPath(jobdir.DIFFERENCE_MAP)
+    assert difference.getSamplingRate() == pytest.approx(pixel_A) and difference.getDim() == (box, box, box)
+    difference_map, difference_pixel_A = read_map(difference.getFileName())
+    relaxed, _ = read_map(protocol.outputVolume.getFileName())
+    assert difference_pixel_A == pytest.approx(pixel_A)
+    np.testing.assert_allclose(difference_map, relaxed - symmetrized(relaxed, ops),
+                               atol=1e-4 * np.abs(relaxed).max())
+    assert np.abs(difference_map).max() > 0.05 * np.abs(relaxed).max()
+    assert difference.getObjId() in {o.getObjId() for o in project.getSourceChilds(protocol.outputVolume)}
+    relax = protocol._fscReport()["relax"]
+    assert relax["group"] == "C4" and relax["mode"] == "maximize" and len(relax["mode_occupancy"]) == 4
+    assert 60 < relax["change_from_input_median_deg"] < 120           # 3 in 4 input poses were a 90-270° mate off
+    summary = protocol.summary()
+    print("\n".join(summary + protocol.methods()))
+    assert "Symmetry relaxed (maximize) over the C4 mates, maps in C1" in summary[1]
+    assert f"median change from the input poses {relax['change_from_input_median_deg']:.1f}°" in summary[1]
+    assert "outputDifferenceMap" in summary[1] and "CPU" in summary[2]
+    assert "C4 symmetry was relaxed" in protocol.methods()[0]
+    # the viewer: FSC, poses, then the relaxation (3 difference-map slices, change histogram, occupancy bars)
+    views = CryocvViewer(project=project, protocol=protocol)._visualize(protocol)
+    assert len(views) == 3
+    axes = views[2].figure.axes
+    assert len(axes) == 5 and all("difference map" in a.get_title() for a in axes[:3])
+    assert "relaxed vs input pose" in axes[3].get_xlabel() and sum(p.get_height() for p in axes[3].patches) == n
+    np.testing.assert_allclose([p.get_height() for p in axes[4].patches], relax["mode_occupancy"])
+    path = str(root / "relax_view.png")
+    views[2].figure.savefig(path)
+    assert matplotlib_image(path)[..., :3].std() > 0.05
 
 
 def readme_script():

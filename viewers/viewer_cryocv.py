@@ -1,14 +1,15 @@
 """Viewers of the cryocv protocols: the half-map FSC curves and the pose diagnostics
 (viewing-direction distribution, convergence, per-particle pose change from the input
 alignment; for a local refinement, the rotation and shift change against the extents; for an
-ab-initio job, also its resolution against iteration), drawn by :mod:`cryocv.plotting` into
+ab-initio job, also its resolution against iteration; for a refinement that relaxed its
+symmetry, the difference map and the mate choices), drawn by :mod:`cryocv.plotting` into
 pyworkflow plotters from the job's files."""
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
 from cryocv.jobs import jobdir
-from cryocv.plotting import (ABINITIO_FIGSIZE, FSC_FIGSIZE, POSE_CHANGE_FIGSIZE, draw_abinitio, draw_fsc,
-                             draw_pose_change, draw_poses, poses_figsize)
+from cryocv.plotting import (ABINITIO_FIGSIZE, FSC_FIGSIZE, POSE_CHANGE_FIGSIZE, RELAX_FIGSIZE, draw_abinitio,
+                             draw_fsc, draw_pose_change, draw_poses, draw_relaxation, poses_figsize)
 
 from ..protocols import ProtCryocvAbinitio, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvRefine
 
@@ -57,11 +58,35 @@ def abinitioPlotter(protocol):
     return plotter
 
 
+def relaxationPlotter(protocol):
+    """Plotter of a symmetry-relaxed refinement (the figure the job saves as its relax.png): the
+    central slices of its difference map (relaxed map minus its symmetrized version) and, when the
+    input had poses, each particle's angle between its relaxed and its input pose and the fraction
+    of particles in each mate of the input pose (fsc.json's ``relax`` record)."""
+    from cryocv.geometry import angular_distance_deg
+    from cryocv.io.mrc import read_map
+    from cryocv.io.particle_files import load_particles
+    relax = protocol._fscReport()["relax"]
+    difference, _ = read_map(protocol._jobPath(jobdir.DIFFERENCE_MAP))
+    occupancy, change = relax.get("mode_occupancy"), None
+    if occupancy is not None:             # the input had poses: the change from them, as the job measured it
+        refined = load_particles(protocol._jobPath(jobdir.PARTICLES_STAR))
+        start = load_particles(protocol._particlesStar())          # metadata only: images are not read
+        if start.has_alignment and len(start) == len(refined):    # else some images were left out: no pairing
+            change = angular_distance_deg(refined.rotations, start.rotations)
+    plotter = Plotter(figsize=RELAX_FIGSIZE, windowTitle=f"{protocol.getRunName()}: symmetry relaxation")
+    draw_relaxation(plotter.figure, difference, change, occupancy, relax["group"],
+                    title=f"{protocol.getRunName()}: {relax['group']} relaxed ({relax['mode']}), maps in C1")
+    return plotter
+
+
 class CryocvViewer(Viewer):
     """FSC curves (unmasked, masked, phase-randomized, corrected; 0.143 line); for a
     refinement, the angular distribution and the pose change from the input alignment; for a
     local refinement, the rotation and shift change from the input poses against the extents;
-    for an ab-initio job, the angular distribution and the resolution against iteration."""
+    for an ab-initio job, the angular distribution and the resolution against iteration; for a
+    refinement that relaxed its symmetry, the difference map, the pose change from the input and
+    the mate occupancy."""
     _label = "cryocv FSC and poses"
     _targets = [ProtCryocvRefine, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvAbinitio]
     _environments = [DESKTOP_TKINTER]
@@ -72,6 +97,8 @@ class CryocvViewer(Viewer):
         views = [fscPlotter(obj)]
         if isinstance(obj, ProtCryocvRefine):
             views.append(posesPlotter(obj))
+            if "relax" in obj._fscReport():
+                views.append(relaxationPlotter(obj))
         elif isinstance(obj, ProtCryocvAbinitio):
             views += [posesPlotter(obj), abinitioPlotter(obj)]
         elif isinstance(obj, ProtCryocvLocalRefine):

@@ -84,6 +84,7 @@ class RefineParams:
                   (self.max_align_res_A is None or self.max_align_res_A > 0, "--max-align-res-A must be positive"),
                   (self.relax in (None, "maximize"), "--relax must be maximize (marginalize is not implemented yet)"),
                   (not self.break_symmetry or self.relax, "--break-symmetry needs --relax"),
+                  (not self.relax or self.symmetry.upper() != "C1", "--relax needs a --sym group other than C1"),
                   (self.relax_max_align_res_A is None or self.relax_max_align_res_A > 0,
                    "--relax-max-align-res-A must be positive"),
                   (self.extra_final_passes >= 0, "--extra-final-passes must be >= 0")]
@@ -240,6 +241,8 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     if particles.ctf is None:
         raise CryocvError(f"{particles_path} has no CTF parameters (rlnDefocusU...): refinement needs them")
     reference, reference_px = read_cubic_map(reference_path)
+    if params.break_symmetry:
+        particles.require_alignment("--break-symmetry")
     require_half_sets(particles, params.seed, 2, notes.append)
     state = store.load_latest() if resume else None
     if state is None:
@@ -276,7 +279,6 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
         if state.iteration == 0:
             log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates; maps in C1")
             if params.break_symmetry:
-                particles.require_alignment("--break-symmetry")
                 state = relaxation.broken_symmetry_state(particles, state, params, xp, log)
     if not state.final_done:
         state, maps = iterate(particles, state, params, xp, store, make_search, progress=progress, log=log,
@@ -288,7 +290,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     particles.origin_A = state.origin_A.astype(np.float64)
     particles.has_alignment = True
     report.update(symmetry=params.symmetry, n_particles=len(particles), regularizer=params.regularizer,
-                  iterations=state.history)
+                  iterations=state.history, map_symmetry=params.reconstruction_symmetry())
     if params.relax:
         report["relax"] = relaxation.relaxation_outputs(out_dir, full, particles, input_rotations, params, px)
     extra_maps = {}
