@@ -24,7 +24,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cryocv.backend import resolve_xp, to_device, to_numpy  # noqa: E402
-from cryocv.fourier import ft2_centered  # noqa: E402
 from cryocv.fsc import fsc_curve, resolution_at  # noqa: E402
 from cryocv.geometry import angular_distance_deg, matrix_to_euler  # noqa: E402
 from cryocv.io.mrc import read_map, write_map  # noqa: E402
@@ -35,7 +34,7 @@ from cryocv.masks import threshold_mask  # noqa: E402
 from cryocv.projector import prepare_volume  # noqa: E402
 from cryocv.register import MapTransform, transform_volume  # noqa: E402
 from cryocv.relax import mode_of, relaxed_poses, symmetrized  # noqa: E402
-from cryocv.search import SearchParams, SearchResult, search_schedule  # noqa: E402
+from cryocv.search import SearchResult, search_schedule  # noqa: E402
 from cryocv.simulate import simulate  # noqa: E402
 from cryocv.source import ParticleSource  # noqa: E402
 from cryocv.symmetry import symmetry_operators  # noqa: E402

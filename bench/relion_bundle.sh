@@ -7,7 +7,7 @@
 set -euo pipefail
 R=$(realpath -m "${1:-.relion}")
 rm -rf "$R"; mkdir -p "$R/bin" "$R/lib/x86_64-linux-gnu"
-for p in relion_refine_mpi relion_refine relion_preprocess; do cp "$(command -v $p)" "$R/bin/"; done
+for p in relion_refine_mpi relion_refine relion_preprocess relion_particle_subtract_mpi relion_postprocess; do cp "$(command -v $p)" "$R/bin/"; done
 cp "$(readlink -f "$(command -v mpirun)")" "$R/bin/orterun"; ln -s orterun "$R/bin/mpirun"
 cp -a /usr/lib/x86_64-linux-gnu/openmpi /usr/lib/x86_64-linux-gnu/pmix2 "$R/lib/x86_64-linux-gnu/"
 mkdir -p "$R/share"; cp -a /usr/share/openmpi "$R/share/"

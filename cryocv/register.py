@@ -59,10 +59,6 @@ class MapTransform:
                 "flips_hand": self.flips_hand, "rotation_deg": self.rotation_deg}
 
 
-def identity_transform() -> MapTransform:
-    return MapTransform(np.eye(3), np.zeros(3))
-
-
 def _grid_frequencies(box_size: int, xp):
     """Integer frequencies (kx, ky, kz) of the centred half-space grid (N, N, N//2+1), broadcastable."""
     k = xp.arange(box_size, dtype=xp.float32) - box_size // 2

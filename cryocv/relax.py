@@ -15,6 +15,7 @@ import numpy as np
 
 from .backend import get_array_module, to_device, to_numpy
 from .fsc import fsc_curve
+from .geometry import angular_distance_deg
 from .register import MapTransform, transform_volume
 from .search import Candidates, SearchLevel, SearchParams, SearchResult, subdivide
 
@@ -51,7 +52,6 @@ def relaxed_poses(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult
 def mode_of(rotations: np.ndarray, reference_rotations: np.ndarray, operators: np.ndarray) -> np.ndarray:
     """Index (n,) of the operator g whose mate ``reference·gᵀ`` is nearest each of ``rotations``
     (n, 3, 3): which of the N modes a particle sits in, relative to reference poses."""
-    from .geometry import angular_distance_deg
     distances = np.stack([angular_distance_deg(rotations, reference_rotations @ g.T) for g in operators], axis=1)
     return np.argmin(distances, axis=1)
 

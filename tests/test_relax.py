@@ -2,7 +2,7 @@
 import numpy as np
 
 from cryocv.geometry import angular_distance_deg, random_rotations
-from cryocv.projector import frequency_points, prepare_volume
+from cryocv.projector import prepare_volume
 from cryocv.register import MapTransform, transform_volume
 from cryocv.relax import mates, mode_of, register_over_group, relaxed_poses, symmetrized
 from cryocv.search import SearchParams, SearchResult, search_schedule

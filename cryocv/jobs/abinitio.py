@@ -28,7 +28,7 @@ from ..masks import spherical_mask
 from ..noise import noise_spectrum_from_images
 from ..plotting import plot_abinitio, plot_poses
 from ..projector import empty_accumulators, frequency_points, prepare_volume
-from ..register import align_maps, identity_transform, transform_volume
+from ..register import align_maps, transform_volume
 from ..search import BaseGrid, global_start, search_schedule, subdivide
 from ..sgd import (HalfSetSGD, learning_rate, minibatch_size, quarter_resolution_A, random_initial_volume, recentre,
                    sample_start, sgd_update, temperature)

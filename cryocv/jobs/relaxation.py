@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import to_device, to_numpy
+from ..backend import to_numpy
+from ..fourier import lowpass_map
 from ..geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from ..io.mrc import write_map
 from ..plotting import plot_relaxation
@@ -57,7 +58,6 @@ def relaxing(make_search, params, box_size: int, pixel_size_A: float):
 def broken_symmetry_state(particles, state: RefineState, params, xp, log) -> RefineState:
     """``--break-symmetry``: the references become C1 half-maps of the input poses, each
     particle turned by a random mate (seeded), low-passed as the start is."""
-    from ..fourier import lowpass_map
     operators = symmetry_operators(params.symmetry)
     rng = np.random.default_rng([params.seed, 31])
     original = particles.euler_deg.copy()
