@@ -191,6 +191,11 @@ def test_refine_recovers_poses_and_map(refine_case, regularizer):
     assert saved["iterations"][-1]["final"] and len(saved["iterations"]) <= 4
     assert os.path.isfile(os.path.join(out, "iterations", "iter_001", "half_map_1.mrc"))
     assert (regularizer == "nu") == os.path.isfile(os.path.join(out, "nu_cutoff_A.mrc"))
+    # the job's maps are the final pass's checkpointed maps, linked rather than written twice
+    final = os.path.join(out, "iterations", f"iter_{len(saved['iterations']):03d}")
+    for name in ("map.mrc", "half_map_1.mrc", "half_map_2.mrc", "mask.mrc"):
+        np.testing.assert_array_equal(read_map(os.path.join(out, name))[0], read_map(os.path.join(final, name))[0])
+    assert os.path.samefile(os.path.join(out, "map.mrc"), os.path.join(final, "map.mrc"))
     if regularizer == "nu":  # cutoffs between Nyquist and the lowest candidate (1/50 of Nyquist... here 1/20)
         cutoff, _ = read_map(os.path.join(out, "nu_cutoff_A.mrc"))
         assert cutoff.min() >= 4.0 - 1e-3 and cutoff.max() <= 80.0 + 1e-3 and cutoff.std() > 0

@@ -359,7 +359,8 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
             save_particles(everyone.subset(unused), jobdir.path(out_dir, jobdir.UNUSED_PARTICLES_STAR))
         plot_abinitio(sgd_history, jobdir.path(out_dir, jobdir.SGD_PNG), state.history, title)
         plot_poses(particles.euler_deg, jobdir.path(out_dir, jobdir.POSES_PNG), state.history, title=title)
-    jobdir.write_results(out_dir, px, half, full, mask, report, particles, title, record, {}, before_record=plots)
+    jobdir.write_results(out_dir, px, half, full, mask, report, particles, title, record, {}, before_record=plots,
+                         checkpoint_folder=store.folder(state.iteration))
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (SGD, then {state.iteration} E/M passes including the "
         f"final one; job {time.time() - started:.1f} s)")
     return report

@@ -211,22 +211,43 @@ class JobLog:
 
 
 def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, report: dict, particles,
-                  fsc_title: str, record: dict, extra_maps: dict | None = None, before_record=None):
+                  fsc_title: str, record: dict, extra_maps: dict | None = None, before_record=None,
+                  checkpoint_folder: str | None = None):
     """Write a finished job: half-maps, mask, ``extra_maps`` {name: map}, particles.star,
-    fsc.json, fsc.png, then ``before_record()`` (more plots), job.json and map.mrc last."""
+    fsc.json, fsc.png, then ``before_record()`` (more plots), job.json and map.mrc last.
+    ``checkpoint_folder``: the final pass's checkpoint, which holds the same maps under the same
+    names: they are hard-linked from there (copied where links fail) instead of written again
+    (at box 512 each is half a gigabyte)."""
+    def put(name, volume):
+        if checkpoint_folder is not None and os.path.isfile(os.path.join(checkpoint_folder, name)):
+            _link_or_copy(os.path.join(checkpoint_folder, name), path(job_dir, name))
+        else:
+            write_map(path(job_dir, name), to_numpy(volume), pixel_size_A)
+
     for name, volume in zip(HALF_MAPS, half_maps):
-        write_map(path(job_dir, name), to_numpy(volume), pixel_size_A)
+        put(name, volume)
     if mask is not None:
-        write_map(path(job_dir, MASK), to_numpy(mask), pixel_size_A)
+        put(MASK, mask)
     for name, volume in (extra_maps or {}).items():
-        write_map(path(job_dir, name), to_numpy(volume), pixel_size_A)
+        put(name, volume)
     save_particles(particles, path(job_dir, PARTICLES_STAR))
     write_json(path(job_dir, FSC_JSON), report)
     plot_fsc(report, path(job_dir, FSC_PNG), title=fsc_title)
     if before_record is not None:
         before_record()
     write_json(path(job_dir, JOB_JSON), record)
-    write_map(path(job_dir, MAP), to_numpy(full_map), pixel_size_A)  # last: marks the job finished
+    put(MAP, full_map)                     # last: marks the job finished
+
+
+def _link_or_copy(source: str, target: str):
+    """``target`` becomes a hard link to ``source`` (a copy where the file system refuses),
+    replacing what was there, atomically."""
+    with atomic_path(target) as tmp:
+        os.remove(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 @dataclass

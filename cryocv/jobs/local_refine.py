@@ -365,7 +365,7 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
         plot_pose_change(rotation, shift, params.rotation_extent_deg, params.shift_extent_A,
                          jobdir.path(out_dir, jobdir.POSE_CHANGE_PNG), title)
     jobdir.write_results(out_dir, px, half, full, out_mask, report, particles, title, record, {},
-                         before_record=plots)
+                         before_record=plots, checkpoint_folder=store.folder(state.iteration))
     log(f"done: {report['resolution_A']:.2f} Å gold-standard in the mask after {state.iteration} iterations "
         f"(job {time.time() - started:.1f} s)")
     return report

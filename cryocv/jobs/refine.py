@@ -311,7 +311,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
                                {"resolution_A": report["resolution_A"], "iterations": state.iteration,
                                 "n_particles": len(particles)})
     jobdir.write_results(out_dir, px, half_maps, full, mask, report, particles, title, record, extra_maps,
-                         before_record=plots_and_nu_map)
+                         before_record=plots_and_nu_map, checkpoint_folder=store.folder(state.iteration))
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
         f"{state.iteration} iterations; map {jobdir.path(out_dir, jobdir.MAP)} (outputs and plots written in "
         f"{time.time() - outputs_started:.1f} s, job {time.time() - started:.1f} s)")
