@@ -5,7 +5,6 @@ from pwem.constants import ALIGN_NONE
 from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtInitialVolume
 
-from cryocv.errors import CryocvError
 from cryocv.jobs import jobdir
 from cryocv.jobs.abinitio import AbinitioParams
 
@@ -120,13 +119,7 @@ class ProtCryocvAbinitio(CryocvProtocolBase, ProtInitialVolume):
         if parts is not None and not parts.hasCTF():
             errors.append("The input particles have no CTF: ab-initio needs it (estimate the CTF and "
                           "extract particles with it, or import a STAR file with rlnDefocusU/V).")
-        try:
-            self._abinitioParams().validate()
-        except CryocvError as exc:
-            message = str(exc)
-            for flag, label in FORM_LABELS.items():
-                message = message.replace(flag, label)
-            errors.append(message[0].upper() + message[1:] + ".")
+        errors += self._paramsErrors(self._abinitioParams(), FORM_LABELS)
         return errors
 
     def _abinitioReport(self):

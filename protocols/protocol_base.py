@@ -12,6 +12,7 @@ from pwem.constants import ALIGN_PROJ
 from pwem.objects import FSC, Volume
 from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 
+from cryocv.errors import CryocvError
 from cryocv.jobs import jobdir
 from cryocv.symmetry import DEFAULT_SYMMETRY, parse_symmetry
 
@@ -134,6 +135,19 @@ class CryocvProtocolBase:
         args = [command] + [str(a) for a in args] + ["--device", "auto" if useGpu else "cpu", "--quiet"]
         program = Plugin.getProgram(gpu=useGpu and not self.useQueue())
         self.runJob(program, args, env=Plugin.getEnviron(), numberOfMpi=1, executable="/bin/bash")
+
+    @staticmethod
+    def _paramsErrors(jobParams, formLabels: dict) -> list:
+        """The job's own check of its Params (``jobParams.validate()``), its message in the
+        form's words (``formLabels`` {CLI flag: form label}): [] or one error."""
+        try:
+            jobParams.validate()
+        except CryocvError as exc:
+            message = str(exc)
+            for flag, label in formLabels.items():
+                message = message.replace(flag, label)
+            return [message[0].upper() + message[1:] + "."]
+        return []
 
     # -------------------------- outputs -------------------------------------
     def _fscReport(self):

@@ -6,7 +6,6 @@ from pwem.constants import ALIGN_PROJ
 from pwem.objects import FSC, SetOfParticles, Volume, VolumeMask
 from pwem.protocols import ProtRefine3D
 
-from cryocv.errors import CryocvError
 from cryocv.jobs import jobdir
 from cryocv.jobs.local_refine import FULCRUM_NAMES, MASK_MODES, LocalRefineParams
 
@@ -179,13 +178,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
                                         "local refinement starts each half-set from its own half-map")
         errors += self._regularizationErrors()
         if not errors:
-            try:
-                self._localParams().validate()
-            except CryocvError as exc:
-                message = str(exc)
-                for flag, label in FORM_LABELS.items():
-                    message = message.replace(flag, label)
-                errors.append(message[0].upper() + message[1:] + ".")
+            errors += self._paramsErrors(self._localParams(), FORM_LABELS)
         return errors
 
     def _localReport(self):

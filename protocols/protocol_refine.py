@@ -5,7 +5,6 @@ from pwem.constants import ALIGN_NONE, ALIGN_PROJ
 from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 
-from cryocv.errors import CryocvError
 from cryocv.jobs import jobdir
 from cryocv.jobs.refine import RefineParams
 from cryocv.symmetry import parse_symmetry
@@ -159,13 +158,7 @@ class ProtCryocvRefine(CryocvProtocolBase, ProtRefine3D):
         errors += self._gridErrors("reference", ref, "resample or resize the reference to the particles' grid first.")
         errors += self._regularizationErrors() + self._relaxationErrors()
         if not errors:
-            try:
-                self._refineParams().validate()
-            except CryocvError as exc:
-                message = str(exc)
-                for flag, label in FORM_LABELS.items():
-                    message = message.replace(flag, label)
-                errors.append(message[0].upper() + message[1:] + ".")
+            errors += self._paramsErrors(self._refineParams(), FORM_LABELS)
         return errors
 
     def _relaxationErrors(self):

@@ -36,9 +36,9 @@ from ..source import ParticleSource
 from ..symmetry import symmetry_operators
 from . import jobdir
 from .common import (DEFAULT_DEVICE, device_args, load_checked_particles, option, output_args, params_from_args,
-                     require_half_sets, select_device, symmetry_arg)
-from .jobdir import CheckpointStore, JobLog, RefineState
-from .loop import iterate
+                     require_half_sets, select_device)
+from .jobdir import JobLog, RefineState
+from .loop import iterate, open_refinement
 from .refine import RefineParams, add_search_and_regularizer_args, global_search
 
 HELP = "ab-initio refinement: SGD on two independent half-sets from random maps, then gold-standard E/M"
@@ -259,7 +259,8 @@ def _check(states, px: float, max_res_A: float, iteration: int, b: int, rate: fl
         recentre(state)
     align_res = max(states[1].cutoff_A, states[2].cutoff_A)
     transform = align_maps(states[1].volume, states[2].volume, px, align_res, keep_identity_within=IN_REGISTER_SCORE)
-    if not transform.is_identity(max_deg=0.5, max_px=0.5):
+    moved = not transform.is_identity(max_deg=0.5, max_px=0.5)
+    if moved:
         states[2].volume = xp.clip(transform_volume(states[2].volume, transform), 0, None)
         states[2].velocity = transform_volume(states[2].velocity, transform)
         states[2].quarter_sums = [empty_accumulators(n, xp=xp) for _ in range(2)]
@@ -270,7 +271,7 @@ def _check(states, px: float, max_res_A: float, iteration: int, b: int, rate: fl
     half_res = max(float(resolution_at(fsc, 0.143, n, px)), states[1].cutoff_A, states[2].cutoff_A)
     record = {"iteration": iteration, "minibatch": b, "learning_rate": rate,
               "cutoff_A": [states[1].cutoff_A, states[2].cutoff_A], "quarter_resolution_A": quarter,
-              "half_map_resolution_A": half_res, "half_2_moved": not transform.is_identity(0.5, 0.5),
+              "half_map_resolution_A": half_res, "half_2_moved": moved,
               "alignment_score": transform.score}
     log(f"  SGD iteration {iteration}: aligning to {states[1].cutoff_A:.1f} / {states[2].cutoff_A:.1f} Å, own "
         f"quarter-set FSC {quarter[0]:.1f} / {quarter[1]:.1f} Å, half-maps {half_res:.1f} Å; half-set 2 "
@@ -285,18 +286,11 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
     """Ab-initio job (see the module docstring); returns the FSC report (+ ``sgd`` history)."""
     started = time.time()
     config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
-    store = CheckpointStore(out_dir)
+    config, params, store = open_refinement(out_dir, resume, params, AbinitioParams, ("particles",),
+                                            overwrite=overwrite)
     if resume:
-        config, params = jobdir.read_job_config(out_dir, ("particles", "datadir", "device", "gpu"),
-                                                lambda parameters: AbinitioParams(**parameters))
         particles_path, datadir, device, gpu_ids = (config["particles"], config["datadir"], config["device"],
                                                     config["gpu"])
-    else:
-        params = params or AbinitioParams()
-        params.validate()
-        params.symmetry = symmetry_arg(params.symmetry)
-        jobdir.check_output_dir(out_dir, overwrite)
-    store.keep = params.keep_checkpoints
     xp, ids = select_device(device, gpu_ids)
     notes = []
     everyone = load_checked_particles(particles_path, datadir, params.strict, notes.append)

@@ -34,10 +34,9 @@ from ..source import ParticleSource
 from ..subtraction import center_of_mass, scale_fit_radius_px, subtract_source
 from ..symmetry import pose_distance_deg
 from . import jobdir
-from .common import (device_args, load_checked_particles, option, output_args, params_from_args, select_device,
-                     symmetry_arg)
-from .jobdir import CheckpointStore, JobLog, RefineState
-from .loop import PoseSearch, iterate
+from .common import (device_args, load_checked_particles, option, output_args, params_from_args, select_device)
+from .jobdir import JobLog, RefineState
+from .loop import PoseSearch, iterate, open_refinement
 from .refine import RefineParams, add_search_and_regularizer_args
 from .subtract import read_maps, subtracted_particles
 
@@ -271,18 +270,11 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
     """Local refinement job (see the module docstring); returns the FSC report (+ ``local``)."""
     started = time.time()
     config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
-    store = CheckpointStore(out_dir)
+    config, params, store = open_refinement(out_dir, resume, params, LocalRefineParams,
+                                            ("particles", "half_maps", "mask"), overwrite=overwrite)
     if resume:
-        config, params = jobdir.read_job_config(out_dir, ("particles", "half_maps", "mask", "datadir", "device", "gpu"),
-                                                lambda parameters: LocalRefineParams(**parameters))
         particles_path, half_map_paths, mask_path = config["particles"], config["half_maps"], config["mask"]
         datadir, device, gpu_ids = config["datadir"], config["device"], config["gpu"]
-    else:
-        params = params or LocalRefineParams()
-        params.validate()
-        params.symmetry = symmetry_arg(params.symmetry)
-        jobdir.check_output_dir(out_dir, overwrite)
-    store.keep = params.keep_checkpoints
     xp, ids = select_device(device, gpu_ids)
     notes = []
     particles = load_checked_particles(particles_path, datadir, params.strict, notes.append)

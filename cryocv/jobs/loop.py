@@ -34,7 +34,8 @@ from ..projector import prepare_volume
 from ..regularize import MapResult, regularize_and_assess
 from ..source import ParticleSource
 from ..symmetry import pose_distance_deg, symmetry_operators
-from .common import check_result
+from . import jobdir
+from .common import check_result, symmetry_arg
 from .jobdir import CheckpointStore, RefineState
 
 NOISE_SAMPLE = 1000   # images whose power spectrum is the first iteration's noise model
@@ -48,6 +49,27 @@ class PoseSearch:
     find_poses: Callable
     levels: list
     batch_size: int
+
+
+def open_refinement(out_dir: str, resume: bool, params, params_class, input_keys: tuple, make_params=None,
+                    overwrite: bool = False):
+    """(config, params, checkpoint store) of a refinement job (global, local, ab-initio), nothing
+    written yet. Continuing: the config and settings it was started with (``input_keys`` plus
+    datadir, device and gpu must be in its config; ``make_params(parameters)``, default
+    ``params_class(**parameters)``). Starting: config None, ``params`` (default
+    ``params_class()``) validated with its symmetry normalised, and ``out_dir`` checked."""
+    store = CheckpointStore(out_dir)
+    if resume:
+        config, params = jobdir.read_job_config(out_dir, tuple(input_keys) + ("datadir", "device", "gpu"),
+                                                make_params or (lambda parameters: params_class(**parameters)))
+    else:
+        config = None
+        params = params or params_class()
+        params.validate()
+        params.symmetry = symmetry_arg(params.symmetry)
+        jobdir.check_output_dir(out_dir, overwrite)
+    store.keep = params.keep_checkpoints
+    return config, params, store
 
 
 def initial_state(reference: np.ndarray, reference_pixel_A: float | None, particles: Particles,
@@ -138,8 +160,8 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
     n, px = particles.box_size, particles.pixel_size_A
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
-    ops = symmetry_operators(params.reconstruction_symmetry())
     pose_symmetry = params.reconstruction_symmetry()        # C1 when relaxing: a change of mode is a change
+    ops = symmetry_operators(pose_symmetry)
     one_half = keep_one_half_on_device(n, nu is not None, free_gpu_memory_bytes() if xp is not np else 0)
     source = ParticleSource(particles, xp, 0 if params.stream else
                             image_cache_budget_bytes(xp, map_stage_device_bytes(n, nu is not None,

@@ -22,9 +22,9 @@ from ..search import BaseGrid, SearchParams, search_batch_size, search_poses, se
 from ..symmetry import DEFAULT_SYMMETRY, pose_distance_deg
 from . import jobdir, relaxation
 from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, output_args, load_checked_particles, option, params_from_args, read_cubic_map,
-                     require_half_sets, select_device, symmetry_arg)
-from .jobdir import CheckpointStore, JobLog
-from .loop import PoseSearch, initial_state, iterate
+                     require_half_sets, select_device)
+from .jobdir import JobLog
+from .loop import PoseSearch, initial_state, iterate, open_refinement
 
 HELP = "gold-standard 3D refinement (global pose search; NU or uniform)"
 
@@ -222,18 +222,11 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     Returns the FSC report."""
     started = time.time()
     config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
-    store = CheckpointStore(out_dir)
+    config, params, store = open_refinement(out_dir, resume, params, RefineParams, ("particles", "reference"),
+                                            refine_params_from_config, overwrite)
     if resume:
-        config, params = jobdir.read_job_config(out_dir, ("particles", "reference", "datadir", "device", "gpu"),
-                                                refine_params_from_config)
         particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
         device, gpu_ids = config["device"], config["gpu"]
-    else:
-        params = params or RefineParams()
-        params.validate()
-        params.symmetry = symmetry_arg(params.symmetry)
-        jobdir.check_output_dir(out_dir, overwrite)
-    store.keep = params.keep_checkpoints
     # every input is checked before anything is written into out_dir
     xp, ids = select_device(device, gpu_ids)
     notes = []                                   # logged once run.log exists
