@@ -94,13 +94,25 @@ def em_pass(source: ParticleSource, find_poses: Callable[[Batch], SearchResult],
                 noise = residual_power(references[batch.half], found.rotations, points, x, c, padding)
         return found, x * c, c * c, noise
 
+    def insert(batch, found, values, weights):
+        if found.spread is None:
+            accumulators.insert(batch.half, batch.index, found.rotations, points, values, weights)
+            return
+        spread = found.spread           # marginalization: each image at K poses, by weight
+        c = None if batch.ctf is None else points.gather(batch.ctf)
+        for k in range(spread.weights.shape[1]):
+            w = spread.weights[:, k, None].astype(xp.float32)
+            x = points.gather(batch.recentred_ft(spread.shifts_px[:, k]))
+            accumulators.insert(batch.half, batch.index, spread.rotations[:, k], points,
+                                (x if c is None else x * c) * w, weights * w)
+
     def done(batch, result):
         found, values, weights, noise = result
         if noise is not None:
             noise_sums[...] += noise[0]
             noise_counts[...] += noise[1]
         with timer("back-projection"):
-            accumulators.insert(batch.half, batch.index, found.rotations, points, values, weights)
+            insert(batch, found, values, weights)
         rotations_out[batch.index] = to_numpy(found.rotations)
         origins_out[batch.index] = to_numpy(found.shifts_px)
         scores_out[batch.index] = to_numpy(found.scores)

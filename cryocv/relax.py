@@ -3,9 +3,12 @@ particle choose among the N symmetry-related poses of its best pose under a poin
 (the mates ``A·gᵀ``, g ∈ G: the poses at which a G-symmetric map looks the same), and
 reconstruct in C1 (cryoSPARC's symmetry relaxation; RELION's ``--relax_sym`` for cyclic groups).
 
-Each mate is refined by a short branch-and-bound subdivision around it (so a mate is not lost
+The mates are the start cells of one short branch-and-bound subdivision (so a mate is not lost
 to the grid), scored against the C1 reference, and the best is kept (maximization): every
-particle contributes to exactly one of the N modes. The half-sets may break the symmetry at
+particle contributes to exactly one of the N modes. Marginalization (:func:`mode_spread`) then
+weighs the poses around the best mate by their likelihood: the particle still contributes to one
+mode only, spread over the poses that mode allows (RELION's ``--relax_sym`` marginalizes over
+all mates; here the mate is chosen first). The half-sets may break the symmetry at
 different, equivalent sites; :func:`register_over_group` finds the operator that brings half-map
 2 onto half-map 1 (their asymmetric parts).
 """
@@ -15,9 +18,13 @@ import numpy as np
 
 from .backend import get_array_module, to_device, to_numpy
 from .fsc import fsc_curve
-from .geometry import angular_distance_deg
+from .geometry import angular_distance_deg, axis_angle_to_matrix
+from .projector import DEFAULT_PADDING, extract_slices, frequency_points
 from .register import MapTransform, transform_volume
-from .search import Candidates, SearchLevel, SearchParams, SearchResult, subdivide
+from .search import (Candidates, PoseSpread, SearchLevel, SearchParams, SearchResult, _top_k, image_terms,
+                     log_likelihood, point_weights, score_children, shift_phases, subdivide)
+
+SPREAD_KEPT = 16         # poses per image kept by marginalization (the rest carry < a few % of the weight)
 
 
 def mates(rotations, operators):
@@ -28,25 +35,69 @@ def mates(rotations, operators):
     return xp.matmul(rotations[:, None], ops_t[None])
 
 
+def mate_search_params(n_mates: int, params: SearchParams) -> SearchParams:
+    """The subdivision of the mates: all N start, the best quarter (at least 2) of their children
+    are kept at the next level, then 2: a branch-and-bound over the mates instead of N separate
+    searches (a mate whose children all score below the others' is dropped, as any pruned cell)."""
+    return SearchParams(base_step_deg=params.base_step_deg, fine_step_deg=params.fine_step_deg,
+                        max_shift_px=params.max_shift_px, n_candidates=2, n_base_candidates=n_mates,
+                        min_cutoff_px=params.min_cutoff_px, cutoff_times_step=params.cutoff_times_step,
+                        base_cutoff_times_step=params.base_cutoff_times_step, candidate_decay=4)
+
+
 def relaxed_poses(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult, operators,
                   levels: list[SearchLevel], params: SearchParams) -> tuple[SearchResult, object]:
-    """Maximization over the mates of each image's ``best`` pose: each mate is the start cell
-    of a subdivision through ``levels`` (its first level the cell size), scored against the C1
-    reference ``volume_ft``. Returns the best refined mate per image and the index (B,) of its
-    operator."""
+    """Maximization over the mates of each image's ``best`` pose: the N mates are the start cells
+    of one subdivision through ``levels`` (its first level the cell size; see
+    :func:`mate_search_params`), scored against the C1 reference ``volume_ft``. Returns the best
+    refined pose per image and the index (B,) of the mate it descends from (the mate nearest it)."""
     xp = get_array_module(images_ft)
-    b = images_ft.shape[0]
     related = mates(best.rotations, operators)                               # (B, G, 3, 3)
-    results = []
-    for g in range(related.shape[1]):
-        start = Candidates(related[:, g][:, None], best.shifts_px[:, None], best.scores[:, None])
-        results.append(subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels, params, start))
-    scores = xp.stack([r.scores for r in results], axis=1)                   # (B, G)
-    choice = xp.argmax(scores, axis=1)
-    rows = xp.arange(b)
-    rotations = xp.stack([r.rotations for r in results], axis=1)[rows, choice]
-    shifts = xp.stack([r.shifts_px for r in results], axis=1)[rows, choice]
-    return SearchResult(rotations, shifts, scores[rows, choice]), choice
+    g = related.shape[1]
+    start = Candidates(related, xp.repeat(best.shifts_px[:, None], g, axis=1),
+                       xp.zeros(related.shape[:2], dtype=xp.float32))
+    found = subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels, mate_search_params(g, params), start)
+    closeness = xp.sum(related * found.rotations[:, None], axis=(-2, -1))     # tr(Mᵀ R): larger is nearer
+    return found, xp.argmax(closeness, axis=1)
+
+
+_NEIGHBOUR_SIGNS = np.array([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], dtype=np.float64)
+_NEIGHBOUR_SHIFTS = np.array([[a, b] for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=np.float32)
+
+
+def mode_spread(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult, level: SearchLevel,
+                n_kept: int = SPREAD_KEPT, padding: int = DEFAULT_PADDING) -> PoseSpread:
+    """Marginalization inside the mode of ``best``: the 27 rotations ``Δ·A`` (axis-angle Δ ∈
+    {−1, 0, 1}³ × the level's step) × 9 shifts (±1 shift step) around each image's best pose,
+    scored at the level's cutoff, weighted by their likelihood ``exp(s·|s|/2)`` (see
+    :func:`cryocv.search.log_likelihood`); the ``n_kept`` heaviest are returned with weights
+    renormalized to sum to one per image."""
+    xp = get_array_module(images_ft)
+    b, n = images_ft.shape[0], images_ft.shape[-2]
+    points = frequency_points(n, level.cutoff_px, xp)
+    terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
+    deltas = to_device(axis_angle_to_matrix(_NEIGHBOUR_SIGNS * level.rotation_step_rad).astype(np.float32), xp)
+    rotations = xp.matmul(deltas[None], best.rotations[:, None])                 # (B, 27, 3, 3)
+    shifts = best.shifts_px[:, None, :] + xp.asarray(_NEIGHBOUR_SHIFTS * level.shift_step_px)   # (B, 9, 2)
+    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding).reshape(b, 1, 27, -1)
+    scores = score_children(terms, slices, shift_phases(points, shifts)[:, None])[:, 0]  # (B, 9, 27)
+    gain = log_likelihood(scores.astype(xp.float64)).reshape(b, -1)
+    keep = _top_k(gain, n_kept)                                                    # (B, K), best first
+    kept = xp.take_along_axis(gain, keep, axis=1)
+    weights = xp.exp(kept - kept[:, :1])
+    weights = (weights / weights.sum(axis=1, keepdims=True)).astype(xp.float32)
+    rows = xp.arange(b)[:, None]
+    return PoseSpread(rotations[rows, keep % 27], shifts[rows, keep // 27], weights)
+
+
+def prior_in_mode(prior_rotations, current_rotations, operators):
+    """The mate of each prior pose (B, 3, 3) nearest its current pose (B, 3, 3): where a local
+    search around a symmetric consensus pose must look once relaxation moved the particle to
+    another mode (extents bound the change modulo the group). Same array module."""
+    xp = get_array_module(prior_rotations)
+    related = mates(prior_rotations, operators)                                   # (B, G, 3, 3)
+    closeness = xp.sum(related * current_rotations[:, None], axis=(-2, -1))        # tr(Mᵀ C): larger is nearer
+    return related[xp.arange(related.shape[0]), xp.argmax(closeness, axis=1)]
 
 
 def mode_of(rotations: np.ndarray, reference_rotations: np.ndarray, operators: np.ndarray) -> np.ndarray:

@@ -256,13 +256,25 @@ class Candidates:
 
 
 @dataclass
+class PoseSpread:
+    """Several weighted poses per image (marginalization): ``rotations`` (B, K, 3, 3),
+    ``shifts_px`` (B, K, 2), ``weights`` (B, K) summing to one per image."""
+
+    rotations: object
+    shifts_px: object
+    weights: object
+
+
+@dataclass
 class SearchResult:
     """Best pose per image: ``rotations`` (B, 3, 3), ``shifts_px`` (B, 2) (RELION origin in
-    pixels: re-centre by +shift), ``scores`` (B,) at the last level's cutoff."""
+    pixels: re-centre by +shift), ``scores`` (B,) at the last level's cutoff. ``spread``: when
+    set, the M-step inserts each image at these weighted poses instead of the best one."""
 
     rotations: object
     shifts_px: object
     scores: object
+    spread: PoseSpread | None = None
 
 
 def global_start(base: BaseGrid, images_ft, ctf, noise_var_shell, n_kept: int) -> Candidates:

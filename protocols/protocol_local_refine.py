@@ -10,6 +10,7 @@ from cryocv.jobs import jobdir
 from cryocv.jobs.local_refine import FULCRUM_NAMES, MASK_MODES, LocalRefineParams
 
 from .protocol_base import REGULARIZERS, CryocvProtocolBase
+from .protocol_relaxation import RELAX_FORM_LABELS, RELAX_OUTPUTS, CryocvRelaxationMixin
 
 FULCRUMS = list(FULCRUM_NAMES)               # the CLI's named fulcrums; the form's third choice is a point
 FULCRUM_POINT = len(FULCRUMS)
@@ -19,10 +20,10 @@ FORM_LABELS = {"--rotation-extent-deg": "Rotation extent", "--shift-extent-A": "
                "--coarse-step-deg": "Coarse step", "--fine-step-deg": "Fine step",
                "--prior-sigma-deg": "Rotation prior sigma", "--prior-sigma-A": "Shift prior sigma",
                "--fulcrum": "Fulcrum", "--initial-lowpass-A": "Initial low-pass",
-               "--max-iterations": "Maximum iterations"}
+               "--max-iterations": "Maximum iterations", **RELAX_FORM_LABELS}
 
 
-class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
+class ProtCryocvLocalRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefine3D):
     """Local refinement of a masked region (a domain, a bound partner, a subparticle) from the
     poses of a consensus refinement.
 
@@ -33,11 +34,14 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
     measured in the mask. Optionally the signal outside the mask is first subtracted from the
     images (each particle with its own half-map); the output particles are then the subtracted
     images, with the original image in _rlnImageOriginalName. The output maps stay in the input
-    frame.
+    frame. With symmetry relaxation (pseudo-symmetric particles; maximization or marginalization)
+    the maps are reconstructed in C1 while each particle chooses among the symmetry mates of its
+    pose, the extents holding modulo the group; the relaxed map minus its symmetrized version is a
+    further output.
     """
     _label = "local refinement"
     _possibleOutputs = {"outputVolume": Volume, "outputMask": VolumeMask, "outputParticles": SetOfParticles,
-                        "outputFSC": FSC}
+                        "outputFSC": FSC, **RELAX_OUTPUTS}
 
     # -------------------------- DEFINE param functions ----------------------
     def _defineParams(self, form):
@@ -102,6 +106,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
                       help="static: the mask as given, for alignment and FSC; dynamic: the thresholded map inside it.")
         form.addSection(label="Refinement")
         self._defineRegularizationParams(form, defaults)
+        self._defineRelaxationParams(form, defaults)
         self._defineComputeParams(form)
 
     # -------------------------- INSERT steps functions ----------------------
@@ -125,7 +130,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
             prior_sigma_deg=self.priorSigmaRot.get(), prior_sigma_A=self.priorSigmaShift.get(),
             fulcrum=self._fulcrumSpec(), recenter_each_iteration=bool(self.recenter.get()),
             mask_mode=MASK_MODES[self.maskMode.get()], subtract=bool(self.subtractOutside.get()),
-            fit_scale=bool(self.fitScale.get()))
+            fit_scale=bool(self.fitScale.get()), **self._relaxationFields(LocalRefineParams))
 
     def _localRefineArgs(self):
         """``cryocv local-refine`` arguments of the form's values (step argument: an edited form reruns the step)."""
@@ -139,6 +144,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
         args += [item for flag, value in optional if value is not None for item in (flag, value)]
         args += [flag for flag, on in (("--subtract", p.subtract), ("--no-scale", p.subtract and not p.fit_scale),
                                        ("--recenter-each-iteration", p.recenter_each_iteration)) if on]
+        args += self._relaxationArgs(p)
         return [str(a) for a in args]
 
     # -------------------------- STEPS functions -----------------------------
@@ -167,6 +173,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
         self._defineTransformRelation(self.inputParticles, outParts)
         self._defineSourceRelation(self.inputVolume, outParts)
         self._defineSourceRelation(volume, fsc)
+        self._defineDifferenceMapOutput(volume)
 
     # -------------------------- INFO functions ------------------------------
     def _validate(self):
@@ -176,7 +183,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
             errors.append("The input particles have no CTF: local refinement needs it.")
         errors += self._consensusErrors(self.inputVolume.get(), self.refMask.get(),
                                         "local refinement starts each half-set from its own half-map")
-        errors += self._regularizationErrors()
+        errors += self._regularizationErrors() + self._relaxationErrors()
         if not errors:
             errors += self._paramsErrors(self._localParams(), FORM_LABELS)
         return errors
@@ -203,7 +210,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
         if p.subtract:
             lines.append("The signal outside the mask was subtracted first: the output particles are the "
                          "subtracted images (original images in _rlnImageOriginalName).")
-        return lines + [self._deviceSentence()]
+        return lines + self._relaxationSummary(report) + [self._deviceSentence()]
 
     def _methods(self):
         report, sentence = self._localReport(), self._resolutionSentence()
@@ -218,7 +225,7 @@ class ProtCryocvLocalRefine(CryocvProtocolBase, ProtRefine3D):
                 f"each pose was searched by branch-and-bound [Punjani2017] to {p.fine_step_deg:g}° within "
                 f"{p.rotation_extent_deg:g}° and {p.shift_extent_A:g} Å of its consensus pose, rotating about "
                 f"({fulcrum}) Å, each half-set against its own half-map (gold-standard [Scheres2012]), "
-                f"with {reg}; this gave {sentence}."]
+                f"with {reg}; this gave {sentence}.{self._relaxationMethods(report)}"]
 
     def _citations(self):
         return ["Punjani2017", "Scheres2012"] + (["Punjani2020"] if self.regularizer.get() == 0 else [])

@@ -1,10 +1,11 @@
 """Symmetry relaxation (cryocv/relax.py): mates, maximization over mates, half-set registration."""
 import numpy as np
+import pytest
 
 from cryocv.geometry import angular_distance_deg, random_rotations
 from cryocv.projector import prepare_volume
 from cryocv.register import MapTransform, transform_volume
-from cryocv.relax import mates, mode_of, register_over_group, relaxed_poses, symmetrized
+from cryocv.relax import mates, mode_of, mode_spread, register_over_group, relaxed_poses, symmetrized
 from cryocv.search import SearchParams, SearchResult, search_schedule
 from cryocv.fourier import ft2_centered
 from cryocv.simulate import clean_projections
@@ -66,6 +67,39 @@ def test_maximization_restores_the_true_mate():
     assert np.mean(mode_of(found.rotations, truth, ops) == 0) >= 0.95
 
 
+def test_marginalization_weights_sum_to_one_inside_the_mode():
+    """Marginalization spreads each image over poses around its chosen mate: the weights are
+    positive and sum to one per image, every weighted pose lies in the chosen mate's mode (nearer
+    to it than to any other mate), and the heaviest pose is the truth's neighbour at low noise;
+    at higher noise the weight spreads (more poses carry weight)."""
+    n = 32
+    vol, ops = pseudo_symmetric_map(n)
+    rng = np.random.default_rng(5)
+    truth = random_rotations(40, rng).astype(np.float32)
+    origins = rng.normal(0, 0.7, (40, 2)).astype(np.float32)
+    ft = prepare_volume(vol)
+    clean = clean_projections(ft, truth, origins, None, n)
+    params = SearchParams(base_step_deg=15.0, fine_step_deg=1.0, max_shift_px=2.0)
+    levels = search_schedule(n, n / 2, params)[-3:]
+    spreads = []
+    for noise in (0.3, 3.0):
+        added = rng.normal(0, noise * clean.std(), clean.shape).astype(np.float32)
+        images_ft = ft2_centered(clean + added).astype(np.complex64)
+        # the noise model a job estimates: the per-point variance of the added noise's FT (white)
+        flat = np.full(n // 2 + 1, np.mean(np.abs(ft2_centered(added)) ** 2), np.float32)
+        start = SearchResult(truth, origins, np.zeros(40, np.float32))
+        found, _ = relaxed_poses(ft, images_ft, None, flat, start, ops, levels, params)
+        spread = mode_spread(ft, images_ft, None, flat, found, levels[-1])
+        assert spread.weights.shape == (40, 16) and np.all(spread.weights >= 0)
+        np.testing.assert_allclose(spread.weights.sum(axis=1), 1.0, atol=1e-5)
+        for k in range(spread.weights.shape[1]):
+            assert np.all(mode_of(spread.rotations[:, k], found.rotations, ops) == 0)
+            assert np.all(angular_distance_deg(spread.rotations[:, k], found.rotations) < 3 * np.degrees(
+                levels[-1].rotation_step_rad))
+        spreads.append(np.mean(1 / np.sum(spread.weights ** 2, axis=1)))    # effective number of poses
+    assert spreads[1] > spreads[0]
+
+
 def test_half_set_registration_finds_the_operator():
     """Half-map 2 broke the symmetry at another site (its map is half-map 1 turned by a C4
     operator): the registration finds the operator that brings it back."""
@@ -78,8 +112,9 @@ def test_half_set_registration_finds_the_operator():
     assert index == 3
 
 
-def test_refine_relax_puts_particles_back_in_their_true_mode(tmp_path):
-    """`refine --sym C4 --relax maximize` on a C4 particle with one partner, from poses that a C4
+@pytest.mark.parametrize("mode", ["maximize", "marginalize"])
+def test_refine_relax_puts_particles_back_in_their_true_mode(tmp_path, mode):
+    """`refine --sym C4 --relax maximize|marginalize` on a C4 particle with one partner, from poses that a C4
     consensus leaves (true poses turned by random mates) and a C4-symmetric start: most particles
     end in their true mode (up to one global operator), the partner appears in the difference
     map, and the diagnostics are written."""
@@ -101,7 +136,7 @@ def test_refine_relax_puts_particles_back_in_their_true_mode(tmp_path):
                                                     np.transpose(ops[wrong], (0, 2, 1))))
     save_particles(consensus, str(tmp_path / "consensus.star"))
     write_map(str(tmp_path / "symmetric.mrc"), symmetrized(vol, ops), px)
-    params = RefineParams(symmetry="C4", relax="maximize", break_symmetry=True, regularizer="uniform",
+    params = RefineParams(symmetry="C4", relax=mode, break_symmetry=True, regularizer="uniform",
                           initial_lowpass_A=12.0, max_iterations=4, base_step_deg=15.0)
     out = str(tmp_path / "job")
     report = run(str(tmp_path / "consensus.star"), str(tmp_path / "symmetric.mrc"), out, params, device="cpu",
@@ -115,3 +150,43 @@ def test_refine_relax_puts_particles_back_in_their_true_mode(tmp_path):
     assert np.abs(difference).max() > 0.05 * np.abs(read_map(os.path.join(out, "map.mrc"))[0]).max()
     assert os.path.getsize(os.path.join(out, "relax.png")) > 0
     assert json.load(open(os.path.join(out, "fsc.json")))["relax"]["group"] == "C4"
+
+
+def test_local_refine_relax_follows_the_mode(tmp_path):
+    """`local-refine --sym C4 --relax maximize --break-symmetry` from C4-consensus poses (true
+    poses turned by random mates) and symmetric half-maps: the extents hold modulo C4, so
+    particles move to their true mode (up to one global operator) while their change from the
+    input, measured from the nearest mate, stays inside the extents; the relaxation outputs
+    are written."""
+    import os
+    from cryocv.io.mrc import read_map, write_map
+    from cryocv.io.particle_files import load_particles, save_particles
+    from cryocv.geometry import matrix_to_euler
+    from cryocv.jobs.local_refine import LocalRefineParams, run
+    from cryocv.masks import spherical_mask
+    from cryocv.simulate import simulate
+    n, px = 32, 3.0
+    vol, ops = pseudo_symmetric_map(n)
+    simulate(vol, px, 400, str(tmp_path / "sim"), snr=2.0, seed=6, progress=False)
+    truth = load_particles(str(tmp_path / "sim" / "particles.star"))
+    consensus = load_particles(str(tmp_path / "sim" / "particles.star"))
+    wrong = np.random.default_rng(7).integers(0, len(ops), len(consensus))
+    consensus.euler_deg = matrix_to_euler(np.einsum("bij,bjk->bik", truth.rotations,
+                                                    np.transpose(ops[wrong], (0, 2, 1))))
+    save_particles(consensus, str(tmp_path / "consensus.star"))
+    for half in (1, 2):
+        write_map(str(tmp_path / f"half{half}.mrc"), symmetrized(vol, ops), px)
+    write_map(str(tmp_path / "mask.mrc"), spherical_mask(n, n / 2 - 3, 2.0).astype(np.float32), px)
+    params = LocalRefineParams(symmetry="C4", relax="maximize", break_symmetry=True, max_iterations=3,
+                               rotation_extent_deg=8.0, shift_extent_A=6.0, fulcrum="box-center")
+    out = str(tmp_path / "local")
+    report = run(str(tmp_path / "consensus.star"), [str(tmp_path / "half1.mrc"), str(tmp_path / "half2.mrc")],
+                 str(tmp_path / "mask.mrc"), out, params, device="cpu", progress=False)
+    refined = load_particles(os.path.join(out, "particles.star"))
+    modes = mode_of(refined.rotations, truth.rotations, ops)
+    assert np.bincount(modes, minlength=4).max() / len(modes) >= 0.8
+    assert report["map_symmetry"] == "C1" and len(report["relax"]["mode_occupancy"]) == 4
+    assert report["local"]["rotation_change_median_deg"] < 8.0
+    assert report["local"]["fraction_at_extent"]["rotation"] < 0.2
+    difference, _ = read_map(os.path.join(out, "difference_map.mrc"))
+    assert np.abs(difference).max() > 0.05 * np.abs(read_map(os.path.join(out, "map.mrc"))[0]).max()

@@ -224,21 +224,23 @@ def test_validate_catches_bad_inputs(project, imported, dataset, tmp_path):
     assert refine.validate() == []
     # symmetry relaxation: Break symmetry first without relaxing, or without input poses; relaxing C1;
     # the core's parameter errors in the form's words
+    from cryocv.protocols.protocol_relaxation import relaxChoice
     refine = project.newProtocol(ProtCryocvRefine, symmetryGroup="C4", breakSymmetry=True)
     refine.inputParticles.set(particles)
     refine.referenceVolume.set(reference)
     errors = refine.validate()
-    assert len(errors) == 1 and "Break symmetry first" in errors[0] and "Relax symmetry is not" in errors[0], errors
-    refine.relax.set(True)
+    assert len(errors) == 1 and "Break symmetry first" in errors[0] and "Relax symmetry is off" in errors[0], errors
+    refine.relax.set(relaxChoice("maximize"))
     assert refine.validate() == []                               # the imported particles have poses
     refine.inputParticles.set(bare.outputParticles)
     assert any("Break symmetry first needs input particles with an alignment" in e for e in refine.validate())
     refine.breakSymmetry.set(False)
     assert not any("Break symmetry" in e for e in refine.validate())   # relaxing alone needs no poses
-    refine = project.newProtocol(ProtCryocvRefine, relax=True)       # the default symmetry, C1
+    refine = project.newProtocol(ProtCryocvRefine, relax=relaxChoice("marginalize"))   # the default symmetry, C1
     refine.inputParticles.set(particles)
     refine.referenceVolume.set(reference)
-    assert any("not C1" in e for e in refine.validate())
+    errors = refine.validate()
+    assert len(errors) == 1 and "Relax symmetry relaxes the Symmetry" in errors[0] and "not C1" in errors[0], errors
     refine.symmetryGroup.set("D3")
     refine.relaxMaxAlignRes.set(-4.0)
     errors = refine.validate()
@@ -356,26 +358,31 @@ def test_refine_form_mirrors_the_cli():
     """The form's defaults are the job's (RefineParams), the relaxation options included, and
     every form value reaches the CLI: its arguments parse back into the same parameters. The
     relaxation options are shown only while relaxing (Break symmetry first also while set) and
-    passed only when set; hidden ones are not used."""
+    passed only when set; hidden ones are not used. Relax symmetry offers the core's modes
+    (off, maximize, marginalize), each reaching --relax."""
     import dataclasses
     from cryocv.cli import build_parser
     from cryocv.jobs.common import params_from_args
-    from cryocv.jobs.refine import RefineParams
+    from cryocv.jobs.refine import RELAX_MODES, RefineParams
     from cryocv.protocols import ProtCryocvRefine
+    from cryocv.protocols.protocol_relaxation import relaxChoice
 
     def parsed(protocol):
         return params_from_args(RefineParams, build_parser().parse_args(["refine"] + protocol._refineArgs()))
     protocol = ProtCryocvRefine()
     assert protocol._refineParams() == RefineParams() == parsed(protocol)
+    assert list(protocol.getParam("relax").choices) == ["off", "maximize", "marginalize"]
+    assert [RELAX_MODES[i] for i in range(3)] == [None, "maximize", "marginalize"]   # the form's order is the core's
     assert (protocol.relax.get(), protocol.breakSymmetry.get(), protocol.relaxMaxAlignRes.get(),
-            protocol.extraFinalPasses.get()) == (RefineParams.relax is not None, RefineParams.break_symmetry,
+            protocol.extraFinalPasses.get()) == (relaxChoice(RefineParams.relax), RefineParams.break_symmetry,
                                                  RefineParams.relax_max_align_res_A, RefineParams.extra_final_passes)
+    assert protocol._relaxMode() is None and RefineParams.relax is None      # off by default
     args = protocol._refineArgs()
     assert not {"--relax", "--break-symmetry", "--relax-max-align-res-A", "--extra-final-passes"} & set(args)
     assert not any(protocol.evalParamCondition(name) for name in ("breakSymmetry", "relaxMaxAlignRes",
                                                                   "extraFinalPasses"))
-    values = dict(relax=True, breakSymmetry=True, relaxMaxAlignRes=6.5, extraFinalPasses=2, symmetryGroup="C4",
-                  regularizer=1, initialLowpass=15.0, maxIterations=3, maxShift=4.0, seed=7)
+    values = dict(relax=relaxChoice("maximize"), breakSymmetry=True, relaxMaxAlignRes=6.5, extraFinalPasses=2,
+                  symmetryGroup="C4", regularizer=1, initialLowpass=15.0, maxIterations=3, maxShift=4.0, seed=7)
     for name, value in values.items():
         getattr(protocol, name).set(value)
     assert all(protocol.evalParamCondition(name) for name in ("breakSymmetry", "relaxMaxAlignRes",
@@ -388,9 +395,22 @@ def test_refine_form_mirrors_the_cli():
     default = RefineParams()
     assert {f.name: getattr(changed, f.name) for f in dataclasses.fields(changed)
             if getattr(changed, f.name) != getattr(default, f.name)} == expected   # every form value, nothing else
+    args = protocol._refineArgs()
+    assert args[args.index("--relax") + 1] == "maximize"
+    assert args[args.index("--relax-max-align-res-A") + 1] == "6.5" and "--break-symmetry" in args
+    assert args[args.index("--extra-final-passes") + 1] == "2"
+    # marginalization: --relax marginalize, the other options as they were
+    protocol.relax.set(relaxChoice("marginalize"))
+    assert all(protocol.evalParamCondition(name) for name in ("breakSymmetry", "relaxMaxAlignRes",
+                                                              "extraFinalPasses"))
+    args = protocol._refineArgs()
+    assert args[args.index("--relax") + 1] == "marginalize" and args.count("--relax") == 1
+    changed = protocol._refineParams()
+    assert parsed(protocol) == changed and changed.relax == "marginalize" and changed.break_symmetry
+    assert (changed.relax_max_align_res_A, changed.extra_final_passes) == (6.5, 2)
     # relaxing off: the hidden mate-choice resolution and extra passes are not used; Break symmetry
     # first stays visible while set (the form reports it, see test_validate_catches_bad_inputs)
-    protocol.relax.set(False)
+    protocol.relax.set(relaxChoice(None))
     assert protocol.evalParamCondition("breakSymmetry") and not protocol.evalParamCondition("relaxMaxAlignRes")
     protocol.breakSymmetry.set(False)
     assert not protocol.evalParamCondition("breakSymmetry")
@@ -398,15 +418,21 @@ def test_refine_form_mirrors_the_cli():
     assert parsed(protocol) == changed and changed.relax is None and not changed.break_symmetry
     assert (changed.relax_max_align_res_A, changed.extra_final_passes) == (RefineParams.relax_max_align_res_A,
                                                                           RefineParams.extra_final_passes)
+    assert not {"--relax", "--break-symmetry", "--relax-max-align-res-A", "--extra-final-passes"} & set(
+        protocol._refineArgs())
 
 
 def test_local_refine_form_mirrors_the_cli():
     """The form's defaults are the job's (LocalRefineParams), and every form value reaches the
-    CLI: its arguments parse back into the same parameters."""
+    CLI: its arguments parse back into the same parameters. The symmetry relaxation section is
+    the refinement's: off by default (no relaxation arguments), each mode and option reaching
+    its flag, hidden options unused."""
+    import dataclasses
     from cryocv.cli import build_parser
     from cryocv.jobs.common import params_from_args
     from cryocv.jobs.local_refine import LocalRefineParams
-    from cryocv.protocols import ProtCryocvLocalRefine
+    from cryocv.protocols import ProtCryocvLocalRefine, ProtCryocvRefine
+    from cryocv.protocols.protocol_relaxation import relaxChoice
 
     def parsed(protocol):
         return params_from_args(LocalRefineParams, build_parser().parse_args(["local-refine"]
@@ -422,6 +448,42 @@ def test_local_refine_form_mirrors_the_cli():
     assert parsed(protocol) == changed and changed.fulcrum == "10,20.5,3" and changed.subtract and not changed.fit_scale
     assert {f: getattr(changed, f) for f in ("prior_sigma_deg", "prior_sigma_A", "mask_mode", "regularizer")} == \
         {"prior_sigma_deg": 15.0, "prior_sigma_A": 7.0, "mask_mode": "dynamic", "regularizer": "uniform"}
+    # symmetry relaxation: the refinement's section (same parameters, choices and defaults)
+    relaxation = ("relax", "breakSymmetry", "relaxMaxAlignRes", "extraFinalPasses")
+    refine = ProtCryocvRefine()
+    for name in relaxation:
+        assert type(protocol.getParam(name)) is type(refine.getParam(name))
+        assert protocol.getParam(name).default.get() == refine.getParam(name).default.get(), name
+    assert list(protocol.getParam("relax").choices) == ["off", "maximize", "marginalize"]
+    assert protocol.relax.get() == relaxChoice(LocalRefineParams.relax) and changed.relax is None
+    assert not {"--relax", "--break-symmetry", "--relax-max-align-res-A", "--extra-final-passes"} & set(
+        protocol._localRefineArgs())
+    assert not any(protocol.evalParamCondition(name) for name in relaxation[1:])
+    before = changed
+    for name, value in dict(relax=relaxChoice("marginalize"), breakSymmetry=True, relaxMaxAlignRes=7.5,
+                            extraFinalPasses=1, symmetryGroup="C4").items():
+        getattr(protocol, name).set(value)
+    assert all(protocol.evalParamCondition(name) for name in relaxation[1:])
+    args = protocol._localRefineArgs()
+    assert args[args.index("--relax") + 1] == "marginalize" and "--break-symmetry" in args
+    assert args[args.index("--relax-max-align-res-A") + 1] == "7.5"
+    assert args[args.index("--extra-final-passes") + 1] == "1" and args[args.index("--sym") + 1] == "C4"
+    changed = protocol._localParams()
+    assert parsed(protocol) == changed
+    assert {f.name: getattr(changed, f.name) for f in dataclasses.fields(changed)
+            if getattr(changed, f.name) != getattr(before, f.name)} == dict(
+        relax="marginalize", break_symmetry=True, relax_max_align_res_A=7.5, extra_final_passes=1, symmetry="C4")
+    protocol.relax.set(relaxChoice("maximize"))
+    args = protocol._localRefineArgs()
+    assert args[args.index("--relax") + 1] == "maximize" and parsed(protocol).relax == "maximize"
+    # off again: Break symmetry first stays (visible, reported by _validate), the hidden options are unused
+    protocol.relax.set(relaxChoice(None))
+    args = protocol._localRefineArgs()
+    assert "--relax" not in args and "--break-symmetry" in args
+    assert not {"--relax-max-align-res-A", "--extra-final-passes"} & set(args)
+    assert (protocol._localParams().relax_max_align_res_A, protocol._localParams().extra_final_passes) == (
+        LocalRefineParams.relax_max_align_res_A, LocalRefineParams.extra_final_passes)
+    assert any("Break symmetry first is set but Relax symmetry is off" in e for e in protocol._relaxationErrors())
 
 
 def test_abinitio_form_mirrors_the_cli():
@@ -709,20 +771,18 @@ def test_viewers_render_fsc_and_pose_plots(refined, tmp_path):
     assert sum(p.get_height() for p in change_axes.patches) >= 0.98 * N_PARTICLES  # bins to the 99th percentile
 
 
-def test_refine_protocol_relaxes_a_pseudo_symmetric_particle(project, tmp_path_factory):
-    """A tiny C4 particle with one off-axis partner (24 px, 300 particles) imported with the poses a
-    C4 consensus leaves (the true poses turned by random mates) and a C4-symmetric start: relaxing
-    C4 with Break symmetry first, 2 iterations on the CPU, puts nearly every particle back in its
-    true mate (up to one global operator); the difference map is registered (the partner shows in
-    it), and summary, methods and viewer (difference-map slices, change from the input poses, mate
-    occupancy) report the relaxation."""
-    from pwem.protocols import ProtImportParticles, ProtImportVolumes
+@pytest.fixture(scope="module")
+def pseudo_symmetric(project, tmp_path_factory):
+    """A tiny C4 particle with one off-axis partner (24 px, 4 Å/px, 300 particles with half-sets),
+    imported with the poses a C4 consensus leaves (the true poses turned by random mates); its
+    C4-symmetrized map imported alone and with itself as both half-maps, and a soft spherical
+    mask. Returns a dict: root, box, pixel_A, n, ops, truth (true poses), particles, reference,
+    consensus (the symmetric map with half-maps), mask."""
+    from pwem.protocols import ProtImportMask, ProtImportParticles, ProtImportVolumes
     from cryocv.io.particle_files import save_particles
-    from cryocv.jobs import jobdir
-    from cryocv.protocols import ProtCryocvRefine
-    from cryocv.relax import mode_of, symmetrized
+    from cryocv.masks import spherical_mask
+    from cryocv.relax import symmetrized
     from cryocv.symmetry import symmetry_operators
-    from cryocv.viewers import CryocvViewer
     root = tmp_path_factory.mktemp("scipion_relax")
     box, pixel_A, n = 24, 4.0, 300
     ops = symmetry_operators("C4")                 # a C4 core and one off-axis partner blob (as test_relax's)
@@ -737,16 +797,42 @@ def test_refine_protocol_relaxes_a_pseudo_symmetric_particle(project, tmp_path_f
     consensus.euler_deg = matrix_to_euler(np.einsum("bij,bjk->bik", truth.rotations,
                                                     np.transpose(ops[wrong], (0, 2, 1))))
     save_particles(consensus, str(root / "consensus.star"))
-    write_map(str(root / "symmetric.mrc"), symmetrized(truth_map, ops), pixel_A)
+    for name in ("symmetric", "symmetric_half1", "symmetric_half2"):
+        write_map(str(root / f"{name}.mrc"), symmetrized(truth_map, ops), pixel_A)
+    write_map(str(root / "sphere.mrc"), spherical_mask(box, box / 2 - 3, 2.0).astype(np.float32), pixel_A)
     particles = launch(project, project.newProtocol(
         ProtImportParticles, objLabel="import C4 consensus", importFrom=ProtImportParticles.IMPORT_FROM_RELION,
         starFile=str(root / "consensus.star"), samplingRate=pixel_A, voltage=300, sphericalAberration=2.7,
         amplitudeContrast=0.1)).outputParticles
     reference = launch(project, project.newProtocol(ProtImportVolumes, filesPath=str(root / "symmetric.mrc"),
                                                     samplingRate=pixel_A)).outputVolume
+    with_halves = launch(project, project.newProtocol(
+        ProtImportVolumes, objLabel="import C4 consensus with half-maps", filesPath=str(root / "symmetric.mrc"),
+        samplingRate=pixel_A, setHalfMaps=True, half1map=str(root / "symmetric_half1.mrc"),
+        half2map=str(root / "symmetric_half2.mrc"))).outputVolume
+    mask = launch(project, project.newProtocol(ProtImportMask, maskPath=str(root / "sphere.mrc"),
+                                               samplingRate=pixel_A)).outputMask
+    return dict(root=root, box=box, pixel_A=pixel_A, n=n, ops=ops, truth=truth, particles=particles,
+                reference=reference, consensus=with_halves, mask=mask)
+
+
+def test_refine_protocol_relaxes_a_pseudo_symmetric_particle(project, pseudo_symmetric):
+    """The pseudo-symmetric particle imported with C4-consensus poses and a C4-symmetric start:
+    relaxing C4 with Break symmetry first, 2 iterations on the CPU, puts nearly every particle back
+    in its true mate (up to one global operator); the difference map is registered (the partner
+    shows in it), and summary, methods and viewer (difference-map slices, change from the input
+    poses, mate occupancy) report the relaxation."""
+    from cryocv.jobs import jobdir
+    from cryocv.protocols import ProtCryocvRefine
+    from cryocv.protocols.protocol_relaxation import relaxChoice
+    from cryocv.relax import mode_of, symmetrized
+    from cryocv.viewers import CryocvViewer
+    data = pseudo_symmetric
+    root, box, pixel_A, n, ops, truth = (data[k] for k in ("root", "box", "pixel_A", "n", "ops", "truth"))
+    particles, reference = data["particles"], data["reference"]
     protocol = project.newProtocol(ProtCryocvRefine, objLabel="cryocv refine, C4 relaxed", symmetryGroup="C4",
-                                   relax=True, breakSymmetry=True, regularizer=1, initialLowpass=16.0,
-                                   maxIterations=2, useGpu=False)
+                                   relax=relaxChoice("maximize"), breakSymmetry=True, regularizer=1,
+                                   initialLowpass=16.0, maxIterations=2, useGpu=False)
     protocol.inputParticles.set(particles)
     protocol.referenceVolume.set(reference)
     assert protocol.validate() == []
@@ -788,6 +874,101 @@ def test_refine_protocol_relaxes_a_pseudo_symmetric_particle(project, tmp_path_f
     assert "relaxed vs input pose" in axes[3].get_xlabel() and sum(p.get_height() for p in axes[3].patches) == n
     np.testing.assert_allclose([p.get_height() for p in axes[4].patches], relax["mode_occupancy"])
     path = str(root / "relax_view.png")
+    views[2].figure.savefig(path)
+    assert matplotlib_image(path)[..., :3].std() > 0.05
+
+
+def test_local_refine_validates_relaxation(project, pseudo_symmetric):
+    """Local refinement's Relax symmetry is checked as the refinement's: relaxing needs a Symmetry
+    other than C1, Break symmetry first needs relaxing, and the core's relaxation errors come back
+    in the form's words."""
+    from cryocv.protocols import ProtCryocvLocalRefine
+    from cryocv.protocols.protocol_relaxation import relaxChoice
+    data = pseudo_symmetric
+
+    def local(**values):
+        protocol = project.newProtocol(ProtCryocvLocalRefine, **values)
+        protocol.inputParticles.set(data["particles"])
+        protocol.inputVolume.set(data["consensus"])
+        protocol.refMask.set(data["mask"])
+        return protocol
+    assert local().validate() == []
+    for mode in ("maximize", "marginalize"):
+        errors = local(relax=relaxChoice(mode)).validate()        # the default symmetry, C1
+        assert len(errors) == 1 and "Relax symmetry relaxes the Symmetry" in errors[0] and "not C1" in errors[0], \
+            (mode, errors)
+        assert local(relax=relaxChoice(mode), symmetryGroup="c1").validate() == errors
+        assert local(relax=relaxChoice(mode), symmetryGroup="C4", breakSymmetry=True).validate() == []
+    errors = local(symmetryGroup="C4", breakSymmetry=True).validate()
+    assert len(errors) == 1 and "Break symmetry first is set but Relax symmetry is off" in errors[0], errors
+    errors = local(relax=relaxChoice("marginalize"), symmetryGroup="C4", relaxMaxAlignRes=-4.0).validate()
+    assert len(errors) == 1 and "Max. resolution for the mate choice must be positive" in errors[0], errors
+
+
+def test_local_refine_protocol_relaxes_by_marginalization(project, pseudo_symmetric):
+    """The pseudo-symmetric particle's C4-consensus poses and symmetric half-maps, locally refined
+    with Relax symmetry: marginalize and Break symmetry first (3 iterations on the CPU): the command
+    line says so, nearly every particle ends in one mate of its truth (one global operator) with its
+    change from the nearest input mate inside the extent, the difference map is registered, and
+    summary, methods and viewer (FSC, pose change, then the relaxation plot) report it."""
+    from cryocv.jobs import jobdir
+    from cryocv.protocols import ProtCryocvLocalRefine
+    from cryocv.protocols.protocol_relaxation import relaxChoice
+    from cryocv.relax import mode_of, symmetrized
+    from cryocv.viewers import CryocvViewer
+    data = pseudo_symmetric
+    root, box, pixel_A, n, ops, truth = (data[k] for k in ("root", "box", "pixel_A", "n", "ops", "truth"))
+    extent_deg = 8.0
+    protocol = project.newProtocol(ProtCryocvLocalRefine, objLabel="cryocv local refine, C4 marginalized",
+                                   symmetryGroup="C4", relax=relaxChoice("marginalize"), breakSymmetry=True,
+                                   rotationExtent=extent_deg, shiftExtent=6.0, fulcrum=1, initialLowpass=16.0,
+                                   maxIterations=3, useGpu=False)
+    protocol.inputParticles.set(data["particles"])
+    protocol.inputVolume.set(data["consensus"])
+    protocol.refMask.set(data["mask"])
+    assert protocol.validate() == []
+    args = protocol._localRefineArgs()
+    assert args[args.index("--relax") + 1] == "marginalize" and "--break-symmetry" in args
+    assert args[args.index("--sym") + 1] == "C4"
+    launch(project, protocol)
+
+    out = protocol.outputParticles
+    assert out.getSize() == n and out.hasAlignmentProj()
+    modes = mode_of(scipion_poses(out, str(root)).rotations, truth.rotations, ops)
+    print(f"Scipion C4 local relaxation (marginalize): fraction per mate of the truth "
+          f"{np.bincount(modes, minlength=4) / n}")
+    assert np.bincount(modes, minlength=4).max() / n >= 0.8       # one global operator for nearly all
+    report = protocol._fscReport()
+    assert report["map_symmetry"] == "C1" and report["symmetry"] == "C4"
+    assert report["local"]["rotation_change_median_deg"] < extent_deg
+    difference = protocol.outputDifferenceMap
+    assert difference.getFileName() == protocol._jobPath(jobdir.DIFFERENCE_MAP)
+    assert difference.getSamplingRate() == pytest.approx(pixel_A) and difference.getDim() == (box, box, box)
+    difference_map, _ = read_map(difference.getFileName())
+    relaxed, _ = read_map(protocol.outputVolume.getFileName())
+    np.testing.assert_allclose(difference_map, relaxed - symmetrized(relaxed, ops),
+                               atol=1e-4 * np.abs(relaxed).max())
+    assert np.abs(difference_map).max() > 0.05 * np.abs(relaxed).max()
+    assert difference.getObjId() in {o.getObjId() for o in project.getSourceChilds(protocol.outputVolume)}
+    relax = report["relax"]
+    assert relax["group"] == "C4" and relax["mode"] == "marginalize" and len(relax["mode_occupancy"]) == 4
+    summary = protocol.summary()
+    print("\n".join(summary + protocol.methods()))
+    assert "Symmetry relaxed (marginalize) over the C4 mates, maps in C1" in summary[3]
+    assert f"median change from the input poses {relax['change_from_input_median_deg']:.1f}°" in summary[3]
+    assert "outputDifferenceMap" in summary[3] and "CPU" in summary[4]
+    methods = protocol.methods()[0]
+    assert "C4 symmetry was relaxed" in methods and "marginalization within the mode" in methods
+    # the viewer: FSC, pose change, then the relaxation (3 difference-map slices, change histogram, occupancy)
+    views = CryocvViewer(project=project, protocol=protocol)._visualize(protocol)
+    assert len(views) == 3
+    assert "rotation change" in views[1].figure.axes[0].get_xlabel()
+    axes = views[2].figure.axes
+    assert len(axes) == 5 and all("difference map" in a.get_title() for a in axes[:3])
+    assert "C4 relaxed (marginalize)" in views[2].figure.get_suptitle()
+    assert "relaxed vs input pose" in axes[3].get_xlabel() and sum(p.get_height() for p in axes[3].patches) == n
+    np.testing.assert_allclose([p.get_height() for p in axes[4].patches], relax["mode_occupancy"])
+    path = str(root / "local_relax_view.png")
     views[2].figure.savefig(path)
     assert matplotlib_image(path)[..., :3].std() > 0.05
 

@@ -1,9 +1,9 @@
 """Viewers of the cryocv protocols: the half-map FSC curves and the pose diagnostics
 (viewing-direction distribution, convergence, per-particle pose change from the input
 alignment; for a local refinement, the rotation and shift change against the extents; for an
-ab-initio job, also its resolution against iteration; for a refinement that relaxed its
-symmetry, the difference map and the mate choices), drawn by :mod:`cryocv.plotting` into
-pyworkflow plotters from the job's files."""
+ab-initio job, also its resolution against iteration; for a refinement or local refinement
+that relaxed its symmetry, the difference map and the mate choices), drawn by
+:mod:`cryocv.plotting` into pyworkflow plotters from the job's files."""
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
@@ -12,6 +12,7 @@ from cryocv.plotting import (ABINITIO_FIGSIZE, FSC_FIGSIZE, POSE_CHANGE_FIGSIZE,
                              draw_fsc, draw_pose_change, draw_poses, draw_relaxation, poses_figsize)
 
 from ..protocols import ProtCryocvAbinitio, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvRefine
+from ..protocols.protocol_relaxation import CryocvRelaxationMixin
 
 
 def fscPlotter(protocol):
@@ -59,10 +60,10 @@ def abinitioPlotter(protocol):
 
 
 def relaxationPlotter(protocol):
-    """Plotter of a symmetry-relaxed refinement (the figure the job saves as its relax.png): the
-    central slices of its difference map (relaxed map minus its symmetrized version) and, when the
-    input had poses, each particle's angle between its relaxed and its input pose and the fraction
-    of particles in each mate of the input pose (fsc.json's ``relax`` record)."""
+    """Plotter of a symmetry-relaxed refinement or local refinement (the figure the job saves as
+    its relax.png): the central slices of its difference map (relaxed map minus its symmetrized
+    version) and, when the input had poses, each particle's angle between its relaxed and its input
+    pose and the fraction of particles in each mate of the input pose (fsc.json's ``relax`` record)."""
     from cryocv.geometry import angular_distance_deg
     from cryocv.io.mrc import read_map
     from cryocv.io.particle_files import load_particles
@@ -85,8 +86,8 @@ class CryocvViewer(Viewer):
     refinement, the angular distribution and the pose change from the input alignment; for a
     local refinement, the rotation and shift change from the input poses against the extents;
     for an ab-initio job, the angular distribution and the resolution against iteration; for a
-    refinement that relaxed its symmetry, the difference map, the pose change from the input and
-    the mate occupancy."""
+    refinement or local refinement that relaxed its symmetry, then the difference map, the pose
+    change from the input and the mate occupancy."""
     _label = "cryocv FSC and poses"
     _targets = [ProtCryocvRefine, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvAbinitio]
     _environments = [DESKTOP_TKINTER]
@@ -97,10 +98,10 @@ class CryocvViewer(Viewer):
         views = [fscPlotter(obj)]
         if isinstance(obj, ProtCryocvRefine):
             views.append(posesPlotter(obj))
-            if "relax" in obj._fscReport():
-                views.append(relaxationPlotter(obj))
         elif isinstance(obj, ProtCryocvAbinitio):
             views += [posesPlotter(obj), abinitioPlotter(obj)]
         elif isinstance(obj, ProtCryocvLocalRefine):
             views.append(poseChangePlotter(obj))
+        if isinstance(obj, CryocvRelaxationMixin) and "relax" in obj._fscReport():
+            views.append(relaxationPlotter(obj))
         return views

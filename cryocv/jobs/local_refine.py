@@ -21,7 +21,7 @@ from ..backend import memory_budget_bytes, to_device
 from ..em_pass import HalfReferences
 from ..errors import CryocvError
 from ..fourier import lowpass_map, shift_volume
-from ..geometry import euler_to_matrix
+from ..geometry import angular_distance_deg, euler_to_matrix
 from ..io.mrc import StackWriter
 from ..io.particle_files import load_particles
 from ..local_search import (LocalPrior, from_fulcrum_frame, local_batch_size, local_start, rotation_offsets,
@@ -29,15 +29,16 @@ from ..local_search import (LocalPrior, from_fulcrum_frame, local_batch_size, lo
 from ..masks import auto_threshold_mask
 from ..plotting import plot_pose_change
 from ..projector import prepare_volume
+from ..relax import prior_in_mode
 from ..search import SearchParams, SearchResult, candidates_per_level, search_schedule, shift_grid, subdivide
 from ..source import ParticleSource
 from ..subtraction import center_of_mass, scale_fit_radius_px, subtract_source
-from ..symmetry import pose_distance_deg
-from . import jobdir
+from ..symmetry import symmetry_operators
+from . import jobdir, relaxation
 from .common import (device_args, load_checked_particles, option, output_args, params_from_args, select_device)
 from .jobdir import JobLog, RefineState
 from .loop import PoseSearch, iterate, open_refinement
-from .refine import RefineParams, add_search_and_regularizer_args
+from .refine import RefineParams, add_relaxation_args, add_search_and_regularizer_args
 from .subtract import read_maps, subtracted_particles
 
 HELP = "local refinement of a masked region from prior poses (optionally after signal subtraction)"
@@ -110,9 +111,12 @@ def fulcrum_px(spec: str, mask, pixel_size_A: float) -> np.ndarray:
     return fulcrum_point_A(spec) / pixel_size_A - mask.shape[0] // 2
 
 
-def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, xp, fulcrum: np.ndarray):
+def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, xp, fulcrum: np.ndarray,
+                 operators: np.ndarray | None = None):
     """``make_search`` of :func:`cryocv.jobs.loop.iterate` for a local search about ``fulcrum``
-    (px from the box centre) inside the extents around the prior poses."""
+    (px from the box centre) inside the extents around the prior poses. ``operators`` (G, 3, 3)
+    (symmetry relaxation): the extents hold modulo the group: each particle is searched around
+    the mate of its prior pose nearest its last pose."""
     search = SearchParams(base_step_deg=params.coarse_step(), fine_step_deg=params.fine_step_deg,
                           max_shift_px=params.shift_extent_A / pixel_size_A, n_candidates=params.n_candidates,
                           n_base_candidates=params.n_base_candidates, cutoff_times_step=params.cutoff_times_step,
@@ -137,6 +141,9 @@ def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, 
             if recentre:
                 rotations = to_device(euler_to_matrix(state.euler_deg[batch.index]).astype(np.float32), xp)
                 origins = to_device((state.origin_A[batch.index] / pixel_size_A).astype(np.float32), xp)
+            elif operators is not None and state.euler_deg is not None:
+                current = to_device(euler_to_matrix(state.euler_deg[batch.index]).astype(np.float32), xp)
+                rotations = prior_in_mode(rotations, current, operators)
             prior = LocalPrior(rotations, to_fulcrum_frame(rotations, origins, fulcrum), extent_rad, shift_px,
                                sigma_rad, sigma_px)
             volume = refs[batch.half]
@@ -176,6 +183,7 @@ def add_args(p):
     option(p, "--no-scale", LocalRefineParams, "fit_scale", action="store_false",
            help="--subtract: no per-particle scale of the subtracted signal (as RELION)")
     add_search_and_regularizer_args(p, LocalRefineParams)
+    add_relaxation_args(p, LocalRefineParams)
     output_args(p)
     device_args(p, gpu=True)
 
@@ -232,10 +240,12 @@ def mask_report(mask, pixel_size_A: float) -> dict:
 
 def pose_change(particles, input_euler, input_origin_A, fulcrum, symmetry: str) -> tuple:
     """Per particle: rotation change (°) from the input pose, and the shift change (Å) of the
-    fulcrum's image."""
-    rotation = pose_distance_deg(particles.rotations, euler_to_matrix(input_euler), symmetry)
+    fulcrum's image, both from the mate of the input pose (under ``symmetry``) nearest the refined pose."""
+    refined = particles.rotations.astype(np.float32)
+    start = prior_in_mode(euler_to_matrix(input_euler).astype(np.float32), refined, symmetry_operators(symmetry))
+    rotation = angular_distance_deg(refined, start)
     px = particles.pixel_size_A
-    before = to_fulcrum_frame(euler_to_matrix(input_euler).astype(np.float32), input_origin_A / px, fulcrum)
+    before = to_fulcrum_frame(start, input_origin_A / px, fulcrum)
     after = to_fulcrum_frame(particles.rotations.astype(np.float32), particles.origin_A / px, fulcrum)
     return rotation, np.linalg.norm(after - before, axis=1) * px
 
@@ -292,7 +302,8 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
     input_euler, input_origin_A = particles.euler_deg.copy(), particles.origin_A.copy()
     state = store.load_latest() if resume else None
     if not resume:
-        jobdir.create_output_dir(out_dir, overwrite, also=(jobdir.SUBTRACTED_STACK,))
+        jobdir.create_output_dir(out_dir, overwrite, also=(jobdir.SUBTRACTED_STACK, jobdir.DIFFERENCE_MAP,
+                                                           jobdir.RELAX_PNG))
         jobdir.write_json(config_path, {"particles": os.path.abspath(particles_path),
                                         "half_maps": [os.path.abspath(p) for p in half_map_paths],
                                         "mask": os.path.abspath(mask_path), "datadir": datadir, "device": device,
@@ -323,9 +334,19 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
                 return auto_threshold_mask(average * device_mask, px, params.mask_threshold)
             except ValueError:
                 return device_mask
+    operators = symmetry_operators(params.symmetry) if params.relax else None
+    make_search, register_halves = local_search(params, n, px, xp, fulcrum, operators), None
+    if params.relax:
+        make_search = relaxation.relaxing(make_search, params, n, px)
+        register_halves = relaxation.half_set_registration(params, particles.half_set, xp, log)
+        if state.iteration == 0:
+            log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates about the box centre; "
+                f"extents hold modulo {params.symmetry}; maps in C1")
+            if params.break_symmetry:
+                state = relaxation.broken_symmetry_state(particles, state, params, xp, log)
     if not state.final_done:
-        state, maps = iterate(particles, state, params, xp, store, local_search(params, n, px, xp, fulcrum),
-                              progress=progress, log=log, make_mask=make_mask)
+        state, maps = iterate(particles, state, params, xp, store, make_search, progress=progress, log=log,
+                              make_mask=make_mask, register_halves=register_halves)
         half, out_mask, report, full = maps.half_maps, maps.mask, maps.report, maps.full_map
     else:
         half, out_mask, report, full, _ = store.final_outputs(state)
@@ -338,7 +359,10 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
              "rotation_change_median_deg": float(np.median(rotation)),
              "shift_change_median_A": float(np.median(shift)), "fraction_at_extent": at_limit}
     report.update(symmetry=params.symmetry, n_particles=len(particles), regularizer=params.regularizer,
-                  iterations=state.history, local=local)
+                  iterations=state.history, local=local, map_symmetry=params.reconstruction_symmetry())
+    if params.relax:
+        report["relax"] = relaxation.relaxation_outputs(out_dir, full, particles, euler_to_matrix(input_euler),
+                                                        params, px)
     log(f"pose change from the input: median {local['rotation_change_median_deg']:.2f}°, "
         f"{local['shift_change_median_A']:.2f} Å; at the extents: {100 * at_limit['rotation']:.1f}% (rotation), "
         f"{100 * at_limit['shift']:.1f}% (shift)" + ("  -- many at an extent: widen it" if max(at_limit.values()) > 0.05

@@ -244,3 +244,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         log("  seconds per stage: " + ", ".join(f"{name} {value:.2f}" for name, value in stages.items()))
         if state.final_done:
             return state, maps
+        # this iteration's grids go before the next one's are made (box 512, NU: 13 GB of
+        # accumulators and a few GB of maps on the device)
+        acc = maps = result = None
+        free_device_memory(xp)

@@ -27,6 +27,7 @@ from .jobdir import JobLog
 from .loop import PoseSearch, initial_state, iterate, open_refinement
 
 HELP = "gold-standard 3D refinement (global pose search; NU or uniform)"
+RELAX_MODES = (None, "maximize", "marginalize")     # --relax: off, best mate, likelihood-weighted inside its mode
 
 
 @dataclass
@@ -58,7 +59,7 @@ class RefineParams:
     strict: bool = False                # unusable images stop the job instead of being left out
     keep_checkpoints: int = 2           # iteration folders kept (the newest); 0 keeps all
     seed: int = DEFAULT_SEED
-    relax: str | None = None            # symmetry relaxation: "maximize" (search --sym's mates, reconstruct in C1)
+    relax: str | None = None            # symmetry relaxation (RELAX_MODES): search --sym's mates, reconstruct in C1
     break_symmetry: bool = False        # relaxation: start from C1 half-maps of the input poses turned by random mates
     relax_max_align_res_A: float | None = None  # relaxation: the mate choice never aligns finer than this (Å)
     extra_final_passes: int = 0         # passes at Nyquist after the final one
@@ -82,7 +83,7 @@ class RefineParams:
                   (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
                   (self.max_align_res_A is None or self.max_align_res_A > 0, "--max-align-res-A must be positive"),
-                  (self.relax in (None, "maximize"), "--relax must be maximize (marginalize is not implemented yet)"),
+                  (self.relax in RELAX_MODES, "--relax must be maximize or marginalize"),
                   (not self.break_symmetry or self.relax, "--break-symmetry needs --relax"),
                   (not self.relax or self.symmetry.upper() != "C1", "--relax needs a --sym group other than C1"),
                   (self.relax_max_align_res_A is None or self.relax_max_align_res_A > 0,
@@ -186,10 +187,11 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
 
 def add_relaxation_args(p, params_class):
     """Symmetry relaxation options (refine; local-refine to come)."""
-    p.add_argument("--relax", choices=["maximize"], default=params_class.relax,
+    p.add_argument("--relax", choices=[m for m in RELAX_MODES if m], default=params_class.relax,
                    help="symmetry relaxation: each particle takes the best of the --sym mates of its pose against "
                         "a C1 reference (refined by a short subdivision) and the maps are reconstructed in C1 "
-                        "(pseudo-symmetric particles)")
+                        "(pseudo-symmetric particles); marginalize: then weighs the poses around that mate by "
+                        "likelihood")
     option(p, "--break-symmetry", params_class, "break_symmetry", action="store_true",
            help="with --relax and input poses: start from C1 half-maps with each particle turned by a random mate")
     p.add_argument("--relax-max-align-res-A", dest="relax_max_align_res_A", type=float,
@@ -268,7 +270,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     make_search, register_halves = global_search(params, n, px, xp), None
     if params.relax:
         make_search = relaxation.relaxing(make_search, params, n, px)
-        register_halves = relaxation.half_set_registration(params, particles.half_set, log)
+        register_halves = relaxation.half_set_registration(params, particles.half_set, xp, log)
         if state.iteration == 0:
             log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates; maps in C1")
             if params.break_symmetry:

@@ -1,9 +1,10 @@
-"""Symmetry relaxation in a refinement job (``--relax maximize``, see :mod:`cryocv.relax`): the
-pieces a job composes with its pose search and the shared loop.
+"""Symmetry relaxation in a refinement job (``--relax maximize|marginalize``, see
+:mod:`cryocv.relax`): the pieces a job composes with its pose search and the shared loop.
 
 - :func:`relaxing`: wraps a job's ``make_search``: after its search against the C1 reference,
   each particle takes the best of the N mates of its pose (refined by a short subdivision,
-  scored to ``--relax-max-align-res-A``).
+  scored to ``--relax-max-align-res-A``); ``marginalize`` then spreads it over the poses
+  around that mate, weighted by likelihood.
 - :func:`broken_symmetry_state`: ``--break-symmetry``: C1 half-maps from the input poses, each
   particle turned by a random mate (a reference whose symmetry is already broken).
 - :func:`half_set_registration`: before each iteration, half-set 2's reference (and poses) is
@@ -16,14 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import to_device, to_numpy
 from ..fourier import lowpass_map
 from ..geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from ..io.mrc import write_map
 from ..plotting import plot_relaxation
 from ..reconstruct import reconstruct_half_maps
 from ..register import MapTransform, transform_volume
-from ..relax import mode_of, register_over_group, relaxed_poses, symmetrized
+from ..relax import mode_of, mode_spread, register_over_group, relaxed_poses, symmetrized
 from ..search import search_schedule
 from ..symmetry import symmetry_operators
 from . import jobdir
@@ -38,6 +39,7 @@ def relaxing(make_search, params, box_size: int, pixel_size_A: float):
     ``params.symmetry`` (each half-set against its own C1 reference)."""
     operators = symmetry_operators(params.symmetry)
     search = params.search_params(box_size, pixel_size_A)
+    marginalize = params.relax == "marginalize"
 
     def make_relaxed_search(volumes, noise, cutoff_px: float, state=None) -> PoseSearch:
         inner = make_search(volumes, noise, cutoff_px, state)
@@ -47,10 +49,13 @@ def relaxing(make_search, params, box_size: int, pixel_size_A: float):
 
         def find_poses(batch):
             best = inner.find_poses(batch)
-            found, _ = relaxed_poses(volumes[batch.half], batch.images_ft, batch.ctf, noise, best, operators,
-                                     levels, search)
+            volume = volumes[batch.half]
+            found, _ = relaxed_poses(volume, batch.images_ft, batch.ctf, noise, best, operators, levels, search)
+            if marginalize:
+                found.spread = mode_spread(volume, batch.images_ft, batch.ctf, noise, found, levels[-1])
             return found
-        return PoseSearch(find_poses, inner.levels, max(1, inner.batch_size // 2))
+        # the mates' children are as many as the global search's finest level has for N = 8
+        return PoseSearch(find_poses, inner.levels, max(1, int(inner.batch_size * min(1.0, 8 / len(operators)))))
 
     return make_relaxed_search
 
@@ -73,7 +78,7 @@ def broken_symmetry_state(particles, state: RefineState, params, xp, log) -> Ref
     return state
 
 
-def half_set_registration(params, half_set: np.ndarray, log):
+def half_set_registration(params, half_set: np.ndarray, xp, log):
     """``register_halves(state)`` for :func:`cryocv.jobs.loop.iterate`: turn half-set 2's
     reference by the operator g that brings it onto half-set 1's (compared inside the mask),
     and its poses by the same (A' = A·g), so that the FSC and the final map compare like with like."""
@@ -81,12 +86,13 @@ def half_set_registration(params, half_set: np.ndarray, log):
     members = half_set == 2
 
     def register_halves(state: RefineState) -> RefineState:
-        index, g = register_over_group(state.references[0], state.references[1], operators, state.mask)
+        first, second = (to_device(r, xp) for r in state.references)          # on the device: N rotations of a map
+        mask = None if state.mask is None else to_device(state.mask, xp)
+        index, g = register_over_group(first, second, operators, mask)
         if index == 0:
             log(f"  half-sets in register (operator 0 of {params.symmetry})")
             return state
-        state.references[1] = np.clip(to_numpy(transform_volume(state.references[1], MapTransform(g, np.zeros(3)))),
-                                      0, None)
+        state.references[1] = np.clip(to_numpy(transform_volume(second, MapTransform(g, np.zeros(3)))), 0, None)
         if state.euler_deg is not None:
             rotations = euler_to_matrix(state.euler_deg[members]) @ g
             state.euler_deg[members] = matrix_to_euler(rotations)
