@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_array_module, to_device, to_numpy
+from .fourier import lowpass_map
 from .fsc import fsc_curve
 from .geometry import angular_distance_deg, axis_angle_to_matrix
 from .projector import DEFAULT_PADDING, extract_slices, frequency_points
@@ -116,16 +117,24 @@ def symmetrized(volume, operators):
     return total / len(operators)
 
 
-def register_over_group(reference, moving, operators, mask=None) -> tuple[int, np.ndarray]:
-    """The operator g (index, (3, 3)) for which ``moving(g·x)`` best matches ``reference``
-    (correlation, inside ``mask``): the symmetry mate at which half-set 2 broke the symmetry,
-    relative to half-set 1."""
+def register_over_group(reference, moving, operators, mask=None, pixel_size_A: float | None = None,
+                        resolution_A: float | None = None) -> tuple[int, np.ndarray]:
+    """The operator g (index, (3, 3)) for which the asymmetric part of ``moving(g·x)`` best matches
+    that of ``reference`` (normalized correlation inside ``mask``; both low-passed to
+    ``resolution_A`` when it and ``pixel_size_A`` are given): the symmetry mate at which half-set 2
+    broke the symmetry, relative to half-set 1. The asymmetric part is the map minus its G-average:
+    the symmetric core is the same under every g, and the interpolation error of turning it (about
+    axes off the grid's, as T's 3-folds) can outweigh a small partner's signal in a whole-map
+    correlation."""
     xp = get_array_module(reference)
-    scores = []
+    if pixel_size_A and resolution_A:
+        reference, moving = (lowpass_map(m, pixel_size_A, resolution_A) for m in (reference, moving))
     weight = 1 if mask is None else mask
-    ref = reference * weight
+    ref = (reference - symmetrized(reference, operators)) * weight
+    mov = moving - symmetrized(moving, operators)
+    scores = []
     for g in operators:
-        turned = transform_volume(moving, MapTransform(np.asarray(g, dtype=np.float64), np.zeros(3))) * weight
+        turned = transform_volume(mov, MapTransform(np.asarray(g, dtype=np.float64), np.zeros(3))) * weight
         scores.append(float((ref * turned).sum()) / max(float(xp.sqrt((turned * turned).sum())), 1e-30))
     best = int(np.argmax(scores))
     return best, np.asarray(operators[best], dtype=np.float64)

@@ -338,7 +338,7 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
     make_search, register_halves = local_search(params, n, px, xp, fulcrum, operators), None
     if params.relax:
         make_search = relaxation.relaxing(make_search, params, n, px)
-        register_halves = relaxation.half_set_registration(params, particles.half_set, xp, log)
+        register_halves = relaxation.half_set_registration(params, particles.half_set, px, xp, log)
         if state.iteration == 0:
             log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates about the box centre; "
                 f"extents hold modulo {params.symmetry}; maps in C1")

@@ -107,9 +107,9 @@ def convergence(history: list, min_iterations: int, final_step_deg: float) -> tu
     poses_stalled = (change is not None and change_before is not None
                      and (change >= 0.9 * change_before or change <= final_step_deg))
     switches, switches_before = last.get("mode_switch_fraction"), previous.get("mode_switch_fraction")
-    if switches is not None and switches_before is not None and not (switches >= 0.9 * switches_before
-                                                                      or switches <= 0.01):
-        return False, ""                    # relaxation: particles still settling into their modes
+    if switches is not None and switches_before is not None and switches > 0.01 and abs(
+            switches - switches_before) > max(0.1 * switches_before, 0.005):
+        return False, ""                    # relaxation: particles still settling into (or leaving) their modes
     if resolution_stalled and poses_stalled:
         poses = (f"median pose change {change:.2f}° is within the finest search step ({final_step_deg:.2f}°)"
                  if change <= final_step_deg else

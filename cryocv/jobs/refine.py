@@ -270,7 +270,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     make_search, register_halves = global_search(params, n, px, xp), None
     if params.relax:
         make_search = relaxation.relaxing(make_search, params, n, px)
-        register_halves = relaxation.half_set_registration(params, particles.half_set, xp, log)
+        register_halves = relaxation.half_set_registration(params, particles.half_set, px, xp, log)
         if state.iteration == 0:
             log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates; maps in C1")
             if params.break_symmetry:

@@ -78,9 +78,10 @@ def broken_symmetry_state(particles, state: RefineState, params, xp, log) -> Ref
     return state
 
 
-def half_set_registration(params, half_set: np.ndarray, xp, log):
+def half_set_registration(params, half_set: np.ndarray, pixel_size_A: float, xp, log):
     """``register_halves(state)`` for :func:`cryocv.jobs.loop.iterate`: turn half-set 2's
-    reference by the operator g that brings it onto half-set 1's (compared inside the mask),
+    reference by the operator g that brings its asymmetric part onto half-set 1's (compared inside
+    the mask, low-passed to twice the resolution),
     and its poses by the same (A' = A·g), so that the FSC and the final map compare like with like."""
     operators = symmetry_operators(params.symmetry)
     members = half_set == 2
@@ -88,7 +89,9 @@ def half_set_registration(params, half_set: np.ndarray, xp, log):
     def register_halves(state: RefineState) -> RefineState:
         first, second = (to_device(r, xp) for r in state.references)          # on the device: N rotations of a map
         mask = None if state.mask is None else to_device(state.mask, xp)
-        index, g = register_over_group(first, second, operators, mask)
+        # compared where the asymmetric part is clear of interpolation error: twice the resolution
+        index, g = register_over_group(first, second, operators, mask, pixel_size_A,
+                                       max(2 * state.resolution_A, 4 * pixel_size_A))
         if index == 0:
             log(f"  half-sets in register (operator 0 of {params.symmetry})")
             return state
