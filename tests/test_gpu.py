@@ -308,3 +308,18 @@ def test_mode_spread_on_gpu_matches_numpy():
     np.testing.assert_allclose(w_g[:, 0], w_c[:, 0], atol=2e-3)          # the heaviest pose's weight
     assert np.median(angular_distance_deg(rot_g[:, 0], rot_c[:, 0])) < 0.01
     np.testing.assert_allclose(sh_g[:, 0], sh_c[:, 0], atol=1e-4)
+
+
+def test_register_over_group_on_gpu_matches_numpy():
+    """cryocv.relax.register_over_group (half-set registration on the asymmetric parts) finds the
+    same operator on both devices for every operator of T."""
+    import cupy as cp
+    from cryocv.register import MapTransform, transform_volume
+    from cryocv.relax import register_over_group
+    from .test_relax import pseudo_symmetric_map
+    vol, ops = pseudo_symmetric_map(32, "T", partner_height=0.05)
+    for k in (1, 5, 10):
+        turned = transform_volume(vol, MapTransform(ops[k].T, np.zeros(3)))
+        found = [register_over_group(xp.asarray(vol), xp.asarray(turned), ops, pixel_size_A=2.0, resolution_A=6.0)[0]
+                 for xp in (np, cp)]
+        assert found == [k, k]
