@@ -14,16 +14,18 @@ different, equivalent sites; :func:`register_over_group` finds the operator that
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backend import get_array_module, to_device, to_numpy
 from .fourier import lowpass_map
 from .fsc import fsc_curve
-from .geometry import angular_distance_deg, axis_angle_to_matrix
 from .projector import DEFAULT_PADDING, extract_slices, frequency_points
 from .register import MapTransform, transform_volume
+from .local_search import rotation_offsets
 from .search import (Candidates, PoseSpread, SearchLevel, SearchParams, SearchResult, _top_k, image_terms,
-                     log_likelihood, point_weights, score_children, shift_phases, subdivide)
+                     log_likelihood, point_weights, score_children, shift_grid, shift_phases, subdivide)
 
 SPREAD_KEPT = 16         # poses per image kept by marginalization (the rest carry < a few % of the weight)
 
@@ -58,18 +60,13 @@ def relaxed_poses(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult
     start = Candidates(related, xp.repeat(best.shifts_px[:, None], g, axis=1),
                        xp.zeros(related.shape[:2], dtype=xp.float32))
     found = subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels, mate_search_params(g, params), start)
-    closeness = xp.sum(related * found.rotations[:, None], axis=(-2, -1))     # tr(Mᵀ R): larger is nearer
-    return found, xp.argmax(closeness, axis=1)
-
-
-_NEIGHBOUR_SIGNS = np.array([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], dtype=np.float64)
-_NEIGHBOUR_SHIFTS = np.array([[a, b] for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=np.float32)
+    return found, mode_of(found.rotations, best.rotations, operators)
 
 
 def mode_spread(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult, level: SearchLevel,
                 n_kept: int = SPREAD_KEPT, padding: int = DEFAULT_PADDING) -> PoseSpread:
-    """Marginalization inside the mode of ``best``: the 27 rotations ``Δ·A`` (axis-angle Δ ∈
-    {−1, 0, 1}³ × the level's step) × 9 shifts (±1 shift step) around each image's best pose,
+    """Marginalization inside the mode of ``best``: the 27 rotations ``A·Δ`` (axis-angle Δ ∈
+    {−1, 0, 1}³ × the level's step, as :func:`cryocv.local_search.rotation_offsets`) × 9 shifts (±1 shift step) around each image's best pose,
     scored at the level's cutoff, weighted by their likelihood ``exp(s·|s|/2)`` (see
     :func:`cryocv.search.log_likelihood`); the ``n_kept`` heaviest are returned with weights
     renormalized to sum to one per image."""
@@ -77,10 +74,12 @@ def mode_spread(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult, 
     b, n = images_ft.shape[0], images_ft.shape[-2]
     points = frequency_points(n, level.cutoff_px, xp)
     terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
-    deltas = to_device(axis_angle_to_matrix(_NEIGHBOUR_SIGNS * level.rotation_step_rad).astype(np.float32), xp)
-    rotations = xp.matmul(deltas[None], best.rotations[:, None])                 # (B, 27, 3, 3)
-    shifts = best.shifts_px[:, None, :] + xp.asarray(_NEIGHBOUR_SHIFTS * level.shift_step_px)   # (B, 9, 2)
-    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding).reshape(b, 1, 27, -1)
+    step, shift_step = level.rotation_step_rad, level.shift_step_px
+    deltas = to_device(rotation_offsets(math.sqrt(3) * step, step), xp)            # the 3 × 3 × 3 cube
+    rotations = xp.matmul(best.rotations[:, None], deltas[None])                   # (B, 27, 3, 3)
+    shifts = best.shifts_px[:, None, :] + to_device(shift_grid(math.sqrt(2) * shift_step, shift_step), xp)  # (B, 9, 2)
+    r, t = deltas.shape[0], shifts.shape[1]
+    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding).reshape(b, 1, r, -1)
     scores = score_children(terms, slices, shift_phases(points, shifts)[:, None])[:, 0]  # (B, 9, 27)
     gain = log_likelihood(scores.astype(xp.float64)).reshape(b, -1)
     keep = _top_k(gain, n_kept)                                                    # (B, K), best first
@@ -88,7 +87,7 @@ def mode_spread(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult, 
     weights = xp.exp(kept - kept[:, :1])
     weights = (weights / weights.sum(axis=1, keepdims=True)).astype(xp.float32)
     rows = xp.arange(b)[:, None]
-    return PoseSpread(rotations[rows, keep % 27], shifts[rows, keep // 27], weights)
+    return PoseSpread(rotations[rows, keep % r], shifts[rows, keep // r], weights)
 
 
 def prior_in_mode(prior_rotations, current_rotations, operators):
@@ -97,15 +96,16 @@ def prior_in_mode(prior_rotations, current_rotations, operators):
     another mode (extents bound the change modulo the group). Same array module."""
     xp = get_array_module(prior_rotations)
     related = mates(prior_rotations, operators)                                   # (B, G, 3, 3)
-    closeness = xp.sum(related * current_rotations[:, None], axis=(-2, -1))        # tr(Mᵀ C): larger is nearer
-    return related[xp.arange(related.shape[0]), xp.argmax(closeness, axis=1)]
+    return related[xp.arange(related.shape[0]), mode_of(current_rotations, prior_rotations, operators)]
 
 
-def mode_of(rotations: np.ndarray, reference_rotations: np.ndarray, operators: np.ndarray) -> np.ndarray:
+def mode_of(rotations, reference_rotations, operators):
     """Index (n,) of the operator g whose mate ``reference·gᵀ`` is nearest each of ``rotations``
-    (n, 3, 3): which of the N modes a particle sits in, relative to reference poses."""
-    distances = np.stack([angular_distance_deg(rotations, reference_rotations @ g.T) for g in operators], axis=1)
-    return np.argmin(distances, axis=1)
+    (n, 3, 3): which of the N modes a particle sits in, relative to reference poses. Same array
+    module (nearest: the largest ``tr(Mᵀ R)``)."""
+    xp = get_array_module(rotations)
+    related = mates(reference_rotations, operators)                              # (n, G, 3, 3)
+    return xp.argmax(xp.sum(related * rotations[:, None], axis=(-2, -1)), axis=1)
 
 
 def symmetrized(volume, operators):
