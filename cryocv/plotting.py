@@ -201,15 +201,16 @@ RELAX_FIGSIZE = (11.0, 3.6)
 
 
 def draw_relaxation(fig, difference_map, change_deg=None, occupancy=None, group: str = "",
-                    title: str = "Symmetry relaxation"):
+                    title: str = "Symmetry relaxation", mode_switch=None):
     """Into ``fig``: the central orthogonal slices of ``difference_map`` (N, N, N: the relaxed
     map minus its symmetrized version, red positive / blue negative), the histogram of each
-    particle's angle between its relaxed and its input pose (``change_deg``), and the fraction
-    of particles in each of the group's modes (``occupancy``)."""
+    particle's angle between its relaxed and its input pose (``change_deg``), the fraction
+    of particles in each of the group's modes (``occupancy``) and the fraction that changed mode
+    at each iteration (``mode_switch``: [(iteration, fraction)], the convergence the job waits for)."""
     d = np.asarray(difference_map)
     n = d.shape[0]
     limit = float(np.abs(d).max()) or 1.0
-    panels = 3 + (change_deg is not None) + (occupancy is not None)
+    panels = 3 + (change_deg is not None) + (occupancy is not None) + bool(mode_switch)
     for i, (plane, label) in enumerate(((d[n // 2], "xy (z = centre)"), (d[:, n // 2], "xz"), (d[:, :, n // 2], "yz"))):
         ax = fig.add_subplot(1, panels, i + 1)
         ax.imshow(plane, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
@@ -231,13 +232,27 @@ def draw_relaxation(fig, difference_map, change_deg=None, occupancy=None, group:
         ax.set_xlabel(f"{group} operator (mode)")
         ax.set_ylabel("fraction of particles")
         ax.set_title("mode occupancy", fontsize=8)
+        k += 1
+    if mode_switch:
+        ax = fig.add_subplot(1, panels, k)
+        iterations, fractions = zip(*mode_switch)
+        ax.plot(iterations, 100 * np.asarray(fractions), "o-", color="tab:red")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("particles that changed mode (%)")
+        ax.set_ylim(bottom=0)
+        ax.set_title("mode switching", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
 
 
+def mode_switch_series(history: list) -> list:
+    """[(iteration, fraction of particles that changed mode)] from a job's per-iteration history."""
+    return [(h["iteration"], h["mode_switch_fraction"]) for h in history if "mode_switch_fraction" in h]
+
+
 def plot_relaxation(difference_map, change_deg, occupancy, group: str, path: str,
-                    title: str = "Symmetry relaxation"):
+                    title: str = "Symmetry relaxation", mode_switch=None):
     """:func:`draw_relaxation` to ``path`` (PNG)."""
     fig = Figure(figsize=RELAX_FIGSIZE, dpi=110)
-    draw_relaxation(fig, difference_map, change_deg, occupancy, group, title)
+    draw_relaxation(fig, difference_map, change_deg, occupancy, group, title, mode_switch)
     _save(fig, path)

@@ -177,6 +177,8 @@ def test_refine_relax_puts_particles_back_in_their_true_mode(tmp_path, mode):
     assert np.bincount(modes, minlength=4).max() / len(modes) >= 0.8     # one global operator for nearly all
     assert len(report["relax"]["mode_occupancy"]) == 4
     assert any("mode_switch_fraction" in h for h in report["iterations"])
+    for h in report["iterations"]:                  # written every iteration, not only at the end
+        assert len(h["mode_occupancy"]) == 4 and abs(sum(h["mode_occupancy"]) - 1) < 1e-3
     difference, _ = read_map(os.path.join(out, "difference_map.mrc"))
     assert np.abs(difference).max() > 0.05 * np.abs(read_map(os.path.join(out, "map.mrc"))[0]).max()
     assert os.path.getsize(os.path.join(out, "relax.png")) > 0
@@ -221,3 +223,21 @@ def test_local_refine_relax_follows_the_mode(tmp_path):
     assert report["local"]["fraction_at_extent"]["rotation"] < 0.2
     difference, _ = read_map(os.path.join(out, "difference_map.mrc"))
     assert np.abs(difference).max() > 0.05 * np.abs(read_map(os.path.join(out, "map.mrc"))[0]).max()
+
+
+@pytest.mark.parametrize("name", ["C4", "D3", "T", "O", "I"])
+def test_mates_equal_relions_symmetry_operators_applied(name):
+    """The mates of a pose under each group are the pose turned by RELION's own operators
+    (`relion_refine --print_symmetry_ops`, the cross-check of tests/test_geometry.py): the same
+    set of N poses, so a relaxed particle moves exactly where RELION's symmetry would put it."""
+    import shutil
+    if shutil.which("relion_refine") is None:
+        pytest.skip("RELION not installed")
+    from .test_geometry import _relion_symmetry_ops
+    ops = symmetry_operators(name)
+    pose = random_rotations(1, np.random.default_rng(12))[0]
+    ours = mates(pose[None].astype(np.float64), ops)[0]
+    theirs = np.array([pose @ r.T for r in _relion_symmetry_ops(name)])
+    assert len(theirs) == len(ours)
+    for m in theirs:
+        assert np.min(np.abs(ours - m).reshape(len(ours), -1).max(axis=1)) < 1e-4

@@ -9,7 +9,8 @@ from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
 from cryocv.jobs import jobdir
 from cryocv.plotting import (ABINITIO_FIGSIZE, FSC_FIGSIZE, POSE_CHANGE_FIGSIZE, RELAX_FIGSIZE, draw_abinitio,
-                             draw_fsc, draw_pose_change, draw_poses, draw_relaxation, poses_figsize)
+                             draw_fsc, draw_pose_change, draw_poses, draw_relaxation, mode_switch_series,
+                             poses_figsize)
 
 from ..protocols import ProtCryocvAbinitio, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvRefine
 from ..protocols.protocol_relaxation import CryocvRelaxationMixin
@@ -77,7 +78,8 @@ def relaxationPlotter(protocol):
             change = angular_distance_deg(refined.rotations, start.rotations)
     plotter = Plotter(figsize=RELAX_FIGSIZE, windowTitle=f"{protocol.getRunName()}: symmetry relaxation")
     draw_relaxation(plotter.figure, difference, change, occupancy, relax["group"],
-                    title=f"{protocol.getRunName()}: {relax['group']} relaxed ({relax['mode']}), maps in C1")
+                    title=f"{protocol.getRunName()}: {relax['group']} relaxed ({relax['mode']}), maps in C1",
+                    mode_switch=mode_switch_series(protocol._fscReport().get("iterations") or []))
     return plotter
 
 

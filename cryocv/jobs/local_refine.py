@@ -362,7 +362,7 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
                   iterations=state.history, local=local, map_symmetry=params.reconstruction_symmetry())
     if params.relax:
         report["relax"] = relaxation.relaxation_outputs(out_dir, full, particles, euler_to_matrix(input_euler),
-                                                        params, px)
+                                                        params, px, state.history)
     log(f"pose change from the input: median {local['rotation_change_median_deg']:.2f}°, "
         f"{local['shift_change_median_A']:.2f} Å; at the extents: {100 * at_limit['rotation']:.1f}% (rotation), "
         f"{100 * at_limit['shift']:.1f}% (shift)" + ("  -- many at an extent: widen it" if max(at_limit.values()) > 0.05

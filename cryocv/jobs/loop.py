@@ -32,6 +32,7 @@ from ..nonuniform import NUParams
 from ..particles import Particles
 from ..projector import prepare_volume
 from ..regularize import MapResult, regularize_and_assess
+from ..relax import mode_of
 from ..source import ParticleSource
 from ..symmetry import pose_distance_deg, symmetry_operators
 from . import jobdir
@@ -216,6 +217,10 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         if input_rotations is not None:
             vs_input = pose_distance_deg(result.rotations, input_rotations, pose_symmetry)
             record["pose_change_vs_input_median_deg"] = float(np.median(vs_input))
+            if pose_symmetry != params.symmetry:     # relaxing: the share of particles in each mate of their input pose
+                group = symmetry_operators(params.symmetry)
+                modes = mode_of(result.rotations, input_rotations, group)
+                record["mode_occupancy"] = (np.bincount(modes, minlength=len(group)) / len(modes)).round(4).tolist()
         state = RefineState(iteration=iteration, references=[to_numpy(m) for m in maps.references],
                             mask=None if maps.mask is None else to_numpy(maps.mask),
                             resolution_A=maps.report["resolution_A"],

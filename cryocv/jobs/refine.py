@@ -287,7 +287,8 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     report.update(symmetry=params.symmetry, n_particles=len(particles), regularizer=params.regularizer,
                   iterations=state.history, map_symmetry=params.reconstruction_symmetry())
     if params.relax:
-        report["relax"] = relaxation.relaxation_outputs(out_dir, full, particles, input_rotations, params, px)
+        report["relax"] = relaxation.relaxation_outputs(out_dir, full, particles, input_rotations, params, px,
+                                                            state.history)
     extra_maps = {}
     if cutoff_A is not None:
         extra_maps[jobdir.NU_CUTOFF] = cutoff_A

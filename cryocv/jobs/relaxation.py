@@ -21,7 +21,7 @@ from ..backend import to_device, to_numpy
 from ..fourier import lowpass_map
 from ..geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from ..io.mrc import write_map
-from ..plotting import plot_relaxation
+from ..plotting import mode_switch_series, plot_relaxation
 from ..reconstruct import reconstruct_half_maps
 from ..register import MapTransform, transform_volume
 from ..relax import mode_of, mode_spread, register_over_group, relaxed_poses, symmetrized
@@ -106,7 +106,8 @@ def half_set_registration(params, half_set: np.ndarray, pixel_size_A: float, xp,
     return register_halves
 
 
-def relaxation_outputs(out_dir: str, full_map, particles, input_rotations, params, pixel_size_A: float) -> dict:
+def relaxation_outputs(out_dir: str, full_map, particles, input_rotations, params, pixel_size_A: float,
+                       history: list) -> dict:
     """Write ``difference_map.mrc`` and ``relax.png``; return the record for fsc.json: mode
     occupancy per operator and the angle between each particle's relaxed pose and its input
     (symmetric consensus) pose, both relative to the input poses when there are any."""
@@ -121,5 +122,6 @@ def relaxation_outputs(out_dir: str, full_map, particles, input_rotations, param
         occupancy = np.bincount(modes, minlength=len(operators)) / len(modes)
         change = angular_distance_deg(particles.rotations, input_rotations)
         record.update(mode_occupancy=occupancy.tolist(), change_from_input_median_deg=float(np.median(change)))
-    plot_relaxation(difference, change, occupancy, params.symmetry, jobdir.path(out_dir, jobdir.RELAX_PNG))
+    plot_relaxation(difference, change, occupancy, params.symmetry, jobdir.path(out_dir, jobdir.RELAX_PNG),
+                    mode_switch=mode_switch_series(history))
     return record
