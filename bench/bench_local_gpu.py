@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -16,6 +17,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cryocv.backend import resolve_xp  # noqa: E402
+from cryocv.cli import build_parser  # noqa: E402
+from cryocv.jobs.common import params_from_args  # noqa: E402
 from cryocv.geometry import axis_angle_to_matrix, matrix_to_euler  # noqa: E402
 from cryocv.io.mrc import read_map, write_map  # noqa: E402
 from cryocv.io.particle_files import load_particles, save_particles  # noqa: E402
@@ -33,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--max-iterations", type=int, default=3)
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True)
+    parser.add_argument("--local-args", default="", help="extra `cryocv local-refine` options, quoted")
     args = parser.parse_args(argv)
     xp = resolve_xp("auto")
     volume, px = read_map(args.map)
@@ -57,15 +61,16 @@ def main(argv=None):
     halves = [os.path.join(args.out, "consensus", f"half_map_{h}.mrc") for h in (1, 2)]
     job = os.path.join(args.out, "local")
     t0 = time.time()
-    report = local_refine.run(start_star, halves, mask_path, job,
-                              local_refine.LocalRefineParams(max_iterations=args.max_iterations), progress=False,
-                              overwrite=True)
+    cli = build_parser().parse_args(["local-refine", "--max-iterations", str(args.max_iterations)]
+                                    + shlex.split(args.local_args))
+    params = params_from_args(local_refine.LocalRefineParams, cli)
+    report = local_refine.run(start_star, halves, mask_path, job, params, progress=False, overwrite=True)
     wall = time.time() - t0
     refined = load_particles(os.path.join(job, "particles.star"))
     error = pose_distance_deg(refined.rotations, truth.rotations, "C1")
     start_error = pose_distance_deg(start.rotations, truth.rotations, "C1")
     passes = [it["pass_seconds"] for it in report["iterations"]]
-    result = {"box": volume.shape[0], "pixel_size_A": px, "n_particles": args.n, "snr": args.snr,
+    result = {"local_args": args.local_args, "box": volume.shape[0], "pixel_size_A": px, "n_particles": args.n, "snr": args.snr,
               "simulate_s": round(simulate_s, 1), "local_refine_wall_s": round(wall, 1),
               "iterations": len(passes), "seconds_per_pass": passes,
               "particle_iterations_per_s_passes": round(args.n * len(passes) / sum(passes), 0),
