@@ -49,7 +49,7 @@ def register_to_truth(star: str, truth: dict, symmetry: str, out_star: str) -> s
 
 def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: int, xp, device: str,
              box_size: int = 128, model: str | None = None, args_body_sym: str = "C4",
-             regularizer: str = "nu") -> dict:
+             regularizer: str = "nu", base_candidates: int | None = None) -> dict:
     data = os.path.join(out, f"data_{kDa:g}")
     started = time.time()
     if not os.path.isfile(os.path.join(data, "dataset.json")):
@@ -65,6 +65,7 @@ def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: i
     ref = os.path.join(out, f"ref30_{kDa:g}.mrc")
     write_map(ref, lowpass_map(full, px, 30.0).astype(np.float32), px)
     jobs = {name: os.path.join(out, f"{name}_{kDa:g}") for name in ("consensus", "local", "oracle")}
+    search = {} if base_candidates is None else {"n_base_candidates": base_candidates}
     timings = {}
     t0 = time.time()
     refine.run(os.path.join(data, "particles.star"), ref, jobs["consensus"], refine.RefineParams(), device=device,
@@ -81,18 +82,19 @@ def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: i
     t0 = time.time()
     local = local_refine.run(os.path.join(jobs["consensus"], "particles.star"), halves,
                              os.path.join(data, "mask_domain.mrc"), jobs["local"],
-                             local_refine.LocalRefineParams(subtract=True, regularizer=regularizer), device=device, progress=False,
+                             local_refine.LocalRefineParams(subtract=True, regularizer=regularizer, **search), device=device, progress=False,
                              overwrite=True)
     timings["local_s"] = time.time() - t0
     # the same with Gaussian priors on the change (σ 5°, 2 Å): RELION's --sigma_ang-like regularization
     jobs["local_prior"] = os.path.join(out, f"local_prior_{kDa:g}")
     local_refine.run(os.path.join(jobs["consensus"], "particles.star"), halves, os.path.join(data, "mask_domain.mrc"),
                      jobs["local_prior"], local_refine.LocalRefineParams(subtract=True, prior_sigma_deg=5.0,
-                                                                         prior_sigma_A=2.0, regularizer=regularizer),
+                                                                         prior_sigma_A=2.0, regularizer=regularizer,
+                                                                         **search),
                      device=device, progress=False, overwrite=True)
     reconstruct.run(os.path.join(data, "particles_domain.star"), jobs["oracle"], device=device, progress=False,
                     overwrite=True)
-    result = {"local_regularizer": regularizer, "domain_kDa": info["mass_kDa"]["domain"], "body_kDa": info["mass_kDa"]["body"], "n": n, "snr": snr,
+    result = {"local_regularizer": regularizer, "local_base_candidates": base_candidates, "domain_kDa": info["mass_kDa"]["domain"], "body_kDa": info["mass_kDa"]["body"], "n": n, "snr": snr,
               "hinge_sigma_deg": sigma_deg, "pixel_size_A": px, "build_s": round(build_s, 1),
               **{k: round(v, 1) for k, v in timings.items()},
               "mask_mass_kDa": local["local"]["mask_mass_kDa"]}
@@ -143,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="atomic model (default: TRPV1 from ../shared/data)")
     parser.add_argument("--body-sym", default="C4", help="the body's (pseudo-)symmetry, resolved against the truth")
     parser.add_argument("--regularizer", default="nu", help="of the local refinements (the consensus is NU)")
+    parser.add_argument("--base-candidates", type=int, default=None,
+                        help="--base-candidates of the local refinements (default: local-refine's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
@@ -150,7 +154,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     xp = resolve_xp(args.device)
     results = [one_mass(k, args.n, args.out, args.snr, args.sigma_deg, args.seed, xp, args.device, args.box, args.model, args.body_sym,
-                        args.regularizer) for k in args.kDa]
+                        args.regularizer, args.base_candidates) for k in args.kDa]
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results + ".json", "w") as handle:
         json.dump(results, handle, indent=1)
