@@ -335,15 +335,9 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
             except ValueError:
                 return device_mask
     operators = symmetry_operators(params.symmetry) if params.relax else None
-    make_search, register_halves = local_search(params, n, px, xp, fulcrum, operators), None
-    if params.relax:
-        make_search = relaxation.relaxing(make_search, params, n, px)
-        register_halves = relaxation.half_set_registration(params, particles.half_set, px, xp, log)
-        if state.iteration == 0:
-            log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates about the box centre; "
-                f"extents hold modulo {params.symmetry}; maps in C1")
-            if params.break_symmetry:
-                state = relaxation.broken_symmetry_state(particles, state, params, xp, log)
+    make_search, register_halves, state = relaxation.compose(
+        local_search(params, n, px, xp, fulcrum, operators), params, particles, state, xp, log,
+        where=f" about the box centre (the extents hold modulo {params.symmetry})")
     if not state.final_done:
         state, maps = iterate(particles, state, params, xp, store, make_search, progress=progress, log=log,
                               make_mask=make_mask, register_halves=register_halves)

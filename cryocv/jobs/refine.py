@@ -267,14 +267,8 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     else:
         log(f"continuing from the checkpoint of iteration {state.iteration} ({state.resolution_A:.2f} Å)")
     input_rotations = particles.rotations if particles.has_alignment else None
-    make_search, register_halves = global_search(params, n, px, xp), None
-    if params.relax:
-        make_search = relaxation.relaxing(make_search, params, n, px)
-        register_halves = relaxation.half_set_registration(params, particles.half_set, px, xp, log)
-        if state.iteration == 0:
-            log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates; maps in C1")
-            if params.break_symmetry:
-                state = relaxation.broken_symmetry_state(particles, state, params, xp, log)
+    make_search, register_halves, state = relaxation.compose(global_search(params, n, px, xp), params, particles,
+                                                             state, xp, log)
     if not state.final_done:
         state, maps = iterate(particles, state, params, xp, store, make_search, progress=progress, log=log,
                               register_halves=register_halves)

@@ -1,5 +1,6 @@
 """Symmetry relaxation in a refinement job (``--relax maximize|marginalize``, see
-:mod:`cryocv.relax`): the pieces a job composes with its pose search and the shared loop.
+:mod:`cryocv.relax`): the pieces a job composes with its pose search and the shared loop
+(:func:`compose` puts them together).
 
 - :func:`relaxing`: wraps a job's ``make_search``: after its search against the C1 reference,
   each particle takes the best of the N mates of its pose (refined by a short subdivision,
@@ -32,6 +33,22 @@ from .jobdir import RefineState
 from .loop import PoseSearch
 
 RELAX_LEVELS = 3          # the mates are refined from cells of the third-finest level of the search
+
+
+def compose(make_search, params, particles, state: RefineState, xp, log, where: str = ""):
+    """A refinement job's ``(make_search, register_halves, state)`` for :func:`cryocv.jobs.loop.iterate`:
+    unchanged (and no registration) without ``params.relax``; else :func:`relaxing` around the
+    job's search, :func:`half_set_registration`, and at the start the log line and
+    ``--break-symmetry``'s references. ``where``: what the log adds about the mates."""
+    if not params.relax:
+        return make_search, None, state
+    n, px = particles.box_size, particles.pixel_size_A
+    if state.iteration == 0:
+        log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates{where}; maps in C1")
+        if params.break_symmetry:
+            state = broken_symmetry_state(particles, state, params, xp, log)
+    return (relaxing(make_search, params, n, px), half_set_registration(params, particles.half_set, px, xp, log),
+            state)
 
 
 def relaxing(make_search, params, box_size: int, pixel_size_A: float):
