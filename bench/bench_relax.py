@@ -36,6 +36,7 @@ from cryocv.io.mrc import read_map, write_map  # noqa: E402
 from cryocv.io.particle_files import load_particles, save_particles  # noqa: E402
 from cryocv.jobs.reconstruct import run as run_reconstruct  # noqa: E402
 from cryocv.jobs.refine import RefineParams, run as run_refine  # noqa: E402
+from cryocv.jobs.relaxation import RELAX_LEVELS  # noqa: E402
 from cryocv.masks import threshold_mask  # noqa: E402
 from cryocv.projector import prepare_volume  # noqa: E402
 from cryocv.register import MapTransform, transform_volume  # noqa: E402
@@ -228,7 +229,7 @@ def main(argv=None):
                "box": args.box, "pixel_size_A": px, "snr": args.snr}
     search = RefineParams().search_params(args.box, px)
     results["oracle_fraction_true_mate"] = oracle_fraction(full, star, ops, xp, search_schedule(args.box, args.box / 2,
-                                                                                                search)[-3:], search)
+                                                                                                search)[-RELAX_LEVELS:], search)
     t0 = time.time()
     job = os.path.join(args.out, "relax")
     run_refine(consensus_star, consensus_path, job,

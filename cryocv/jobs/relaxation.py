@@ -3,8 +3,8 @@
 (:func:`compose` puts them together).
 
 - :func:`relaxing`: wraps a job's ``make_search``: after its search against the C1 reference,
-  each particle takes the best of the N mates of its pose (refined by a short subdivision,
-  scored to ``--relax-max-align-res-A``); ``marginalize`` then spreads it over the poses
+  each particle takes the best of the N mates of its pose (scored exactly to
+  ``--relax-max-align-res-A``, then polished by a short subdivision); ``marginalize`` then spreads it over the poses
   around that mate, weighted by likelihood.
 - :func:`broken_symmetry_state`: ``--break-symmetry``: C1 half-maps from the input poses, each
   particle turned by a random mate (a reference whose symmetry is already broken).
@@ -32,7 +32,7 @@ from . import jobdir
 from .jobdir import RefineState
 from .loop import PoseSearch
 
-RELAX_LEVELS = 3          # the mates are refined from cells of the third-finest level of the search
+RELAX_LEVELS = 2          # the chosen mate is polished from cells of the second-finest level of the search
 
 
 def compose(make_search, params, particles, state: RefineState, xp, log, where: str = ""):
@@ -71,8 +71,8 @@ def relaxing(make_search, params, box_size: int, pixel_size_A: float):
             if marginalize:
                 found.spread = mode_spread(volume, batch.images_ft, batch.ctf, noise, found, levels[-1])
             return found
-        # the mates' children are as many as the global search's finest level has for N = 8
-        return PoseSearch(find_poses, inner.levels, max(1, int(inner.batch_size * min(1.0, 8 / len(operators)))))
+        # N mate slices per image: as many as the global search's finest level scores for N = 32
+        return PoseSearch(find_poses, inner.levels, max(1, int(inner.batch_size * min(1.0, 32 / len(operators)))))
 
     return make_relaxed_search
 
