@@ -68,8 +68,9 @@ def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: i
     search = {} if base_candidates is None else {"n_base_candidates": base_candidates}
     timings = {}
     t0 = time.time()
-    refine.run(os.path.join(data, "particles.star"), ref, jobs["consensus"], refine.RefineParams(), device=device,
-               progress=False, overwrite=True)
+    if not os.path.isfile(os.path.join(jobs["consensus"], "particles.star")):      # a finished consensus is reused
+        refine.run(os.path.join(data, "particles.star"), ref, jobs["consensus"], refine.RefineParams(), device=device,
+                   progress=False, overwrite=True)
     timings["consensus_s"] = time.time() - t0
     # the body of TRPV1 is C4: the consensus may settle per particle on any of 4 pseudo-symmetric poses;
     # resolve that against the truth (per particle) and reconstruct the consensus half-maps from the
