@@ -25,9 +25,8 @@ import numpy as np
 
 from .backend import get_array_module, to_device
 from .geometry import axis_angle_to_matrix
-from .projector import DEFAULT_PADDING, extract_slices, frequency_points
-from .search import (Candidates, SearchLevel, _top_k, image_terms, log_likelihood, point_weights, score_children,
-                     shift_grid, shift_phases)
+from .projector import DEFAULT_PADDING, frequency_points
+from .search import Candidates, SearchLevel, _top_k, log_likelihood, score_poses, shift_grid
 
 
 @dataclass
@@ -103,15 +102,12 @@ def local_start(volume_ft, images_ft, ctf, noise_var_shell, level: SearchLevel, 
 
     ``images_ft`` (B, N, N//2+1) raw half-plane FTs; ``ctf`` same shape or None."""
     xp = get_array_module(volume_ft)
-    b, n = images_ft.shape[0], images_ft.shape[-2]
-    points = frequency_points(n, level.cutoff_px, xp)
-    terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
+    b = images_ft.shape[0]
     rotations = xp.matmul(prior.rotations[:, None], offsets[None])                   # (B, K, 3, 3)
-    k = offsets.shape[0]
     grid = to_device(shift_grid(prior.shift_extent_px, level.shift_step_px), xp)     # (T, 2)
     shifts = prior.shifts_px[:, None, :] + grid[None]                                # (B, T, 2)
-    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding).reshape(b, 1, k, -1)
-    scores = score_children(terms, slices, shift_phases(points, shifts)[:, None])[:, 0]   # (B, T, K)
+    scores = score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts, level.cutoff_px,
+                         padding)                                                    # (B, T, K)
     scores = (log_likelihood(scores) + prior.shift(shifts)[:, :, None]
               + prior.rotation(rotations)[:, None, :])
     best_shift = xp.argmax(scores, axis=1)                                           # (B, K)

@@ -21,11 +21,11 @@ import numpy as np
 from .backend import get_array_module, to_device, to_numpy
 from .fourier import lowpass_map
 from .fsc import fsc_curve
-from .projector import DEFAULT_PADDING, extract_slices, frequency_points
-from .register import MapTransform, transform_volume
 from .local_search import rotation_offsets
-from .search import (Candidates, PoseSpread, SearchLevel, SearchParams, SearchResult, _top_k, image_terms,
-                     log_likelihood, point_weights, score_children, shift_grid, shift_phases, subdivide)
+from .projector import DEFAULT_PADDING
+from .register import MapTransform, transform_volume
+from .search import (Candidates, PoseSpread, SearchLevel, SearchParams, SearchResult, _top_k, log_likelihood,
+                     score_poses, shift_grid, subdivide)
 
 SPREAD_KEPT = 16         # poses per image kept by marginalization (the rest carry < a few % of the weight)
 
@@ -46,21 +46,17 @@ def relaxed_poses(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult
     ``volume_ft``: a mate is an exact copy of a refined pose for the symmetric core, so the scores
     differ by the asymmetric part alone. Subdivision cells around every mate would not do: their
     children sit off the refined pose, and the strong core's misfit there, different for each mate,
-    can outweigh a small partner (on a noise-free T test with 7.5° cells the true mate won for 75 %
-    of the images; scored exactly, for all). The best mate is then polished by a subdivision through
-    ``levels`` (its first level the cell size), kept where it scores better than the mate itself. Returns the polished pose per image and the index
-    (B,) of the chosen mate (operator)."""
+    can outweigh a small partner (on a noise-free T test with 7.5° cells the true mate won for
+    about three quarters of the images; scored exactly, for all). The best mate is then polished by
+    a subdivision through ``levels`` (its first level the cell size), kept where it scores better
+    than the mate itself. Returns the polished pose per image and the index (B,) of the chosen mate
+    (operator)."""
     xp = get_array_module(images_ft)
-    b, n = images_ft.shape[0], images_ft.shape[-2]
-    related = mates(best.rotations, operators)                                   # (B, G, 3, 3)
-    g = related.shape[1]
-    points = frequency_points(n, levels[-1].cutoff_px, xp)
-    terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
-    slices = extract_slices(volume_ft, related.reshape(-1, 3, 3).astype(xp.float32), points, padding)
-    phases = shift_phases(points, best.shifts_px[:, None, None, :])             # (B, 1, 1, M)
-    scores = score_children(terms, slices.reshape(b, 1, g, -1), phases)[:, 0, 0]  # (B, G)
+    related = mates(best.rotations, operators).astype(xp.float32)                 # (B, G, 3, 3)
+    scores = score_poses(volume_ft, images_ft, ctf, noise_var_shell, related, best.shifts_px[:, None],
+                         levels[-1].cutoff_px, padding)[:, 0]                      # (B, G)
     choice = xp.argmax(scores, axis=1)
-    rows = xp.arange(b)
+    rows = xp.arange(related.shape[0])
     chosen, chosen_scores = related[rows, choice], scores[rows, choice]
     start = Candidates(chosen[:, None], best.shifts_px[:, None], chosen_scores[:, None])
     polished = subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels, params, start, padding)
@@ -74,21 +70,19 @@ def relaxed_poses(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult
 def mode_spread(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult, level: SearchLevel,
                 n_kept: int = SPREAD_KEPT, padding: int = DEFAULT_PADDING) -> PoseSpread:
     """Marginalization inside the mode of ``best``: the 27 rotations ``A·Δ`` (axis-angle Δ ∈
-    {−1, 0, 1}³ × the level's step, as :func:`cryocv.local_search.rotation_offsets`) × 9 shifts (±1 shift step) around each image's best pose,
-    scored at the level's cutoff, weighted by their likelihood ``exp(s·|s|/2)`` (see
-    :func:`cryocv.search.log_likelihood`); the ``n_kept`` heaviest are returned with weights
-    renormalized to sum to one per image."""
+    {−1, 0, 1}³ × the level's step, as :func:`cryocv.local_search.rotation_offsets`) × 9 shifts
+    (±1 shift step) around each image's best pose, scored at the level's cutoff, weighted by their
+    likelihood ``exp(s·|s|/2)`` (see :func:`cryocv.search.log_likelihood`); the ``n_kept``
+    heaviest are returned with weights renormalized to sum to one per image."""
     xp = get_array_module(images_ft)
-    b, n = images_ft.shape[0], images_ft.shape[-2]
-    points = frequency_points(n, level.cutoff_px, xp)
-    terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
+    b = images_ft.shape[0]
     step, shift_step = level.rotation_step_rad, level.shift_step_px
     deltas = to_device(rotation_offsets(math.sqrt(3) * step, step), xp)            # the 3 × 3 × 3 cube
     rotations = xp.matmul(best.rotations[:, None], deltas[None])                   # (B, 27, 3, 3)
     shifts = best.shifts_px[:, None, :] + to_device(shift_grid(math.sqrt(2) * shift_step, shift_step), xp)  # (B, 9, 2)
-    r, t = deltas.shape[0], shifts.shape[1]
-    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding).reshape(b, 1, r, -1)
-    scores = score_children(terms, slices, shift_phases(points, shifts)[:, None])[:, 0]  # (B, 9, 27)
+    r = deltas.shape[0]
+    scores = score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts, level.cutoff_px,
+                         padding)                                                  # (B, 9, 27)
     gain = log_likelihood(scores.astype(xp.float64)).reshape(b, -1)
     keep = _top_k(gain, n_kept)                                                    # (B, K), best first
     kept = xp.take_along_axis(gain, keep, axis=1)

@@ -217,6 +217,21 @@ def score_children(terms: ImageTerms, slices, phases):
     return (cross / xp.sqrt(xp.maximum(norm, 1e-30))[:, :, None, :]).astype(xp.float32)
 
 
+def score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts_px, cutoff_px: float,
+                padding: int = DEFAULT_PADDING):
+    """Scores (B, T, R) of each image at each of its own rotations ``rotations`` (B, R, 3, 3) ×
+    shifts ``shifts_px`` (B, T, 2), at Fourier radius ``cutoff_px``: the whitened, CTF-weighted
+    ``c/√n`` of :func:`score_children` for poses given per image (a local start, symmetry mates,
+    a marginalization neighbourhood)."""
+    xp = get_array_module(volume_ft)
+    b, n = images_ft.shape[0], images_ft.shape[-2]
+    points = frequency_points(n, cutoff_px, xp)
+    terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
+    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding)
+    slices = slices.reshape(b, 1, rotations.shape[1], -1)                              # (B, 1, R, M)
+    return score_children(terms, slices, shift_phases(points, shifts_px)[:, None])[:, 0]
+
+
 def _top_k(scores, k: int):
     """Indices (B, k) of the k largest entries of each row of (B, L), best first."""
     xp = get_array_module(scores)

@@ -24,6 +24,15 @@ def pseudo_symmetric_map(n: int, group: str = "C4", partner_height: float = 0.6)
     return (core + partner_height * core.max() * partner).astype(np.float32), ops
 
 
+def projections(vol, count: int, rng):
+    """(prepared volume FT, true rotations (count, 3, 3), origins (count, 2) px, clean images) of
+    ``count`` random views of ``vol``, origins drawn with σ 0.7 px."""
+    truth = random_rotations(count, rng).astype(np.float32)
+    origins = rng.normal(0, 0.7, (count, 2)).astype(np.float32)
+    ft = prepare_volume(vol)
+    return ft, truth, origins, clean_projections(ft, truth, origins, None, vol.shape[0])
+
+
 def test_mates_are_the_poses_a_symmetric_map_cannot_tell_apart():
     """Every mate A·gᵀ projects a G-symmetric map exactly as A does, for cyclic, dihedral and
     polyhedral groups; the mates of A differ from A by the operators' angles."""
@@ -51,10 +60,7 @@ def test_maximization_restores_the_true_mate():
     n = 32
     vol, ops = pseudo_symmetric_map(n)
     rng = np.random.default_rng(1)
-    truth = random_rotations(80, rng).astype(np.float32)
-    origins = rng.normal(0, 0.7, (80, 2)).astype(np.float32)
-    ft = prepare_volume(vol)
-    images = clean_projections(ft, truth, origins, None, n)
+    ft, truth, origins, images = projections(vol, 80, rng)
     images = images + rng.normal(0, 0.3 * images.std(), images.shape).astype(np.float32)
     wrong = rng.integers(0, len(ops), 80)
     start = np.einsum("bij,bjk->bik", truth, np.transpose(ops[wrong], (0, 2, 1))).astype(np.float32)
@@ -97,10 +103,7 @@ def test_marginalization_weights_sum_to_one_inside_the_mode():
     n = 32
     vol, ops = pseudo_symmetric_map(n)
     rng = np.random.default_rng(5)
-    truth = random_rotations(40, rng).astype(np.float32)
-    origins = rng.normal(0, 0.7, (40, 2)).astype(np.float32)
-    ft = prepare_volume(vol)
-    clean = clean_projections(ft, truth, origins, None, n)
+    ft, truth, origins, clean = projections(vol, 40, rng)
     params = SearchParams(base_step_deg=15.0, fine_step_deg=1.0, max_shift_px=2.0)
     levels = search_schedule(n, n / 2, params)[-3:]
     spreads = []
