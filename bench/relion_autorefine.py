@@ -42,6 +42,7 @@ import os
 import re
 import resource
 import shlex
+import signal
 import shutil
 import subprocess
 import time
@@ -313,18 +314,31 @@ def run_relion_autorefine(particles_star, reference_mrc, out_dir, symmetry="C1",
     return _report(out_dir, star, cmd, wall, cpu, truth_map, truth_symmetry or symmetry)
 
 
-def _run_logged(cmd, cwd: str, log, log_path: str) -> tuple[float, float]:
+def _run_logged(cmd, cwd: str, log, log_path: str, time_limit_s: float | None = None) -> tuple[float, float]:
     """Run ``cmd`` in ``cwd`` with its output appended to ``log`` (after the command line);
-    returns (wall seconds, CPU seconds of the children). Raises if it fails."""
+    returns (wall seconds, CPU seconds of the children). Raises if it fails. ``time_limit_s``:
+    stop it (its whole process group) after that long and return normally, the caller judging
+    the last iteration it wrote (a peer given the same wall time as cryocv, or a device call's)."""
     log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
     log.flush()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        returncode = proc.wait(timeout=time_limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.write(f"\n[stopped after the {time_limit_s:g} s time limit]\n")
+        returncode = 0
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:2])}… exited with {proc.returncode}; see {log_path}")
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:2])}… exited with {returncode}; see {log_path}")
     return wall, (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
 
 

@@ -130,7 +130,7 @@ def per_iteration(out_dir: str, prepared_star: str, consensus, truth, operators,
 def run(dataset: str, out_dir: str, results_path: str, group: str = "C4", sigma_ang: float = 5.0, mpi_procs: int = 3,
         threads: int = 1, ini_high_A: float = 12.0, healpix_order: int = 3, auto_local_healpix_order: int | None = None,
         offset_range_px: float = 3.0, offset_step_px: float = 1.0, diameter_A: float | None = None,
-        max_iterations: int | None = None, cryocv_results: str | None = None, extra_args=()) -> dict:
+        max_iterations: int | None = None, time_limit_s: float | None = None, cryocv_results: str | None = None, extra_args=()) -> dict:
     """RELION 3.1 ``--relax_sym group`` from DATASET's consensus, judged as bench_relax judges cryocv;
     writes ``results_path``.json and returns it."""
     group = group.upper()
@@ -167,7 +167,7 @@ def run(dataset: str, out_dir: str, results_path: str, group: str = "C4", sigma_
                                 offset_range_px, offset_step_px, True, extra + [str(a) for a in extra_args], out_dir)
         args[args.index("--auto_local_healpix_order") + 1] = str(auto_local)
         cmd = mpi_command(args, mpi_procs, nice_leader=True)
-        wall, cpu = _run_logged(cmd, out_dir, log, log_path)
+        wall, cpu = _run_logged(cmd, out_dir, log, log_path, time_limit_s)
     final = _final_or_last(out_dir)
 
     rows, refined = relion_to_truth_rows(final["data_star"], star, consensus, truth)
@@ -213,7 +213,8 @@ def run(dataset: str, out_dir: str, results_path: str, group: str = "C4", sigma_
         "settings": {"sigma_ang_deg": sigma_ang, "healpix_order": healpix_order,
                      "auto_local_healpix_order": auto_local, "offset_range_px": offset_range_px,
                      "offset_step_px": offset_step_px, "ini_high_A": ini_high_A, "particle_diameter_A": diameter,
-                     "mpi_procs": mpi_procs, "threads": threads, "max_iterations": max_iterations},
+                     "mpi_procs": mpi_procs, "threads": threads, "max_iterations": max_iterations,
+                     "time_limit_s": time_limit_s},
         "relion_version": subprocess.run(["relion_refine", "--version"], capture_output=True,
                                          text=True).stdout.split("\n")[0].strip(),
         "cpu_count": os.cpu_count(),
@@ -246,12 +247,15 @@ def main(argv=None):
     parser.add_argument("--mpi", type=int, default=3, help="MPI ranks (leader + followers, >= 3)")
     parser.add_argument("--threads", type=int, default=1, help="--j per follower rank")
     parser.add_argument("--max-iterations", type=int, default=None, help="--auto_iter_max (smoke tests only)")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="stop RELION after this long and judge its last iteration (mean of its half-maps)")
     parser.add_argument("--cryocv-results", default=None, help="bench_relax's results JSON, copied alongside")
     parser.add_argument("--extra", default="", help="more relion_refine arguments, one quoted string")
     args = parser.parse_args(argv)
     results = run(args.dataset, args.out, args.results, args.group, args.sigma_ang, args.mpi, args.threads,
                   args.ini_high_A, args.healpix_order, args.auto_local_healpix_order, args.offset_range,
-                  args.offset_step, args.diameter_A, args.max_iterations, args.cryocv_results, shlex.split(args.extra))
+                  args.offset_step, args.diameter_A, args.max_iterations, time_limit_s=args.time_limit_s,
+                  cryocv_results=args.cryocv_results, extra_args=shlex.split(args.extra))
     print(json.dumps({k: v for k, v in results.items() if k not in ("iteration_log", "per_iteration")}, indent=1,
                      default=str))
 
