@@ -11,6 +11,22 @@ import json
 import os
 
 
+def _outside_passes(job_dir: str) -> dict:
+    """The startup, setup and output lines of run.log (seconds per step), where the job logs them."""
+    found = {}
+    path = os.path.join(job_dir, "run.log")
+    if not os.path.exists(path):
+        return found
+    for line in open(path):
+        text = line.split("  ", 1)[-1].strip()
+        for key in ("startup:", "setup:"):
+            if text.startswith(key):
+                found[key[:-1]] = text[len(key):].strip()
+        if text.startswith("done:") and "written in" in text:
+            found["outputs"] = text.split("written in", 1)[1].split("; job")[0].strip()
+    return found
+
+
 def job_table(job_dir: str, label: str) -> str:
     with open(os.path.join(job_dir, "fsc.json")) as handle:
         report = json.load(handle)
@@ -27,6 +43,9 @@ def job_table(job_dir: str, label: str) -> str:
         row = [str(it["iteration"]) + (" (final)" if it["final"] else ""), f"{it['pass_seconds']:.2f}"]
         row += [f"{it.get('stage_seconds', {}).get(name, 0):.2f}" for name in stages]
         lines.append("| " + " | ".join(row) + " |")
+    outside = _outside_passes(job_dir)
+    if outside:
+        lines += ["", "Outside the iterations: " + "; ".join(f"{k}: {v}" for k, v in outside.items())]
     pass_s = sum(it["pass_seconds"] for it in iterations)
     n = report["n_particles"] * len(iterations)
     lines += ["", f"particle-iterations/s: {n / pass_s:.0f} in the passes, {n / wall:.0f} end to end "

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..backend import to_numpy
+from ..backend import StageTimer, to_numpy
 from ..errors import CryocvError
 from ..io.mrc import atomic_path, read_map, write_map
 from ..io.particle_files import save_particles
@@ -218,25 +218,34 @@ def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, 
     ``checkpoint_folder``: the final pass's checkpoint, which holds the same maps under the same
     names: they are hard-linked from there (copied where links fail) instead of written again
     (at box 512 each is half a gigabyte)."""
+    timer = StageTimer()
+
     def put(name, volume):
         if checkpoint_folder is not None and os.path.isfile(os.path.join(checkpoint_folder, name)):
             _link_or_copy(os.path.join(checkpoint_folder, name), path(job_dir, name))
         else:
             write_map(path(job_dir, name), to_numpy(volume), pixel_size_A)
 
-    for name, volume in zip(HALF_MAPS, half_maps):
-        put(name, volume)
-    if mask is not None:
-        put(MASK, mask)
-    for name, volume in (extra_maps or {}).items():
-        put(name, volume)
-    save_particles(particles, path(job_dir, PARTICLES_STAR))
-    write_json(path(job_dir, FSC_JSON), report)
-    plot_fsc(report, path(job_dir, FSC_PNG), title=fsc_title)
+    with timer("maps"):
+        for name, volume in zip(HALF_MAPS, half_maps):
+            put(name, volume)
+        if mask is not None:
+            put(MASK, mask)
+        for name, volume in (extra_maps or {}).items():
+            put(name, volume)
+    with timer("particles"):
+        save_particles(particles, path(job_dir, PARTICLES_STAR))
+    with timer("fsc"):
+        write_json(path(job_dir, FSC_JSON), report)
+        plot_fsc(report, path(job_dir, FSC_PNG), title=fsc_title)
     if before_record is not None:
-        before_record()
+        with timer("plots"):
+            before_record()
+    record["output_seconds"] = timer.rounded(2)
     write_json(path(job_dir, JOB_JSON), record)
-    put(MAP, full_map)                     # last: marks the job finished
+    with timer("maps"):
+        put(MAP, full_map)                 # last: marks the job finished
+    record["output_seconds"] = timer.rounded(2)
 
 
 def _link_or_copy(source: str, target: str):

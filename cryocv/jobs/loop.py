@@ -163,15 +163,19 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
     pose_symmetry = params.reconstruction_symmetry()        # C1 when relaxing: a change of mode is a change
     ops = symmetry_operators(pose_symmetry)
-    one_half = keep_one_half_on_device(n, nu is not None, free_gpu_memory_bytes() if xp is not np else 0)
-    source = ParticleSource(particles, xp, 0 if params.stream else
-                            image_cache_budget_bytes(xp, map_stage_device_bytes(n, nu is not None,
-                                                                                one_half_on_device=one_half)))
+    setup = StageTimer(xp)
+    with setup("image source"):
+        one_half = keep_one_half_on_device(n, nu is not None, free_gpu_memory_bytes() if xp is not np else 0)
+        source = ParticleSource(particles, xp, 0 if params.stream else
+                                image_cache_budget_bytes(xp, map_stage_device_bytes(n, nu is not None,
+                                                                                    one_half_on_device=one_half)))
     log(f"  image FTs ({source.ft_bytes / 2**30:.2f} GiB) {'cached on the device' if source.cached else 'streamed'}"
         + ("; one half-set's accumulators on the device at a time (the other in host memory)" if one_half else ""))
     if state.noise_var_shell is None:
-        sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
-        state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
+        with setup("start noise spectrum"):
+            sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
+            state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
+    log("  setup: " + ", ".join(f"{name} {value:.2f} s" for name, value in setup.seconds.items()))
     input_rotations = particles.rotations if particles.has_alignment else None
     while True:
         timer = StageTimer(xp)
@@ -242,6 +246,8 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
                 log(f"  converged: {reason}")
             elif iteration >= params.max_iterations:
                 log(f"  stopping at --max-iterations {params.max_iterations} without convergence")
+        with timer("checkpoint: previous write"):
+            store.wait()
         with timer("checkpoint"):      # written while the next pass runs; the final one before returning
             store.save(state, maps, px, particles.half_set, result.scores, background=not state.final_done)
         stages = record["stage_seconds"]

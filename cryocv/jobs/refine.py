@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..backend import memory_budget_bytes
+from ..backend import StageTimer, memory_budget_bytes
 from ..errors import CryocvError
 from ..io.particle_files import load_particles
 from ..nonuniform import NUParams
@@ -223,6 +223,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     with the settings it was started with; ``overwrite`` replaces a job already in ``out_dir``.
     Returns the FSC report."""
     started = time.time()
+    startup = StageTimer()                       # host stages before the first pass, logged with the pass stages
     config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
     config, params, store = open_refinement(out_dir, resume, params, RefineParams, ("particles", "reference"),
                                             refine_params_from_config, overwrite)
@@ -230,18 +231,22 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
         particles_path, reference_path, datadir = config["particles"], config["reference"], config["datadir"]
         device, gpu_ids = config["device"], config["gpu"]
     # every input is checked before anything is written into out_dir
-    xp, ids = select_device(device, gpu_ids)
+    with startup("device"):
+        xp, ids = select_device(device, gpu_ids)
     notes = []                                   # logged once run.log exists
-    particles = load_checked_particles(particles_path, datadir, params.strict, notes.append)
+    with startup("particles: read + check"):
+        particles = load_checked_particles(particles_path, datadir, params.strict, notes.append)
     if particles.ctf is None:
         raise CryocvError(f"{particles_path} has no CTF parameters (rlnDefocusU...): refinement needs them")
-    reference, reference_px = read_cubic_map(reference_path)
+    with startup("reference"):
+        reference, reference_px = read_cubic_map(reference_path)
     if params.break_symmetry:
         particles.require_alignment("--break-symmetry")
     require_half_sets(particles, params.seed, 2, notes.append)
     state = store.load_latest() if resume else None
     if state is None:
-        state = initial_state(reference, reference_px, particles, params.initial_lowpass_A)
+        with startup("reference"):
+            state = initial_state(reference, reference_px, particles, params.initial_lowpass_A)
     if not resume:
         jobdir.create_output_dir(out_dir, overwrite, also=(jobdir.DIFFERENCE_MAP, jobdir.RELAX_PNG))
         jobdir.write_json(config_path, {"particles": os.path.abspath(particles_path),
@@ -266,6 +271,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
             log(f"  note: using GPU {ids[0]} of {ids}; multi-GPU refinement is not implemented yet")
     else:
         log(f"continuing from the checkpoint of iteration {state.iteration} ({state.resolution_A:.2f} Å)")
+    log("  startup: " + ", ".join(f"{name} {value:.2f} s" for name, value in startup.seconds.items()))
     input_rotations = particles.rotations if particles.has_alignment else None
     make_search, register_halves, state = relaxation.compose(global_search(params, n, px, xp), params, particles,
                                                              state, xp, log)
@@ -292,7 +298,10 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
         if cutoff_A is not None:
             shutil.copyfile(os.path.join(store.folder(state.iteration), jobdir.NU_FILTERED_MAP),
                             jobdir.path(out_dir, jobdir.NU_FILTERED_MAP))
-        plot_poses(**refine_pose_diagnostics(out_dir), path=jobdir.path(out_dir, jobdir.POSES_PNG))
+        change = (None if input_rotations is None else
+                  pose_distance_deg(particles.rotations, input_rotations, params.symmetry))
+        plot_poses(**pose_diagnostics(particles.euler_deg, state.history, change),
+                   path=jobdir.path(out_dir, jobdir.POSES_PNG))      # from memory: no STAR read back
 
     outputs_started = time.time()
     record = jobdir.job_record("refine", {"particles": os.path.abspath(particles_path),
@@ -304,7 +313,9 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
                          before_record=plots_and_nu_map, checkpoint_folder=store.folder(state.iteration))
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
         f"{state.iteration} iterations; map {jobdir.path(out_dir, jobdir.MAP)} (outputs and plots written in "
-        f"{time.time() - outputs_started:.1f} s, job {time.time() - started:.1f} s)")
+        f"{time.time() - outputs_started:.1f} s: " + ", ".join(f"{name} {value:.2f}" for name, value in
+                                                             record["output_seconds"].items())
+        + f"; job {time.time() - started:.1f} s)")
     return report
 
 
@@ -325,6 +336,11 @@ def refine_pose_diagnostics(job_dir: str, input_particles: str | None = None) ->
     change = None
     if start.has_alignment and len(start) == len(refined):
         change = pose_distance_deg(refined.rotations, start.rotations, report["symmetry"])
-    history = report.get("iterations") or []
-    return {"euler_deg": refined.euler_deg, "history": history, "change_vs_input_deg": change,
-            "title": f"{len(refined)} particles after {len(history)} iterations"}
+    return pose_diagnostics(refined.euler_deg, report.get("iterations") or [], change)
+
+
+def pose_diagnostics(euler_deg: np.ndarray, history: list, change_vs_input_deg: np.ndarray | None) -> dict:
+    """Keyword arguments of :func:`cryocv.plotting.plot_poses`: ``euler_deg`` (n, 3) refined poses,
+    ``history`` per-iteration records, ``change_vs_input_deg`` (n,) or None."""
+    return {"euler_deg": euler_deg, "history": history, "change_vs_input_deg": change_vs_input_deg,
+            "title": f"{len(euler_deg)} particles after {len(history)} iterations"}
