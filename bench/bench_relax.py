@@ -20,6 +20,7 @@ also runs the symmetric refinement without relaxation for the per-iteration cost
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cryocv.backend import resolve_xp, to_device, to_numpy  # noqa: E402
 from cryocv.fsc import fsc_curve, resolution_at  # noqa: E402
-from cryocv.geometry import angular_distance_deg, matrix_to_euler  # noqa: E402
+from cryocv.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler  # noqa: E402
 from cryocv.io.mrc import read_map, write_map  # noqa: E402
 from cryocv.io.particle_files import load_particles, save_particles  # noqa: E402
 from cryocv.jobs.reconstruct import run as run_reconstruct  # noqa: E402
@@ -183,6 +184,28 @@ def judge(rotations, true_rotations, operators, refined_map, truth_map, mask, px
             "partner_fsc05_A": masked_fsc05(registered, truth_map, mask, px)}
 
 
+def per_iteration(job: str, truth, operators, global_mode: int) -> list:
+    """Per checkpoint of ``job`` (all kept): the fraction of particles at their true pose turned by
+    the final global operator (within 10°), and per half-set the operator most of its particles
+    sit at and its share: how the symmetry broke, and in which half-set."""
+    rows = []
+    for folder in sorted(glob.glob(os.path.join(job, "iterations", "iter_*"))):
+        path = os.path.join(folder, "poses.npz")
+        if not os.path.exists(path):
+            continue
+        saved = np.load(path)
+        rotations, half_set = euler_to_matrix(saved["euler_deg"]), saved["half_set"]
+        modes = mode_of(rotations, truth.rotations, operators)
+        error = angular_distance_deg(rotations, truth.rotations @ operators[global_mode].T)
+        row = {"iteration": int(folder.rsplit("_", 1)[1]), "fraction_at_final_operator": round(float(np.mean(error < 10)), 4)}
+        for h in (1, 2):
+            counts = np.bincount(modes[half_set == h], minlength=len(operators))
+            row[f"half{h}_operator"] = int(counts.argmax())
+            row[f"half{h}_share"] = round(float(counts.max() / max(counts.sum(), 1)), 4)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20000)
@@ -234,7 +257,7 @@ def main(argv=None):
     job = os.path.join(args.out, "relax")
     run_refine(consensus_star, consensus_path, job,
                RefineParams(symmetry=group, relax=args.relax_mode, break_symmetry=True, initial_lowpass_A=12.0,
-                            max_iterations=args.max_iterations), progress=False, overwrite=True)
+                            max_iterations=args.max_iterations, keep_checkpoints=0), progress=False, overwrite=True)
     results["relax_wall_s"] = round(time.time() - t0, 1)
     refined = load_particles(os.path.join(job, "particles.star"))
     mask = partner_mask(partner)
@@ -250,6 +273,7 @@ def main(argv=None):
     report = json.load(open(os.path.join(job, "fsc.json")))
     results["report"] = report.get("relax")
     results["relax_pass_seconds"] = [h["pass_seconds"] for h in report["iterations"]]
+    results["per_iteration"] = per_iteration(job, truth, ops, judged["global_operator"])
     if args.compare_unrelaxed:
         plain = os.path.join(args.out, "unrelaxed")
         t0 = time.time()
