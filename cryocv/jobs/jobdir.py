@@ -320,8 +320,10 @@ class CheckpointStore:
 
         def write():
             os.makedirs(folder, exist_ok=True)
-            for name, volume in maps_out.items():
-                write_map(os.path.join(folder, name), volume, pixel_size_A)
+            # a few at once: header statistics and file writes release the GIL (box 512: eight 0.5 GB maps)
+            with ThreadPoolExecutor(max_workers=min(4, len(maps_out)), thread_name_prefix="cryocv-map") as pool:
+                list(pool.map(lambda item: write_map(os.path.join(folder, item[0]), item[1], pixel_size_A),
+                              maps_out.items()))
             write_json(os.path.join(folder, FSC_JSON), report)
             with atomic_path(os.path.join(folder, POSES_NPZ)) as tmp:
                 with open(tmp, "wb") as handle:

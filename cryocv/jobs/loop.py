@@ -74,8 +74,9 @@ def open_refinement(out_dir: str, resume: bool, params, params_class, input_keys
 
 
 def initial_state(reference: np.ndarray, reference_pixel_A: float | None, particles: Particles,
-                  initial_lowpass_A: float) -> RefineState:
-    """Both half-references = the reference low-passed to ``initial_lowpass_A``."""
+                  initial_lowpass_A: float, xp=np) -> RefineState:
+    """Both half-references = the reference low-passed to ``initial_lowpass_A`` (on ``xp``'s
+    device: at box 512 the FFTs take seconds on the CPU)."""
     n, px = particles.box_size, particles.pixel_size_A
     if reference.shape != (n, n, n):
         raise CryocvError(f"the reference is {reference.shape[0]} px but the particles are {n} px: "
@@ -83,9 +84,11 @@ def initial_state(reference: np.ndarray, reference_pixel_A: float | None, partic
     if reference_pixel_A and abs(reference_pixel_A - px) > 0.01 * px:
         raise CryocvError(f"the reference's pixel size ({reference_pixel_A:.4f} Å) differs from the particles' "
                           f"({px:.4f} Å) by more than 1%")
-    if not np.isfinite(reference).all() or float(np.abs(reference).max()) == 0:
+    volume = to_device(reference, xp)
+    if not bool(xp.isfinite(volume).all()) or float(xp.abs(volume).max()) == 0:
         raise CryocvError("the reference map is empty or holds non-finite values")
-    start = np.clip(lowpass_map(reference, px, max(initial_lowpass_A, 2 * px)), 0, None)
+    start = to_numpy(xp.clip(lowpass_map(volume, px, max(initial_lowpass_A, 2 * px)), 0, None))
+    volume = None
     # a coarse soft sphere instead of a dynamic mask before there are half-maps
     return RefineState(iteration=0, references=[start.copy(), start.copy()], mask=None,
                        resolution_A=max(initial_lowpass_A, 2 * px), euler_deg=None, origin_A=None,

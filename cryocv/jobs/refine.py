@@ -246,7 +246,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     state = store.load_latest() if resume else None
     if state is None:
         with startup("reference"):
-            state = initial_state(reference, reference_px, particles, params.initial_lowpass_A)
+            state = initial_state(reference, reference_px, particles, params.initial_lowpass_A, xp)
     if not resume:
         jobdir.create_output_dir(out_dir, overwrite, also=(jobdir.DIFFERENCE_MAP, jobdir.RELAX_PNG))
         jobdir.write_json(config_path, {"particles": os.path.abspath(particles_path),
