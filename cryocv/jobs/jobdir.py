@@ -183,10 +183,17 @@ def job_record(job: str, params: dict, xp, started: float, result: dict | None =
     line, and ``result`` (e.g. the final resolution)."""
     finished = time.time()
     return {"job": job, "cryocv_version": __version__, "git_commit": _source_commit(), "parameters": params,
-            "started": _timestamp(started), "finished": _timestamp(finished),
+            "started": _timestamp(started), "started_unix_s": round(started, 3), "finished": _timestamp(finished),
             "wall_time_s": round(finished - started, 3), "device": "gpu" if xp is not np else "cpu",
             "device_name": _device_name(xp), "python": platform.python_version(), "numpy": np.__version__,
             "command": sys.argv, **({"result": result} if result else {})}
+
+
+def finish_record(record: dict):
+    """Set ``record``'s (from :func:`job_record`) end time and wall time to now."""
+    finished = time.time()
+    started = record["started_unix_s"]
+    record.update(finished=_timestamp(finished), wall_time_s=round(finished - started, 3))
 
 
 def remove_stale_temp_files(job_dir: str) -> int:
@@ -242,6 +249,7 @@ def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, 
         with timer("plots"):
             before_record()
     record["output_seconds"] = timer.rounded(2)
+    finish_record(record)                  # the wall time includes the outputs written so far
     write_json(path(job_dir, JOB_JSON), record)
     with timer("maps"):
         put(MAP, full_map)                 # last: marks the job finished
