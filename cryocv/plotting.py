@@ -201,16 +201,18 @@ RELAX_FIGSIZE = (11.0, 3.6)
 
 
 def draw_relaxation(fig, difference_map, change_deg=None, occupancy=None, group: str = "",
-                    title: str = "Symmetry relaxation", mode_switch=None):
+                    title: str = "Symmetry relaxation", mode_switch=None, agreement=None):
     """Into ``fig``: the central orthogonal slices of ``difference_map`` (N, N, N: the relaxed
     map minus its symmetrized version, red positive / blue negative), the histogram of each
     particle's angle between its relaxed and its input pose (``change_deg``), the fraction
     of particles in each of the group's modes (``occupancy``) and the fraction that changed mode
-    at each iteration (``mode_switch``: [(iteration, fraction)], the convergence the job waits for)."""
+    at each iteration (``mode_switch``: [(iteration, fraction)]) with the agreement of the two
+    half-maps' asymmetric parts (``agreement``: [(iteration, correlation)]): the convergence the
+    job waits for (switching stopped falling, agreement stopped rising)."""
     d = np.asarray(difference_map)
     n = d.shape[0]
     limit = float(np.abs(d).max()) or 1.0
-    panels = 3 + (change_deg is not None) + (occupancy is not None) + bool(mode_switch)
+    panels = 3 + (change_deg is not None) + (occupancy is not None) + bool(mode_switch or agreement)
     for i, (plane, label) in enumerate(((d[n // 2], "xy (z = centre)"), (d[:, n // 2], "xz"), (d[:, :, n // 2], "yz"))):
         ax = fig.add_subplot(1, panels, i + 1)
         ax.imshow(plane, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
@@ -233,14 +235,21 @@ def draw_relaxation(fig, difference_map, change_deg=None, occupancy=None, group:
         ax.set_ylabel("fraction of particles")
         ax.set_title("mode occupancy", fontsize=8)
         k += 1
-    if mode_switch:
+    if mode_switch or agreement:
         ax = fig.add_subplot(1, panels, k)
-        iterations, fractions = zip(*mode_switch)
-        ax.plot(iterations, 100 * np.asarray(fractions), "o-", color="tab:red")
+        if mode_switch:
+            iterations, fractions = zip(*mode_switch)
+            ax.plot(iterations, 100 * np.asarray(fractions), "o-", color="tab:red")
         ax.set_xlabel("iteration")
-        ax.set_ylabel("particles that changed mode (%)")
+        ax.set_ylabel("particles that changed mode (%)", color="tab:red")
         ax.set_ylim(bottom=0)
-        ax.set_title("mode switching", fontsize=8)
+        ax.set_title("mode switching, half-map agreement", fontsize=8)
+        if agreement:
+            twin = ax.twinx()
+            iterations, values = zip(*agreement)
+            twin.plot(iterations, values, "s--", color="tab:green")
+            twin.set_ylabel("asymmetric parts' correlation", color="tab:green")
+            twin.set_ylim(min(0.0, min(values)), 1.0)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
 
@@ -250,9 +259,14 @@ def mode_switch_series(history: list) -> list:
     return [(h["iteration"], h["mode_switch_fraction"]) for h in history if "mode_switch_fraction" in h]
 
 
+def agreement_series(history: list) -> list:
+    """[(iteration, correlation of the half-maps' asymmetric parts)] from a job's per-iteration history."""
+    return [(h["iteration"], h["asymmetric_agreement"]) for h in history if "asymmetric_agreement" in h]
+
+
 def plot_relaxation(difference_map, change_deg, occupancy, group: str, path: str,
-                    title: str = "Symmetry relaxation", mode_switch=None):
+                    title: str = "Symmetry relaxation", mode_switch=None, agreement=None):
     """:func:`draw_relaxation` to ``path`` (PNG)."""
     fig = Figure(figsize=RELAX_FIGSIZE, dpi=110)
-    draw_relaxation(fig, difference_map, change_deg, occupancy, group, title, mode_switch)
+    draw_relaxation(fig, difference_map, change_deg, occupancy, group, title, mode_switch, agreement)
     _save(fig, path)

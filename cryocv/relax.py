@@ -128,18 +128,30 @@ def register_over_group(reference, moving, operators, mask=None, pixel_size_A: f
     the symmetric core is the same under every g, and the interpolation error of turning it (about
     axes off the grid's, as T's 3-folds) can outweigh a small partner's signal in a whole-map
     correlation."""
+    best, _ = asymmetric_agreement(reference, moving, operators, mask, pixel_size_A, resolution_A)
+    return best, np.asarray(operators[best], dtype=np.float64)
+
+
+def asymmetric_agreement(reference, moving, operators, mask=None, pixel_size_A: float | None = None,
+                         resolution_A: float | None = None) -> tuple[int, float]:
+    """(index of the best operator g, correlation): the normalized correlation, inside ``mask``,
+    of the asymmetric parts of ``reference`` and of ``moving(g·x)`` (see
+    :func:`register_over_group`), maximized over the group. Near 0 while two half-maps are still
+    symmetric (their asymmetric parts are noise); it rises as both break the symmetry the same
+    way: a relaxation has not converged while it still rises."""
     xp = get_array_module(reference)
     if pixel_size_A and resolution_A:
         reference, moving = (lowpass_map(m, pixel_size_A, resolution_A) for m in (reference, moving))
     weight = 1 if mask is None else mask
     ref = (reference - symmetrized(reference, operators)) * weight
+    ref_norm = float(xp.sqrt((ref * ref).sum()))
     mov = moving - symmetrized(moving, operators)
     scores = []
     for g in operators:
         turned = transform_volume(mov, MapTransform(np.asarray(g, dtype=np.float64), np.zeros(3))) * weight
-        scores.append(float((ref * turned).sum()) / max(float(xp.sqrt((turned * turned).sum())), 1e-30))
+        scores.append(float((ref * turned).sum()) / max(float(xp.sqrt((turned * turned).sum())) * ref_norm, 1e-30))
     best = int(np.argmax(scores))
-    return best, np.asarray(operators[best], dtype=np.float64)
+    return best, scores[best]
 
 
 def asymmetric_fsc(map1, map2, operators) -> np.ndarray:

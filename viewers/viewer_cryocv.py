@@ -9,7 +9,7 @@ from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
 from cryocv.jobs import jobdir
 from cryocv.plotting import (ABINITIO_FIGSIZE, FSC_FIGSIZE, POSE_CHANGE_FIGSIZE, RELAX_FIGSIZE, draw_abinitio,
-                             draw_fsc, draw_pose_change, draw_poses, draw_relaxation, mode_switch_series,
+                             agreement_series, draw_fsc, draw_pose_change, draw_poses, draw_relaxation, mode_switch_series,
                              poses_figsize)
 
 from ..protocols import ProtCryocvAbinitio, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvRefine
@@ -76,10 +76,11 @@ def relaxationPlotter(protocol):
         start = load_particles(protocol._particlesStar())          # metadata only: images are not read
         if start.has_alignment and len(start) == len(refined):    # else some images were left out: no pairing
             change = angular_distance_deg(refined.rotations, start.rotations)
+    history = protocol._fscReport().get("iterations") or []
     plotter = Plotter(figsize=RELAX_FIGSIZE, windowTitle=f"{protocol.getRunName()}: symmetry relaxation")
     draw_relaxation(plotter.figure, difference, change, occupancy, relax["group"],
                     title=f"{protocol.getRunName()}: {relax['group']} relaxed ({relax['mode']}), maps in C1",
-                    mode_switch=mode_switch_series(protocol._fscReport().get("iterations") or []))
+                    mode_switch=mode_switch_series(history), agreement=agreement_series(history))
     return plotter
 
 

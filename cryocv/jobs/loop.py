@@ -110,6 +110,10 @@ def convergence(history: list, min_iterations: int, final_step_deg: float) -> tu
     change, change_before = last.get("pose_change_median_deg"), previous.get("pose_change_median_deg")
     poses_stalled = (change is not None and change_before is not None
                      and (change >= 0.9 * change_before or change <= final_step_deg))
+    agreement, agreement_before = last.get("asymmetric_agreement"), previous.get("asymmetric_agreement")
+    if agreement is not None and agreement_before is not None and agreement - agreement_before > max(
+            0.02, 0.05 * abs(agreement_before)):
+        return False, ""                    # relaxation: the half-maps still break the symmetry further
     switches, switches_before = last.get("mode_switch_fraction"), previous.get("mode_switch_fraction")
     if switches is not None and switches_before is not None and switches > 0.01 and abs(
             switches - switches_before) > max(0.1 * switches_before, 0.005):
@@ -148,7 +152,8 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
     ``params``: a refinement's Params (regularizer, NU settings, symmetry, iterations, seed...);
     ``make_search(references, noise, cutoff_px, state)`` → :class:`PoseSearch` (global, local...);
     ``make_mask(average map)`` replaces the dynamic mask (see :func:`regularize_and_assess`);
-    ``register_halves(state)`` → state, called before each iteration, may move half-set 2's
+    ``register_halves(state)`` → state, called after each iteration that another follows (its record
+    last in ``state.history``, before the convergence test), may move half-set 2's
     reference and poses (symmetry relaxation)."""
     try:
         return _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask, register_halves)
@@ -185,8 +190,6 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         finals_before = sum(1 for h in state.history if h.get("final"))
         final = state.converged or state.iteration >= params.max_iterations or finals_before > 0
         iteration = state.iteration + 1
-        if register_halves is not None and state.iteration > 0:
-            state = register_halves(state)
         cutoff = n / 2 if final else alignment_cutoff_px(n, px, state.resolution_A, params.extra_shells)
         if params.max_align_res_A:             # never align beyond this, the final pass included
             cutoff = min(cutoff, n * px / params.max_align_res_A)
@@ -242,6 +245,9 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         if "mode_switch_fraction" in record:
             msg += f", {100 * record['mode_switch_fraction']:.1f}% changed mode"
         log(msg)
+        if register_halves is not None and not state.final_done:
+            with timer("half-set registration"):     # before the convergence test: it records the agreement
+                state = register_halves(state)
         if not final:
             state.converged, reason = convergence(state.history, params.min_iterations,
                                                   math.degrees(finest.rotation_step_rad))

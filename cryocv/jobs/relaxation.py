@@ -22,10 +22,10 @@ from ..backend import to_device, to_numpy
 from ..fourier import lowpass_map
 from ..geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from ..io.mrc import write_map
-from ..plotting import mode_switch_series, plot_relaxation
+from ..plotting import agreement_series, mode_switch_series, plot_relaxation
 from ..reconstruct import reconstruct_half_maps
 from ..register import MapTransform, transform_volume
-from ..relax import mode_of, mode_spread, register_over_group, relaxed_poses, symmetrized
+from ..relax import asymmetric_agreement, mode_of, mode_spread, relaxed_poses, symmetrized
 from ..search import search_schedule
 from ..symmetry import symmetry_operators
 from . import jobdir
@@ -107,17 +107,22 @@ def half_set_registration(params, half_set: np.ndarray, pixel_size_A: float, xp,
         first, second = (to_device(r, xp) for r in state.references)          # on the device: N rotations of a map
         mask = None if state.mask is None else to_device(state.mask, xp)
         # compared where the asymmetric part is clear of interpolation error: twice the resolution
-        index, g = register_over_group(first, second, operators, mask, pixel_size_A,
-                                       max(2 * state.resolution_A, 4 * pixel_size_A))
+        index, agreement = asymmetric_agreement(first, second, operators, mask, pixel_size_A,
+                                                max(2 * state.resolution_A, 4 * pixel_size_A))
+        if state.history:
+            state.history[-1].update(registered_operator=index, asymmetric_agreement=round(agreement, 4))
         if index == 0:
-            log(f"  half-sets in register (operator 0 of {params.symmetry})")
+            log(f"  half-sets in register (operator 0 of {params.symmetry}); agreement of their asymmetric "
+                f"parts {agreement:.3f}")
             return state
+        g = np.asarray(operators[index], dtype=np.float64)
         state.references[1] = np.clip(to_numpy(transform_volume(second, MapTransform(g, np.zeros(3)))), 0, None)
         if state.euler_deg is not None:
             rotations = euler_to_matrix(state.euler_deg[members]) @ g
             state.euler_deg[members] = matrix_to_euler(rotations)
         log(f"  half-set 2 turned by operator {index} of {params.symmetry} "
-            f"({np.degrees(np.arccos(np.clip((np.trace(g) - 1) / 2, -1, 1))):.0f}°) onto half-set 1")
+            f"({np.degrees(np.arccos(np.clip((np.trace(g) - 1) / 2, -1, 1))):.0f}°) onto half-set 1; agreement "
+            f"of their asymmetric parts {agreement:.3f}")
         return state
 
     return register_halves
@@ -140,5 +145,5 @@ def relaxation_outputs(out_dir: str, full_map, particles, input_rotations, param
         change = angular_distance_deg(particles.rotations, input_rotations)
         record.update(mode_occupancy=occupancy.tolist(), change_from_input_median_deg=float(np.median(change)))
     plot_relaxation(difference, change, occupancy, params.symmetry, jobdir.path(out_dir, jobdir.RELAX_PNG),
-                    mode_switch=mode_switch_series(history))
+                    mode_switch=mode_switch_series(history), agreement=agreement_series(history))
     return record
