@@ -187,7 +187,9 @@ def judge(rotations, true_rotations, operators, refined_map, truth_map, mask, px
 def per_iteration(job: str, truth, operators, global_mode: int) -> list:
     """Per checkpoint of ``job`` (all kept): the fraction of particles at their true pose turned by
     the final global operator (within 10°), and per half-set the operator most of its particles
-    sit at and its share: how the symmetry broke, and in which half-set."""
+    sit at and its share: how the symmetry broke, and in which half-set. Checkpoints hold the poses
+    after the half-set registration at the end of their iteration (since commit f122b93): half-set
+    2's operator is then the one it was turned onto, not the one it broke at."""
     rows = []
     for folder in sorted(glob.glob(os.path.join(job, "iterations", "iter_*"))):
         path = os.path.join(folder, "poses.npz")

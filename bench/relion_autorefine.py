@@ -323,18 +323,26 @@ def _run_logged(cmd, cwd: str, log, log_path: str, time_limit_s: float | None = 
     log.flush()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        returncode = proc.wait(timeout=time_limit_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
+    # with a time limit, RELION (mpirun and its ranks) gets its own process group, stopped as a whole
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=time_limit_s is not None)
+
+    def stop():
+        os.killpg(proc.pid, signal.SIGTERM) if time_limit_s is not None else proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL) if time_limit_s is not None else proc.kill()
             proc.wait()
+    try:
+        returncode = proc.wait(timeout=time_limit_s)
+    except subprocess.TimeoutExpired:
+        stop()
         log.write(f"\n[stopped after the {time_limit_s:g} s time limit]\n")
         returncode = 0
+    except BaseException:            # Ctrl-C, a wrapper's signal: never leave RELION running orphaned
+        stop()
+        raise
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if returncode != 0:

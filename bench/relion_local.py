@@ -198,6 +198,17 @@ def final_resolution(log_path: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def _iteration_complete(root: str) -> bool:
+    """Are RELION's iteration files ``root``_* all there and readable (half-maps, model, data)?"""
+    try:
+        for h in (1, 2):
+            read_map(f"{root}_half{h}_class001.mrc")
+        starfile.read(f"{root}_half1_model.star", always_dict=True)["model_general"]
+        return len(starfile.read(f"{root}_data.star", always_dict=True)["particles"]) > 0
+    except Exception:
+        return False
+
+
 def _final_or_last(local_dir: str) -> dict:
     """RELION's final outputs, or (a run capped by ``--auto_iter_max``, which stops without the final
     joined iteration) the last iteration's: map = mean of its two half-maps."""
@@ -207,15 +218,18 @@ def _final_or_last(local_dir: str) -> dict:
                 **summarise(local_dir),
                 "relion_final_resolution_A": final_resolution(os.path.join(local_dir, "relion.log"))}
     files = _iteration_files(local_dir)
-    if not files:
-        raise RuntimeError(f"RELION wrote no iteration in {local_dir}; see {local_dir}/relion.log")
-    root = files[max(files)].replace("_optimiser.star", "")
+    # a run stopped by a time limit may have been killed while writing its last iteration (the
+    # optimiser file comes first, the data STAR last): take the newest iteration written whole
+    complete = [it for it, path in files.items() if _iteration_complete(path.replace("_optimiser.star", ""))]
+    if not complete:
+        raise RuntimeError(f"RELION wrote no complete iteration in {local_dir}; see {local_dir}/relion.log")
+    root = files[max(complete)].replace("_optimiser.star", "")
     halves = [f"{root}_half{h}_class001.mrc" for h in (1, 2)]
     (h1, px), (h2, _) = read_map(halves[0]), read_map(halves[1])
     mean = os.path.join(local_dir, f"{os.path.basename(root)}_halves_mean.mrc")
     write_map(mean, ((h1 + h2) / 2).astype(np.float32), px)
     general = starfile.read(f"{root}_half1_model.star", always_dict=True)["model_general"]
-    return {"finished": False, "map": mean, "data_star": f"{root}_data.star", "iterations": max(files),
+    return {"finished": False, "map": mean, "data_star": f"{root}_data.star", "iterations": max(complete),
             "half_maps": halves, "relion_final_resolution_A": None,
             "relion_reported_resolution_A": float(general["rlnCurrentResolution"]),
             "relion_fsc_0.143_A": relion_fsc_resolution(f"{root}_half1_model.star")}

@@ -6,8 +6,6 @@ symmetric map at Aᵀk equals the one at g·Aᵀk).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from .backend import free_device_memory, get_array_module, is_cupy, to_device
@@ -48,10 +46,6 @@ class Accumulators:
         self.parts = (0, 1) if quarters is not None else (0,)
         self.grids = {}                  # (half, part) -> (data, weight) on the device
         self._host = {}                  # (half, part) -> (data, weight) moved to host memory
-        # page-locked host memory takes ~0.8 s/GiB to allocate the first time (H200 host): one
-        # half-set's worth is allocated by a thread while the pass runs, into CuPy's pinned pool
-        self._pinned_ready = (_prefill_pinned_pool(box_size, padding, len(self.parts))
-                              if one_half_on_device and xp is not np else None)
         for h in ((1,) if one_half_on_device else (1, 2)):
             for q in self.parts:
                 self.grids[(h, q)] = empty_accumulators(box_size, padding, xp)
@@ -62,9 +56,6 @@ class Accumulators:
         if (h, q) in self.grids:
             return self.grids[(h, q)]
         if self.one_half_on_device:
-            if self._pinned_ready is not None:
-                self._pinned_ready.result()
-                self._pinned_ready = None
             for key in [k for k in self.grids if k[0] != h]:
                 self._host[key] = tuple(_to_host(a) for a in self.grids.pop(key))
             free_device_memory(self.xp)
@@ -140,27 +131,6 @@ def _to_host(array):
     host = cupyx.empty_pinned(array.shape, array.dtype)
     array.get(out=host)
     return host
-
-
-def _prefill_pinned_pool(box_size: int, padding: int, n_parts: int):
-    """Allocate, in a background thread, then release into CuPy's pinned memory pool the host
-    buffers of one half-set's ``n_parts`` (data, weight) grids, so that :func:`_to_host` later
-    takes them from the pool instead of waiting for the allocation. Returns the Future."""
-    import cupy
-    import cupyx
-    np_ = padding * box_size
-    shape = (np_, np_, np_ // 2 + 1)
-    device_id = cupy.cuda.Device().id                # the job's GPU, current in this thread, not the new one
-
-    def fill():
-        with cupy.cuda.Device(device_id):
-            buffers = [cupyx.empty_pinned(shape, dtype) for _ in range(n_parts)
-                       for dtype in (np.complex64, np.float32)]
-            del buffers                              # back to the pool, kept there for _to_host
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cryocv-pinned")
-    future = executor.submit(fill)
-    executor.shutdown(wait=False)
-    return future
 
 
 def map_stage_device_bytes(box_size: int, nu: bool, padding: int = DEFAULT_PADDING,

@@ -15,6 +15,18 @@ import numpy as np
 from ..errors import CryocvError
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _current_umask() -> int:
+    """The process's umask (reading it means setting it: one thread at a time, or a concurrent
+    reader could see, and restore, 0)."""
+    with _UMASK_LOCK:
+        umask = os.umask(0)
+        os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
@@ -25,9 +37,7 @@ def atomic_path(path: str):
     os.close(fd)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -89,6 +89,7 @@ def initial_state(reference: np.ndarray, reference_pixel_A: float | None, partic
         raise CryocvError("the reference map is empty or holds non-finite values")
     start = to_numpy(xp.clip(lowpass_map(volume, px, max(initial_lowpass_A, 2 * px)), 0, None))
     volume = None
+    free_device_memory(xp)              # the FFT plan's work area too: the job sizes its caches from what is free
     # a coarse soft sphere instead of a dynamic mask before there are half-maps
     return RefineState(iteration=0, references=[start.copy(), start.copy()], mask=None,
                        resolution_A=max(initial_lowpass_A, 2 * px), euler_deg=None, origin_A=None,
@@ -185,6 +186,9 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
             state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
     log("  setup: " + ", ".join(f"{name} {value:.2f} s" for name, value in setup.seconds.items()))
     input_rotations = particles.rotations if particles.has_alignment else None
+    if (register_halves is not None and state.history and not state.final_done
+            and "registered_operator" not in state.history[-1]):
+        state = register_halves(state)  # a checkpoint written before registration moved to the end of an iteration
     while True:
         timer = StageTimer(xp)
         finals_before = sum(1 for h in state.history if h.get("final"))
@@ -210,6 +214,8 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         free_device_memory(xp)
         maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed, timer=timer,
                                      make_mask=make_mask)
+        acc = None                       # the accumulators go before the registration's and next pass's grids
+        free_device_memory(xp)
         check_result(maps.report, maps.half_maps)
         record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
                   "resolution_A": maps.report["resolution_A"],
@@ -266,5 +272,5 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
             return state, maps
         # this iteration's grids go before the next one's are made (box 512, NU: 13 GB of
         # accumulators and a few GB of maps on the device)
-        acc = maps = result = None
+        maps = result = None
         free_device_memory(xp)
