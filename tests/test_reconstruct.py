@@ -88,3 +88,38 @@ def test_one_half_on_device_gives_the_same_maps():
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
     assert np.abs(results[0][0] - results[0][1]).max() > 0      # the halves differ: a real check
+
+
+def test_one_half_on_device_reuses_its_host_buffers():
+    """The host copies of the off-device half-set (page-locked on a GPU: slow to allocate) are
+    exact-size buffers that the next iteration's accumulators take again once the previous ones
+    are gone, and a buffer is never handed out while its data is still waiting in it."""
+    import gc
+    from cryocv.accumulate import Accumulators
+    from cryocv.geometry import random_rotations
+    from cryocv.projector import frequency_points
+    n = 12
+    rng = np.random.default_rng(4)
+    half_set = np.repeat([1, 2], 10)
+    pts = frequency_points(n)
+    rot = random_rotations(20, rng).astype(np.float32)
+    vals = (rng.normal(size=(20, pts.kx.size)) + 1j * rng.normal(size=(20, pts.kx.size))).astype(np.complex64)
+    wts = rng.uniform(0.1, 1, size=(20, pts.kx.size)).astype(np.float32)
+
+    def iteration(one_half):
+        acc = Accumulators(n, symmetry_operators("C1"), np, None, one_half_on_device=one_half)
+        for h in (1, 2):
+            idx = np.nonzero(half_set == h)[0]
+            acc.insert(h, idx, rot[idx], pts, vals[idx], wts[idx])
+        held = {id(a) for arrays in acc._host.values() for a in arrays}     # half-set 1, waiting on the host
+        maps = acc.half_maps()                  # half-set 2 goes to the host, half-set 1 comes back
+        return maps, held, {id(a) for arrays in acc._host.values() for a in arrays}
+    reference, _, _ = iteration(False)
+    first, held_1, held_2 = iteration(True)
+    assert held_1 and held_2 and held_1.isdisjoint(held_2)                # distinct while both hold data
+    gc.collect()
+    second, again_1, _ = iteration(True)
+    assert again_1 <= held_1 | held_2                                       # taken again, not allocated anew
+    for maps in (first, second):
+        for a, b in zip(reference, maps):
+            np.testing.assert_array_equal(a, b)
