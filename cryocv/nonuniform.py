@@ -54,11 +54,17 @@ def nu_candidate_cutoffs(n_cutoffs: int = NUParams.n_cutoffs) -> np.ndarray:
     return 0.5 * np.arange(1, n_cutoffs + 1) / n_cutoffs
 
 
-def _ball_kernel_ft(box_size: int, radius_px: float, xp):
-    """rfft (unshifted) of a normalised ball of ``radius_px`` centred at the origin (periodic)."""
+def _offset_radius(box_size: int, xp):
+    """(N, N, N) float32 distance of each voxel from the origin, periodic (signed offsets)."""
     c = xp.fft.fftfreq(box_size, d=1.0 / box_size).astype(xp.float32)  # signed voxel offsets
-    r = xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    ball = (r <= max(radius_px, 0.5)).astype(xp.float32)
+    return xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+
+
+def _ball_kernel_ft(offset_radius, radius_px: float):
+    """rfft (unshifted) of a normalised ball of ``radius_px`` centred at the origin (periodic);
+    ``offset_radius`` from :func:`_offset_radius` (made once for all the balls of a filter)."""
+    xp = get_array_module(offset_radius)
+    ball = (offset_radius <= max(radius_px, 0.5)).astype(xp.float32)
     return xp.fft.rfftn(ball / ball.sum())
 
 
@@ -92,6 +98,7 @@ def nu_filter(half_map, quarter_a, quarter_b, n_cutoffs: int = NUParams.n_cutoff
     quarter_b = quarter_b.astype(xp.float32)
     fa, fb = xp.fft.rfftn(quarter_a), xp.fft.rfftn(quarter_b)
     cutoffs = nu_candidate_cutoffs(n_cutoffs)
+    offset_radius = _offset_radius(n, xp)
     best_loss = xp.full(shape, xp.inf, dtype=xp.float32)
     best_index = xp.zeros(shape, dtype=xp.float32)
     for j, cutoff in enumerate(cutoffs):
@@ -103,10 +110,11 @@ def nu_filter(half_map, quarter_a, quarter_b, n_cutoffs: int = NUParams.n_cutoff
             # the CV residual carries the filtered noise of a quarter-map; the half-map has half
             # of it: remove ½·|B(n)|² per term, with n ≈ (m_a − m_b)/√2
             residual -= 0.5 * (a_f - b_f) ** 2
-        local = xp.fft.irfftn(xp.fft.rfftn(residual) * _ball_kernel_ft(n, awf / float(cutoff), xp), s=shape, axes=(0, 1, 2))
+        local = xp.fft.irfftn(xp.fft.rfftn(residual) * _ball_kernel_ft(offset_radius, awf / float(cutoff)), s=shape, axes=(0, 1, 2))
         better = local < best_loss
         best_loss = xp.where(better, local, best_loss)
         best_index = xp.where(better, xp.float32(j), best_index)
+    offset_radius = None
     index = xp.clip(_gaussian_smooth(best_index, smoothing_px) if smoothing_px > 0 else best_index, 0, n_cutoffs - 1)
     fh = xp.fft.rfftn(half_map.astype(xp.float32))
     filtered = xp.zeros(shape, dtype=xp.float32)
