@@ -316,10 +316,10 @@ def test_mode_spread_on_gpu_matches_numpy():
 
 def test_register_over_group_on_gpu_matches_numpy():
     """cryocv.relax.register_over_group (half-set registration on the asymmetric parts) finds the
-    same operator on both devices for every operator of T."""
+    same operator on both devices for every operator of T, with the same agreement value."""
     import cupy as cp
     from cryocv.register import MapTransform, transform_volume
-    from cryocv.relax import register_over_group
+    from cryocv.relax import asymmetric_agreement, register_over_group
     from .test_relax import pseudo_symmetric_map
     vol, ops = pseudo_symmetric_map(32, "T", partner_height=0.05)
     for k in (1, 5, 10):
@@ -327,3 +327,23 @@ def test_register_over_group_on_gpu_matches_numpy():
         found = [register_over_group(xp.asarray(vol), xp.asarray(turned), ops, pixel_size_A=2.0, resolution_A=6.0)[0]
                  for xp in (np, cp)]
         assert found == [k, k]
+        agreement = [asymmetric_agreement(xp.asarray(vol), xp.asarray(turned), ops, pixel_size_A=2.0,
+                                          resolution_A=6.0)[1] for xp in (np, cp)]
+        assert agreement[1] == pytest.approx(agreement[0], abs=1e-4)
+
+
+def test_nu_filter_on_gpu_matches_numpy():
+    """cryocv.nonuniform.nu_filter (quarter-map cross-validation, windowed loss, blended filters)
+    gives on the GPU the filtered map and the cutoff field the numpy twin gives."""
+    import cupy as cp
+    from cryocv.nonuniform import nu_filter
+    n = 32
+    vol = blob_volume(n)
+    rng = np.random.default_rng(3)
+    quarters = [(vol + rng.normal(0, 0.3 * vol.std(), vol.shape)).astype(np.float32) for _ in range(2)]
+    half = ((quarters[0] + quarters[1]) / 2).astype(np.float32)
+    out = [[to_numpy(a) for a in nu_filter(xp.asarray(half), xp.asarray(quarters[0]), xp.asarray(quarters[1]),
+                                           n_cutoffs=12)] for xp in (np, cp)]
+    (filtered_cpu, cutoff_cpu), (filtered_gpu, cutoff_gpu) = out
+    np.testing.assert_allclose(filtered_gpu, filtered_cpu, atol=1e-3 * np.abs(filtered_cpu).max())
+    assert np.mean(np.abs(cutoff_gpu - cutoff_cpu) < 1e-3) > 0.99       # ties may break either way
