@@ -870,8 +870,10 @@ def test_refine_protocol_relaxes_a_pseudo_symmetric_particle(project, pseudo_sym
     views = CryocvViewer(project=project, protocol=protocol)._visualize(protocol)
     assert len(views) == 3
     axes = views[2].figure.axes
-    assert len(axes) == 6 and all("difference map" in a.get_title() for a in axes[:3])
-    assert axes[5].get_title() == "mode switching" and len(axes[5].lines[0].get_xdata()) >= 1
+    assert len(axes) == 7 and all("difference map" in a.get_title() for a in axes[:3])   # + the agreement's twin axis
+    assert axes[5].get_title() == "mode switching, half-map agreement" and len(axes[5].lines[0].get_xdata()) >= 1
+    agreement = [h["asymmetric_agreement"] for h in protocol._fscReport()["iterations"] if "asymmetric_agreement" in h]
+    assert agreement and list(axes[6].lines[0].get_ydata()) == pytest.approx(agreement)
     assert "relaxed vs input pose" in axes[3].get_xlabel() and sum(p.get_height() for p in axes[3].patches) == n
     np.testing.assert_allclose([p.get_height() for p in axes[4].patches], relax["mode_occupancy"])
     path = str(root / "relax_view.png")
@@ -965,8 +967,10 @@ def test_local_refine_protocol_relaxes_by_marginalization(project, pseudo_symmet
     assert len(views) == 3
     assert "rotation change" in views[1].figure.axes[0].get_xlabel()
     axes = views[2].figure.axes
-    assert len(axes) == 6 and all("difference map" in a.get_title() for a in axes[:3])
-    assert axes[5].get_title() == "mode switching" and len(axes[5].lines[0].get_xdata()) >= 1
+    assert len(axes) == 7 and all("difference map" in a.get_title() for a in axes[:3])   # + the agreement's twin axis
+    assert axes[5].get_title() == "mode switching, half-map agreement" and len(axes[5].lines[0].get_xdata()) >= 1
+    agreement = [h["asymmetric_agreement"] for h in protocol._fscReport()["iterations"] if "asymmetric_agreement" in h]
+    assert agreement and list(axes[6].lines[0].get_ydata()) == pytest.approx(agreement)
     assert "C4 relaxed (marginalize)" in views[2].figure.get_suptitle()
     assert "relaxed vs input pose" in axes[3].get_xlabel() and sum(p.get_height() for p in axes[3].patches) == n
     np.testing.assert_allclose([p.get_height() for p in axes[4].patches], relax["mode_occupancy"])
