@@ -328,12 +328,16 @@ def _run_logged(cmd, cwd: str, log, log_path: str, time_limit_s: float | None = 
                             start_new_session=time_limit_s is not None)
 
     def stop():
-        os.killpg(proc.pid, signal.SIGTERM) if time_limit_s is not None else proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL) if time_limit_s is not None else proc.kill()
-            proc.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if time_limit_s is not None:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=10)
+                return
+            except subprocess.TimeoutExpired:
+                continue
     try:
         returncode = proc.wait(timeout=time_limit_s)
     except subprocess.TimeoutExpired:
