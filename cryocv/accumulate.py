@@ -155,10 +155,14 @@ def _to_host(array):
 
 
 def _page_locked_empty(shape, dtype) -> np.ndarray:
-    """An uninitialized numpy array in page-locked memory of exactly its size (outside CuPy's pool)."""
+    """An uninitialized numpy array in page-locked memory of exactly its size (outside CuPy's pool);
+    ordinary memory where the system refuses to lock that much (slower copies, same results)."""
     import cupy
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    memory = cupy.cuda.PinnedMemoryPointer(cupy.cuda.PinnedMemory(nbytes, cupy.cuda.runtime.hostAllocPortable), 0)
+    try:
+        memory = cupy.cuda.PinnedMemoryPointer(cupy.cuda.PinnedMemory(nbytes, cupy.cuda.runtime.hostAllocPortable), 0)
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return np.empty(shape, dtype)
     return np.ndarray(shape, dtype=dtype, buffer=memory)
 
 
