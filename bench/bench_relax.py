@@ -184,27 +184,36 @@ def judge(rotations, true_rotations, operators, refined_map, truth_map, mask, px
             "partner_fsc05_A": masked_fsc05(registered, truth_map, mask, px)}
 
 
+def at_operator(rotations, true_rotations, operators, global_mode: int, half_set=None) -> dict:
+    """One set of poses against the truth: the fraction within 10° of true pose·gᵀ (g the
+    operator ``global_mode``), the occupancy of each mate, and with ``half_set`` (n,) the operator
+    most of each half-set's particles sit at and its share."""
+    modes = mode_of(rotations, true_rotations, operators)
+    error = angular_distance_deg(rotations, true_rotations @ operators[global_mode].T)
+    found = {"fraction": round(float(np.mean(error < 10)), 4),
+             "occupancy": [round(float(v), 4) for v in np.bincount(modes, minlength=len(operators)) / len(modes)]}
+    for h in ((1, 2) if half_set is not None else ()):
+        counts = np.bincount(modes[half_set == h], minlength=len(operators))
+        found[f"half{h}_operator"] = int(counts.argmax())
+        found[f"half{h}_share"] = round(float(counts.max() / max(counts.sum(), 1)), 4)
+    return found
+
+
 def per_iteration(job: str, truth, operators, global_mode: int) -> list:
-    """Per checkpoint of ``job`` (all kept): the fraction of particles at their true pose turned by
-    the final global operator (within 10°), and per half-set the operator most of its particles
-    sit at and its share: how the symmetry broke, and in which half-set. Checkpoints hold the poses
-    after the half-set registration at the end of their iteration (since commit f122b93): half-set
-    2's operator is then the one it was turned onto, not the one it broke at."""
+    """Per checkpoint of ``job`` (all kept): :func:`at_operator` of its poses: how the symmetry
+    broke, and in which half-set. Checkpoints hold the poses after the half-set registration at
+    the end of their iteration (since commit f122b93): half-set 2's operator is then the one it
+    was turned onto, not the one it broke at."""
     rows = []
     for folder in sorted(glob.glob(os.path.join(job, "iterations", "iter_*"))):
         path = os.path.join(folder, "poses.npz")
         if not os.path.exists(path):
             continue
         saved = np.load(path)
-        rotations, half_set = euler_to_matrix(saved["euler_deg"]), saved["half_set"]
-        modes = mode_of(rotations, truth.rotations, operators)
-        error = angular_distance_deg(rotations, truth.rotations @ operators[global_mode].T)
-        row = {"iteration": int(folder.rsplit("_", 1)[1]), "fraction_at_final_operator": round(float(np.mean(error < 10)), 4)}
-        for h in (1, 2):
-            counts = np.bincount(modes[half_set == h], minlength=len(operators))
-            row[f"half{h}_operator"] = int(counts.argmax())
-            row[f"half{h}_share"] = round(float(counts.max() / max(counts.sum(), 1)), 4)
-        rows.append(row)
+        found = at_operator(euler_to_matrix(saved["euler_deg"]), truth.rotations, operators, global_mode,
+                            saved["half_set"])
+        rows.append({"iteration": int(folder.rsplit("_", 1)[1]), "fraction_at_final_operator": found["fraction"],
+                     **{k: v for k, v in found.items() if k.startswith("half")}})
     return rows
 
 

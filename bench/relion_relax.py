@@ -67,7 +67,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
 
-from bench_relax import judge, masked_fsc05, partner_mask  # noqa: E402
+from bench_relax import at_operator, judge, masked_fsc05, partner_mask  # noqa: E402
 from relion_autorefine import (_iteration_files, _run_logged, iteration_log, mpi_command,  # noqa: E402
                                prepare_particles, refine_arguments)
 from relion_local import _final_or_last  # noqa: E402
@@ -109,21 +109,16 @@ def relion_to_truth_rows(data_star: str, prepared_star: str, consensus, truth) -
 
 def per_iteration(out_dir: str, prepared_star: str, consensus, truth, operators, global_mode: int) -> list:
     """Per RELION iteration: the fraction of particles within 10° of true pose·gᵀ (g the final
-    global operator) and the occupancy of each mate."""
-    from cryocv.geometry import angular_distance_deg
+    global operator) and the occupancy of each mate (:func:`bench_relax.at_operator`)."""
     rows_out = []
-    g = operators[global_mode]
     for it, path in _iteration_files(out_dir).items():
         data = path.replace("_optimiser.star", "_data.star")
         if not os.path.exists(data):
             continue
         rows, refined = relion_to_truth_rows(data, prepared_star, consensus, truth)
-        true_rot = truth.rotations[rows]
-        modes = mode_of(refined.rotations, true_rot, operators)
-        error = angular_distance_deg(refined.rotations, true_rot @ g.T)
-        rows_out.append({"iteration": it, "fraction_within_10deg_of_final_operator": float(np.mean(error < 10)),
-                         "mode_occupancy": [round(float(v), 4) for v in
-                                            np.bincount(modes, minlength=len(operators)) / len(modes)]})
+        found = at_operator(refined.rotations, truth.rotations[rows], operators, global_mode)
+        rows_out.append({"iteration": it, "fraction_within_10deg_of_final_operator": found["fraction"],
+                         "mode_occupancy": found["occupancy"]})
     return rows_out
 
 

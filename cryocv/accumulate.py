@@ -141,9 +141,8 @@ def _to_host(array):
     (page-locking costs ~0.8 s/GiB the first time; CuPy's pinned pool would round each grid up to
     a power of two: 8 GiB for a 4.3 GB box-512 grid)."""
     pinned = is_cupy(array)
-    key = (tuple(array.shape), np.dtype(array.dtype).str, pinned)
     with _HOST_BUFFERS_LOCK:
-        free = _FREE_HOST_BUFFERS.get(key)
+        free = _FREE_HOST_BUFFERS.get(_buffer_key(array, pinned))
         host = free.pop() if free else None
     if host is None:
         host = _page_locked_empty(array.shape, array.dtype) if pinned else np.empty(array.shape, array.dtype)
@@ -172,8 +171,13 @@ def _release_host_buffers(host: dict, pinned: bool):
     with _HOST_BUFFERS_LOCK:
         for arrays in host.values():
             for array in arrays:
-                _FREE_HOST_BUFFERS.setdefault((tuple(array.shape), np.dtype(array.dtype).str, pinned), []).append(array)
+                _FREE_HOST_BUFFERS.setdefault(_buffer_key(array, pinned), []).append(array)
         host.clear()
+
+
+def _buffer_key(array, pinned: bool) -> tuple:
+    """Which free host buffers can hold ``array``: same shape and dtype, page-locked or not."""
+    return tuple(array.shape), np.dtype(array.dtype).str, pinned
 
 
 def map_stage_device_bytes(box_size: int, nu: bool, padding: int = DEFAULT_PADDING,

@@ -254,14 +254,10 @@ def draw_relaxation(fig, difference_map, change_deg=None, occupancy=None, group:
     fig.tight_layout()
 
 
-def mode_switch_series(history: list) -> list:
-    """[(iteration, fraction of particles that changed mode)] from a job's per-iteration history."""
-    return [(h["iteration"], h["mode_switch_fraction"]) for h in history if "mode_switch_fraction" in h]
-
-
-def agreement_series(history: list) -> list:
-    """[(iteration, correlation of the half-maps' asymmetric parts)] from a job's per-iteration history."""
-    return [(h["iteration"], h["asymmetric_agreement"]) for h in history if "asymmetric_agreement" in h]
+def history_series(history: list, key: str) -> list:
+    """[(iteration, value of ``key``)] from a job's per-iteration history, where recorded (e.g.
+    ``mode_switch_fraction``, ``asymmetric_agreement``)."""
+    return [(h["iteration"], h[key]) for h in history if key in h]
 
 
 def plot_relaxation(difference_map, change_deg, occupancy, group: str, path: str,

@@ -9,7 +9,7 @@ from pyworkflow.viewer import DESKTOP_TKINTER, MSG_INFO, MessageView, Viewer
 
 from cryocv.jobs import jobdir
 from cryocv.plotting import (ABINITIO_FIGSIZE, FSC_FIGSIZE, POSE_CHANGE_FIGSIZE, RELAX_FIGSIZE, draw_abinitio,
-                             agreement_series, draw_fsc, draw_pose_change, draw_poses, draw_relaxation, mode_switch_series,
+                             draw_fsc, draw_pose_change, draw_poses, draw_relaxation, history_series,
                              poses_figsize)
 
 from ..protocols import ProtCryocvAbinitio, ProtCryocvLocalRefine, ProtCryocvReconstruct, ProtCryocvRefine
@@ -80,7 +80,8 @@ def relaxationPlotter(protocol):
     plotter = Plotter(figsize=RELAX_FIGSIZE, windowTitle=f"{protocol.getRunName()}: symmetry relaxation")
     draw_relaxation(plotter.figure, difference, change, occupancy, relax["group"],
                     title=f"{protocol.getRunName()}: {relax['group']} relaxed ({relax['mode']}), maps in C1",
-                    mode_switch=mode_switch_series(history), agreement=agreement_series(history))
+                    mode_switch=history_series(history, "mode_switch_fraction"),
+                    agreement=history_series(history, "asymmetric_agreement"))
     return plotter
 
 

@@ -22,7 +22,7 @@ from ..backend import to_device, to_numpy
 from ..fourier import lowpass_map
 from ..geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from ..io.mrc import write_map
-from ..plotting import agreement_series, mode_switch_series, plot_relaxation
+from ..plotting import history_series, plot_relaxation
 from ..reconstruct import reconstruct_half_maps
 from ..register import MapTransform, transform_volume
 from ..relax import asymmetric_agreement, mode_of, mode_spread, relaxed_poses, symmetrized
@@ -145,5 +145,6 @@ def relaxation_outputs(out_dir: str, full_map, particles, input_rotations, param
         change = angular_distance_deg(particles.rotations, input_rotations)
         record.update(mode_occupancy=occupancy.tolist(), change_from_input_median_deg=float(np.median(change)))
     plot_relaxation(difference, change, occupancy, params.symmetry, jobdir.path(out_dir, jobdir.RELAX_PNG),
-                    mode_switch=mode_switch_series(history), agreement=agreement_series(history))
+                    mode_switch=history_series(history, "mode_switch_fraction"),
+                    agreement=history_series(history, "asymmetric_agreement"))
     return record
