@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 
 def _outside_passes(job_dir: str) -> dict:
@@ -25,6 +26,11 @@ def _outside_passes(job_dir: str) -> dict:
         if text.startswith("done:") and "written in" in text:
             found["outputs"] = text.split("written in", 1)[1].split("; job")[0].strip()
     return found
+
+
+def _seconds(text: str) -> float:
+    """Sum of the 'N.NN s' figures in a run.log step line."""
+    return sum(float(x) for x in re.findall(r"(\d+(?:\.\d+)?) s\b", text))
 
 
 def job_table(job_dir: str, label: str) -> str:
@@ -47,6 +53,12 @@ def job_table(job_dir: str, label: str) -> str:
     if outside:
         lines += ["", "Outside the iterations: " + "; ".join(f"{k}: {v}" for k, v in outside.items())]
     pass_s = sum(it["pass_seconds"] for it in iterations)
+    staged = sum(sum(it.get("stage_seconds", {}).values()) for it in iterations)
+    outside_s = sum(_seconds(outside.get(key, "")) for key in ("startup", "setup"))
+    outputs = re.match(r"\s*(\d+(?:\.\d+)?) s", outside.get("outputs", ""))   # its total comes first
+    outside_s += float(outputs.group(1)) if outputs else 0.0
+    lines += ["", f"Not in any timed step: {wall - staged - outside_s:.1f} s of the job's {wall:.1f} s "
+                  f"(timed: {staged:.1f} s in the iterations, {outside_s:.1f} s before and after them)"]
     n = report["n_particles"] * len(iterations)
     lines += ["", f"particle-iterations/s: {n / pass_s:.0f} in the passes, {n / wall:.0f} end to end "
                   f"({100 * pass_s / wall:.0f} % of the job in the passes)", ""]

@@ -22,6 +22,7 @@ signal-shaped mask and adds high-frequency content correlated between halves.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +65,90 @@ def _ball_kernel_ft(offset_radius, radius_px: float):
     """rfft (unshifted) of a normalised ball of ``radius_px`` centred at the origin (periodic);
     ``offset_radius`` from :func:`_offset_radius` (made once for all the balls of a filter)."""
     xp = get_array_module(offset_radius)
-    ball = (offset_radius <= max(radius_px, 0.5)).astype(xp.float32)
-    return xp.fft.rfftn(ball / ball.sum())
+    radius_px = max(radius_px, 0.5)
+    if xp is np:
+        ball = (offset_radius <= radius_px).astype(xp.float32)
+        return xp.fft.rfftn(ball / ball.sum())
+    inside = int(xp.count_nonzero(offset_radius <= radius_px))
+    return xp.fft.rfftn(_gpu_kernels()["ball"](offset_radius, xp.float32(radius_px), xp.float32(1.0 / inside)))
+
+
+# The cross-validation loop is memory-bound on a GPU (box 512: ~30 passes over 0.5 GB per cutoff
+# and half-set besides the FFTs); there each step below is one fused kernel. The numpy twins are
+# the original array expressions, so CPU results are unchanged.
+
+def _lowpassed(k, cutoff: float, order: int, *spectra):
+    """Each of ``spectra`` (rfft grids) times the Butterworth low-pass at ``cutoff`` (cycles/px)."""
+    xp = get_array_module(k)
+    if xp is np:
+        lowpass = butterworth_lowpass(k, cutoff, order).astype(xp.float32)
+        return [spectrum * lowpass for spectrum in spectra]
+    kernel = _gpu_kernels()["lowpass"]
+    return [kernel(spectrum, k, xp.float32(1.0 / cutoff), xp.int32(2 * order)) for spectrum in spectra]
+
+
+def _irfftn(spectrum, shape):
+    """Inverse real FFT of a temporary ``spectrum`` (on a GPU it may be overwritten: no copy)."""
+    xp = get_array_module(spectrum)
+    if xp is np:
+        return xp.fft.irfftn(spectrum, s=shape, axes=(0, 1, 2))
+    import cupyx.scipy.fft as cufft
+    return cufft.irfftn(spectrum, s=shape, axes=(0, 1, 2), overwrite_x=True)
+
+
+def _cv_residual(a_f, b_f, quarter_a, quarter_b, half_map_noise: bool):
+    """(B m_a − m_b)² + (B m_b − m_a)², less ½(B m_a − B m_b)² with ``half_map_noise``: the CV
+    residual carries the filtered noise of a quarter-map and the half-map has half of it
+    (n ≈ (m_a − m_b)/√2)."""
+    xp = get_array_module(a_f)
+    if xp is np:
+        residual = (a_f - quarter_b) ** 2 + (b_f - quarter_a) ** 2
+        if half_map_noise:
+            residual -= 0.5 * (a_f - b_f) ** 2
+        return residual
+    return _gpu_kernels()["residual"](a_f, b_f, quarter_a, quarter_b, xp.float32(0.5 if half_map_noise else 0.0))
+
+
+def _keep_better(local, j: int, best_loss, best_index):
+    """(best_loss, best_index) where ``local`` < ``best_loss`` takes it and candidate ``j`` (on a
+    GPU updated in place)."""
+    xp = get_array_module(local)
+    if xp is np:
+        better = local < best_loss
+        return xp.where(better, local, best_loss), xp.where(better, xp.float32(j), best_index)
+    _gpu_kernels()["keep_better"](local, xp.float32(j), best_loss, best_index)
+    return best_loss, best_index
+
+
+def _add_blended(filtered, candidate, index, j: int):
+    """``filtered`` += max(0, 1 − |index − j|) · ``candidate`` (in place)."""
+    xp = get_array_module(filtered)
+    if xp is np:
+        filtered += xp.clip(1 - xp.abs(index - j), 0, None) * candidate
+        return
+    _gpu_kernels()["add_blended"](candidate, index, xp.float32(j), filtered)
+
+
+@functools.cache
+def _gpu_kernels() -> dict:
+    import cupy as cp
+    return {
+        "ball": cp.ElementwiseKernel("float32 r, float32 radius, float32 weight", "float32 out",
+                                     "out = r <= radius ? weight : 0.f", "cryocv_nu_ball"),
+        "lowpass": cp.ElementwiseKernel(
+            "complex64 f, float32 k, float32 inv_cutoff, int32 two_order", "complex64 out",
+            "out = f * (1.f / sqrtf(1.f + powf(k * inv_cutoff, (float)two_order)))", "cryocv_nu_lowpass"),
+        "residual": cp.ElementwiseKernel(
+            "float32 af, float32 bf, float32 qa, float32 qb, float32 noise", "float32 out",
+            "float u = af - qb, v = bf - qa, d = af - bf; out = u * u + v * v - noise * d * d",
+            "cryocv_nu_residual"),
+        "keep_better": cp.ElementwiseKernel(
+            "float32 local, float32 j", "float32 best, float32 index",
+            "if (local < best) { best = local; index = j; }", "cryocv_nu_keep_better"),
+        "add_blended": cp.ElementwiseKernel(
+            "float32 x, float32 index, float32 j", "float32 filtered",
+            "filtered += fmaxf(1.f - fabsf(index - j), 0.f) * x", "cryocv_nu_add_blended"),
+    }
 
 
 def _gaussian_smooth(volume, sigma_px: float):
@@ -102,27 +185,21 @@ def nu_filter(half_map, quarter_a, quarter_b, n_cutoffs: int = NUParams.n_cutoff
     best_loss = xp.full(shape, xp.inf, dtype=xp.float32)
     best_index = xp.zeros(shape, dtype=xp.float32)
     for j, cutoff in enumerate(cutoffs):
-        lowpass = butterworth_lowpass(k, float(cutoff), order).astype(xp.float32)
-        a_f = xp.fft.irfftn(fa * lowpass, s=shape, axes=(0, 1, 2))
-        b_f = xp.fft.irfftn(fb * lowpass, s=shape, axes=(0, 1, 2))
-        residual = (a_f - quarter_b) ** 2 + (b_f - quarter_a) ** 2
-        if half_map_noise:
-            # the CV residual carries the filtered noise of a quarter-map; the half-map has half
-            # of it: remove ½·|B(n)|² per term, with n ≈ (m_a − m_b)/√2
-            residual -= 0.5 * (a_f - b_f) ** 2
-        local = xp.fft.irfftn(xp.fft.rfftn(residual) * _ball_kernel_ft(offset_radius, awf / float(cutoff)), s=shape, axes=(0, 1, 2))
-        better = local < best_loss
-        best_loss = xp.where(better, local, best_loss)
-        best_index = xp.where(better, xp.float32(j), best_index)
-    offset_radius = None
+        a_f, b_f = (_irfftn(x, shape) for x in _lowpassed(k, float(cutoff), order, fa, fb))
+        residual = _cv_residual(a_f, b_f, quarter_a, quarter_b, half_map_noise)
+        a_f = b_f = None
+        windowed = xp.fft.rfftn(residual)
+        residual = None
+        windowed *= _ball_kernel_ft(offset_radius, awf / float(cutoff))
+        best_loss, best_index = _keep_better(_irfftn(windowed, shape), j, best_loss, best_index)
+        windowed = None
+    offset_radius = fa = fb = None
     index = xp.clip(_gaussian_smooth(best_index, smoothing_px) if smoothing_px > 0 else best_index, 0, n_cutoffs - 1)
     fh = xp.fft.rfftn(half_map.astype(xp.float32))
     filtered = xp.zeros(shape, dtype=xp.float32)
     lowest, highest = int(xp.floor(index.min())), int(xp.ceil(index.max()))
     for j in range(lowest, highest + 1):
-        blend = xp.clip(1 - xp.abs(index - j), 0, None)
-        lowpass = butterworth_lowpass(k, float(cutoffs[j]), order).astype(xp.float32)
-        filtered += blend * xp.fft.irfftn(fh * lowpass, s=shape, axes=(0, 1, 2))
+        _add_blended(filtered, _irfftn(_lowpassed(k, float(cutoffs[j]), order, fh)[0], shape), index, j)
     chosen = xp.asarray(cutoffs[0] + index * (cutoffs[1] - cutoffs[0]), dtype=xp.float32)
     return filtered.astype(xp.float32), chosen
 

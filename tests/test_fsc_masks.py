@@ -41,11 +41,27 @@ def test_phase_randomization_corrects_mask_inflation():
     a = signal + 0.02 * rng.normal(size=signal.shape).astype(np.float32)
     b = signal + 0.02 * rng.normal(size=signal.shape).astype(np.float32)
     sharp = threshold_mask(signal, 0.3 * signal.max(), 0, 0)  # a hard mask correlates the noise
-    report = gold_standard_fsc(a, b, 2.0, mask=sharp)
-    masked, corrected = np.array(report["fsc_masked"]), np.array(report["fsc_corrected"])
-    tail = slice(report["phase_randomized_from_shell"] + 2, n // 2)
-    assert corrected[tail].mean() < masked[tail].mean()
+    # one randomization's correction scatters by ~0.06 here (it divides by 1 - FSC_rand ≈ 0.013):
+    # judged over six seeds
+    reports = [gold_standard_fsc(a, b, 2.0, mask=sharp, seed=seed) for seed in range(6)]
+    masked = np.array(reports[0]["fsc_masked"])
+    corrected = np.mean([r["fsc_corrected"] for r in reports], axis=0)
+    tail = slice(reports[0]["phase_randomized_from_shell"] + 2, n // 2)
+    assert masked[tail].mean() > 0.9                 # the sharp mask inflates the noise shells
     assert abs(corrected[tail].mean()) < 0.1
+
+
+def test_hashed_noise_is_white_uniform_and_the_same_on_every_device(xp):
+    """The phase-randomization noise: uniform on [-0.5, 0.5), uncorrelated between neighbours and
+    seeds, the same numbers on the CPU and the GPU, and its transform's phases uniform."""
+    from cryocv.fsc import _noise_phases, hashed_uniform
+    u = to_numpy(hashed_uniform(32 ** 3, 0, xp))
+    np.testing.assert_array_equal(u, hashed_uniform(32 ** 3, 0, np))       # bit for bit on every device
+    assert -0.5 <= u.min() and u.max() < 0.5 and abs(u.mean()) < 0.005 and abs(u.std() - 12 ** -0.5) < 0.003
+    v = hashed_uniform(32 ** 3, 1, np)
+    assert abs(np.corrcoef(u, v)[0, 1]) < 0.02 and abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.02
+    counts, _ = np.histogram(to_numpy(_noise_phases((32, 32, 32), 3, xp)), bins=8, range=(-np.pi, np.pi))
+    assert np.abs(counts / counts.sum() - 1 / 8).max() < 0.01
 
 
 def test_phase_randomize_keeps_amplitudes(xp):

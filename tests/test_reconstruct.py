@@ -90,6 +90,34 @@ def test_one_half_on_device_gives_the_same_maps():
     assert np.abs(results[0][0] - results[0][1]).max() > 0      # the halves differ: a real check
 
 
+def test_one_half_on_device_swaps_one_part_at_a_time(monkeypatch):
+    """A swap of half-sets with quarter-set parts moves one part out, then one part in, and so
+    on: the arriving part's host buffers are free for the next part leaving, so a swap needs one
+    part's worth of new (page-locked) host memory, not a half-set's."""
+    from cryocv import accumulate
+    from cryocv.geometry import random_rotations
+    from cryocv.projector import frequency_points
+    n = 12
+    rng = np.random.default_rng(5)
+    half_set = np.repeat([1, 2], 10)
+    quarters = accumulate.quarter_split(half_set, seed=1)
+    pts = frequency_points(n)
+    rot = random_rotations(20, rng).astype(np.float32)
+    vals = (rng.normal(size=(20, pts.kx.size)) + 1j * rng.normal(size=(20, pts.kx.size))).astype(np.complex64)
+    wts = rng.uniform(0.1, 1, size=(20, pts.kx.size)).astype(np.float32)
+    acc = accumulate.Accumulators(n, symmetry_operators("C1"), np, quarters, one_half_on_device=True)
+    for h in (1, 2):
+        idx = np.nonzero(half_set == h)[0]
+        acc.insert(h, idx, rot[idx], pts, vals[idx], wts[idx])
+    events = []
+    to_host, to_device = accumulate._to_host, accumulate.to_device
+    monkeypatch.setattr(accumulate, "_to_host", lambda a: events.append("out") or to_host(a))
+    monkeypatch.setattr(accumulate, "to_device", lambda a, xp: events.append("in") or to_device(a, xp))
+    acc.half(1)                                  # half-set 2 (on the device after the pass) leaves
+    assert events == ["out", "out", "in", "in"] * 2          # (data, weight) of one part, then of the next
+    assert sorted(acc.grids) == [(1, 0), (1, 1)] and sorted(acc._host) == [(2, 0), (2, 1)]
+
+
 def test_one_half_on_device_reuses_its_host_buffers():
     """The host copies of the off-device half-set (page-locked on a GPU: slow to allocate) are
     exact-size buffers that the next iteration's accumulators take again once the previous ones

@@ -198,6 +198,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         if params.max_align_res_A:             # never align beyond this, the final pass included
             cutoff = min(cutoff, n * px / params.max_align_res_A)
         with timer("references + search setup"):
+            free_device_memory(xp)     # the last iteration's grids go before this one's are made
             align_mask = (to_device(state.mask, xp) if state.mask is not None
                           else spherical_mask(n, n / 2 - 4, 3.0, xp))
             volumes = HalfReferences({h: to_device(state.references[h - 1], xp) * align_mask for h in (1, 2)},
@@ -210,39 +211,41 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
             f"{math.degrees(finest.rotation_step_rad):.2f}°/{finest.shift_step_px * px:.2f} Å")
         result = em_pass(source, search.find_poses, acc, search.batch_size, references=volumes,
                          progress=progress, log=log)
-        volumes = search = None          # the maps below need the device memory at large boxes
-        free_device_memory(xp)
+        with timer("bookkeeping"):
+            volumes = search = None          # the maps below need the device memory at large boxes
+            free_device_memory(xp)
         maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed, timer=timer,
                                      make_mask=make_mask)
-        acc = None                       # the accumulators go before the registration's and next pass's grids
-        free_device_memory(xp)
-        check_result(maps.report, maps.half_maps)
-        record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
-                  "resolution_A": maps.report["resolution_A"],
-                  "resolution_unmasked_A": maps.report["resolution_unmasked_A"],
-                  "pass_seconds": round(result.seconds, 2),
-                  "particles_per_second": round(len(particles) / max(result.seconds, 1e-9), 1),
-                  "stage_seconds": {**result.stage_seconds, **timer.rounded()}}  # + checkpoint, below
-        if state.euler_deg is not None:
-            change = pose_distance_deg(result.rotations, euler_to_matrix(state.euler_deg), pose_symmetry)
-            shift_change = np.linalg.norm(result.origin_px * px - state.origin_A, axis=1)
-            record.update(pose_change_median_deg=float(np.median(change)),
-                          shift_change_median_A=float(np.median(shift_change)))
-            if pose_symmetry != params.symmetry:     # relaxing: particles that moved to another mode
-                record["mode_switch_fraction"] = float(np.mean(change > 0.5 * min_operator_angle_deg(params.symmetry)))
-        if input_rotations is not None:
-            vs_input = pose_distance_deg(result.rotations, input_rotations, pose_symmetry)
-            record["pose_change_vs_input_median_deg"] = float(np.median(vs_input))
-            if pose_symmetry != params.symmetry:     # relaxing: the share of particles in each mate of their input pose
-                group = symmetry_operators(params.symmetry)
-                modes = mode_of(result.rotations, input_rotations, group)
-                record["mode_occupancy"] = (np.bincount(modes, minlength=len(group)) / len(modes)).round(4).tolist()
-        state = RefineState(iteration=iteration, references=[to_numpy(m) for m in maps.references],
-                            mask=None if maps.mask is None else to_numpy(maps.mask),
-                            resolution_A=maps.report["resolution_A"],
-                            euler_deg=matrix_to_euler(result.rotations), origin_A=result.origin_px * px,
-                            noise_var_shell=result.noise_var_shell, history=state.history + [record],
-                            final_done=final and finals_before >= params.extra_final_passes)
+        with timer("bookkeeping"):      # pose statistics, the new state, device memory handed back
+            acc = None                       # the accumulators go before the registration's and next pass's grids
+            free_device_memory(xp)
+            check_result(maps.report, maps.half_maps)
+            record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
+                      "resolution_A": maps.report["resolution_A"],
+                      "resolution_unmasked_A": maps.report["resolution_unmasked_A"],
+                      "pass_seconds": round(result.seconds, 2),
+                      "particles_per_second": round(len(particles) / max(result.seconds, 1e-9), 1),
+                      "stage_seconds": {**result.stage_seconds, **timer.rounded()}}  # + checkpoint, below
+            if state.euler_deg is not None:
+                change = pose_distance_deg(result.rotations, euler_to_matrix(state.euler_deg), pose_symmetry)
+                shift_change = np.linalg.norm(result.origin_px * px - state.origin_A, axis=1)
+                record.update(pose_change_median_deg=float(np.median(change)),
+                              shift_change_median_A=float(np.median(shift_change)))
+                if pose_symmetry != params.symmetry:     # relaxing: particles that moved to another mode
+                    record["mode_switch_fraction"] = float(np.mean(change > 0.5 * min_operator_angle_deg(params.symmetry)))
+            if input_rotations is not None:
+                vs_input = pose_distance_deg(result.rotations, input_rotations, pose_symmetry)
+                record["pose_change_vs_input_median_deg"] = float(np.median(vs_input))
+                if pose_symmetry != params.symmetry:     # relaxing: the share of particles in each mate of their input pose
+                    group = symmetry_operators(params.symmetry)
+                    modes = mode_of(result.rotations, input_rotations, group)
+                    record["mode_occupancy"] = (np.bincount(modes, minlength=len(group)) / len(modes)).round(4).tolist()
+            state = RefineState(iteration=iteration, references=[to_numpy(m) for m in maps.references],
+                                mask=None if maps.mask is None else to_numpy(maps.mask),
+                                resolution_A=maps.report["resolution_A"],
+                                euler_deg=matrix_to_euler(result.rotations), origin_A=result.origin_px * px,
+                                noise_var_shell=result.noise_var_shell, history=state.history + [record],
+                                final_done=final and finals_before >= params.extra_final_passes)
         msg = (f"  resolution {record['resolution_A']:.2f} Å (unmasked {record['resolution_unmasked_A']:.2f} Å), "
                f"{record['particles_per_second']:.0f} particles/s")
         if "pose_change_median_deg" in record:
@@ -270,7 +273,4 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         log("  seconds per stage: " + ", ".join(f"{name} {value:.2f}" for name, value in stages.items()))
         if state.final_done:
             return state, maps
-        # this iteration's grids go before the next one's are made (box 512, NU: 13 GB of
-        # accumulators and a few GB of maps on the device)
-        maps = result = None
-        free_device_memory(xp)
+        maps = result = None             # (their device memory is handed back at the next iteration's start)
