@@ -41,11 +41,12 @@ def main(argv=None):
     xp = resolve_xp("auto")
     volume, px = read_map(args.map)
     sim = os.path.join(args.out, "sim")
-    t0 = time.time()
-    simulate(volume, px, args.n, sim, snr=args.snr, seed=1, xp=xp, progress=False)
-    simulate_s = time.time() - t0
     star = os.path.join(sim, "particles.star")
-    reconstruct.run(star, os.path.join(args.out, "consensus"), progress=False, overwrite=True)
+    t0 = time.time()
+    if not os.path.isfile(star):            # a later run in the same --out reuses the particles and consensus
+        simulate(volume, px, args.n, sim, snr=args.snr, seed=1, xp=xp, progress=False)
+        reconstruct.run(star, os.path.join(args.out, "consensus"), progress=False, overwrite=True)
+    simulate_s = time.time() - t0
     truth = load_particles(star)
     rng = np.random.default_rng(9)
     axes = rng.normal(size=(len(truth), 3))
@@ -59,7 +60,7 @@ def main(argv=None):
     mask_path = os.path.join(args.out, "mask.mrc")
     write_map(mask_path, threshold_mask(volume, 0.1 * float(volume.max()), 3.0, 6.0).astype(np.float32), px)
     halves = [os.path.join(args.out, "consensus", f"half_map_{h}.mrc") for h in (1, 2)]
-    job = os.path.join(args.out, "local")
+    job = os.path.join(args.out, "local_" + ("_".join(shlex.split(args.local_args)).replace("-", "") or "default"))
     t0 = time.time()
     cli = build_parser().parse_args(["local-refine", "--max-iterations", str(args.max_iterations)]
                                     + shlex.split(args.local_args))

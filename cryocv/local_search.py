@@ -94,18 +94,23 @@ def from_fulcrum_frame(rotations, origin_fulcrum_px, fulcrum_px):
 
 
 def local_start(volume_ft, images_ft, ctf, noise_var_shell, level: SearchLevel, prior: LocalPrior,
-                offsets, n_kept: int, padding: int = DEFAULT_PADDING) -> Candidates:
+                offsets, n_kept: int, padding: int = DEFAULT_PADDING, centre=None,
+                window_px: float | None = None) -> Candidates:
     """Start of a local search: every rotation ``A·Δ`` (``offsets`` Δ (K, 3, 3) on the device, see
     :func:`rotation_offsets`) × every shift of the level's grid within the shift extent around
     the prior, scored at the level's cutoff; keep the best ``n_kept`` rotations per image with
     their best shift (scores as log-likelihood + log-prior).
 
-    ``images_ft`` (B, N, N//2+1) raw half-plane FTs; ``ctf`` same shape or None."""
+    ``centre`` (rotations (B, 3, 3), shifts (B, 2)) moves the grid to other poses (e.g. the last
+    iteration's) and ``window_px`` narrows its shifts; the prior's extents still bound every
+    candidate. ``images_ft`` (B, N, N//2+1) raw half-plane FTs; ``ctf`` same shape or None."""
     xp = get_array_module(volume_ft)
     b = images_ft.shape[0]
-    rotations = xp.matmul(prior.rotations[:, None], offsets[None])                   # (B, K, 3, 3)
-    grid = to_device(shift_grid(prior.shift_extent_px, level.shift_step_px), xp)     # (T, 2)
-    shifts = prior.shifts_px[:, None, :] + grid[None]                                # (B, T, 2)
+    centre_rotations, centre_shifts = centre if centre is not None else (prior.rotations, prior.shifts_px)
+    rotations = xp.matmul(centre_rotations[:, None], offsets[None])                  # (B, K, 3, 3)
+    extent = prior.shift_extent_px if window_px is None else min(window_px, prior.shift_extent_px)
+    grid = to_device(shift_grid(extent, level.shift_step_px), xp)                     # (T, 2)
+    shifts = centre_shifts[:, None, :] + grid[None]                                  # (B, T, 2)
     scores = score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts, level.cutoff_px,
                          padding)                                                    # (B, T, K)
     scores = (log_likelihood(scores) + prior.shift(shifts)[:, :, None]

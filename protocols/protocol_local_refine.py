@@ -101,6 +101,11 @@ class ProtCryocvLocalRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefin
                       label="Re-centre the extents each iteration?",
                       help="Search around the last iteration's poses instead of the input's (recommended with "
                            "priors); the total change may then exceed the extents.")
+        form.addParam("narrowSteps", params.IntParam, default=defaults.narrow_steps, expertLevel=params.LEVEL_ADVANCED,
+                      label="Narrow the search after the first iteration (steps)",
+                      help="After the first iteration, search each particle within this many steps of the second "
+                           "search level (2.5° with the default extents) around its last pose, still inside the "
+                           "extents: a faster search; 0: the whole extents every iteration.")
         form.addParam("maskMode", params.EnumParam, choices=list(MASK_MODES), default=MASK_MODES.index(defaults.mask_mode),
                       display=params.EnumParam.DISPLAY_HLIST, label="Mask",
                       help="static: the mask as given, for alignment and FSC; dynamic: the thresholded map inside it.")
@@ -129,7 +134,7 @@ class ProtCryocvLocalRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefin
             shift_extent_A=self.shiftExtent.get(), coarse_step_deg=self.coarseStep.get(),
             prior_sigma_deg=self.priorSigmaRot.get(), prior_sigma_A=self.priorSigmaShift.get(),
             fulcrum=self._fulcrumSpec(), recenter_each_iteration=bool(self.recenter.get()),
-            mask_mode=MASK_MODES[self.maskMode.get()], subtract=bool(self.subtractOutside.get()),
+            narrow_steps=self.narrowSteps.get(), mask_mode=MASK_MODES[self.maskMode.get()], subtract=bool(self.subtractOutside.get()),
             fit_scale=bool(self.fitScale.get()), **self._relaxationFields(LocalRefineParams))
 
     def _localRefineArgs(self):
@@ -140,7 +145,7 @@ class ProtCryocvLocalRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefin
                 + ["--fulcrum", p.fulcrum, "--rotation-extent-deg", p.rotation_extent_deg,
                    "--shift-extent-A", p.shift_extent_A, "--fine-step-deg", p.fine_step_deg, "--mask-mode", p.mask_mode])
         optional = [("--coarse-step-deg", p.coarse_step_deg), ("--prior-sigma-deg", p.prior_sigma_deg),
-                    ("--prior-sigma-A", p.prior_sigma_A)]
+                    ("--prior-sigma-A", p.prior_sigma_A), ("--narrow-steps", p.narrow_steps or None)]
         args += [item for flag, value in optional if value is not None for item in (flag, value)]
         args += [flag for flag, on in (("--subtract", p.subtract), ("--no-scale", p.subtract and not p.fit_scale),
                                        ("--recenter-each-iteration", p.recenter_each_iteration)) if on]

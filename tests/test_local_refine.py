@@ -130,6 +130,48 @@ def test_local_refine_brings_perturbed_poses_back(consensus):
     assert np.array_equal(_pose_error(job, consensus["truth"])[0], error)
 
 
+def test_narrowed_local_refine_brings_perturbed_poses_back(consensus):
+    """--narrow-steps: after the first iteration each particle is searched in a small window at
+    the second level around its last pose; a rigid particle still returns within 1°."""
+    from cryocv.jobs.local_refine import LocalRefineParams, run
+    job = str(consensus["root"] / "local_narrow")
+    params = LocalRefineParams(rotation_extent_deg=12.0, shift_extent_A=4.0, max_iterations=2, nu_cutoffs=12,
+                               initial_lowpass_A=8.0, narrow_steps=2)
+    run(consensus["perturbed"], consensus["half_maps"], consensus["mask"], job, params, device="cpu", progress=False)
+    error, _ = _pose_error(job, consensus["truth"])
+    assert np.median(error) < 1.0, np.median(error)
+
+
+def test_narrowed_local_search_stays_inside_the_extents(consensus):
+    """A narrowed window around last poses near the edge of the extents never crosses them."""
+    from cryocv.em_pass import HalfReferences
+    from cryocv.geometry import matrix_to_euler
+    from cryocv.io.particle_files import load_particles
+    from cryocv.io.mrc import read_map
+    from cryocv.jobs.jobdir import RefineState
+    from cryocv.jobs.local_refine import LocalRefineParams, local_search
+    from cryocv.source import ParticleSource
+    from cryocv.symmetry import pose_distance_deg
+    particles = load_particles(consensus["perturbed"]).subset(np.arange(40))
+    rng = np.random.default_rng(5)
+    source = ParticleSource(particles, np)
+    index = np.arange(40)[particles.half_set[:40] == 1]
+    batch = source.load(index, 1)
+    batch.images_ft = batch.images_ft * 0 + (rng.normal(size=batch.images_ft.shape)
+                                               + 1j * rng.normal(size=batch.images_ft.shape)).astype(np.complex64)
+    maps = {h: read_map(consensus["half_maps"][h - 1])[0] for h in (1, 2)}
+    params = LocalRefineParams(rotation_extent_deg=6.0, shift_extent_A=2.0, narrow_steps=3)
+    axes = rng.normal(size=(40, 3))
+    edge = axis_angle_to_matrix(axes / np.linalg.norm(axes, axis=1, keepdims=True) * np.radians(5.5))
+    last = RefineState(1, [], None, 10.0, matrix_to_euler(particles.rotations @ edge), particles.origin_A, None)
+    search = local_search(params, 48, 2.0, np, np.zeros(3))(HalfReferences(maps, lambda m: m), np.ones(25), 24.0, last)
+    found = search.find_poses(batch)
+    angle = pose_distance_deg(found.rotations, batch.rotations, "C1")
+    assert angle.max() <= 6.0 + 1e-3
+    assert np.median(pose_distance_deg(found.rotations, particles.rotations[index] @ edge[index], "C1")) < 3.0
+    assert np.linalg.norm(found.shifts_px - batch.origin_px, axis=1).max() * 2.0 <= 2.0 + 1e-3
+
+
 def test_local_search_never_leaves_its_extents(consensus):
     """On images of pure noise the best poses wander, but never outside the extents."""
     from cryocv.em_pass import HalfReferences

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -61,6 +61,10 @@ class LocalRefineParams(RefineParams):
     prior_sigma_A: float | None = None       # Gaussian prior on the shift change (off)
     fulcrum: str = "mask-center"             # mask-center, box-center or X,Y,Z (Å, map frame, from the corner)
     recenter_each_iteration: bool = False    # extents around the last iteration's poses, not the input's
+    # after the first iteration: start at the second search level, within this many of its steps
+    # around each particle's last pose (the extents around the input still bound it); 0: every
+    # iteration starts from the whole extents
+    narrow_steps: int = 0
     mask_mode: str = "static"                # static: the mask is used as given; dynamic: thresholded inside it
     subtract: bool = False                   # subtract the signal outside the mask first
     fit_scale: bool = True                   # --subtract: per-particle scale of the subtracted signal
@@ -73,7 +77,8 @@ class LocalRefineParams(RefineParams):
                    "--coarse-step-deg must be >= --fine-step-deg"),
                   (self.prior_sigma_deg is None or self.prior_sigma_deg > 0, "--prior-sigma-deg must be positive"),
                   (self.prior_sigma_A is None or self.prior_sigma_A > 0, "--prior-sigma-A must be positive"),
-                  (self.mask_mode in MASK_MODES, "--mask-mode must be static or dynamic")]
+                  (self.mask_mode in MASK_MODES, "--mask-mode must be static or dynamic"),
+                  (self.narrow_steps >= 0, "--narrow-steps must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
@@ -135,6 +140,18 @@ def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, 
         batch_size = params.batch_size or local_batch_size(box_size, levels[0], offsets.shape[0], n_shifts,
                                                            memory_budget_bytes(xp), cpu=xp is np)
         recentre = params.recenter_each_iteration and state.euler_deg is not None
+        # narrowed: the last iteration's poses are the centres of a small grid at the second level
+        narrow = params.narrow_steps > 0 and state.iteration > 0 and len(levels) > 1
+        first = 1 if narrow else 0
+        if narrow:
+            window_rad = min(params.narrow_steps * levels[1].rotation_step_rad, extent_rad)
+            window_px = params.narrow_steps * levels[1].shift_step_px
+            start_offsets = to_device(rotation_offsets(window_rad, levels[1].rotation_step_rad), xp)
+            # from the second level on, as many candidates as the whole search keeps there
+            n_kept = candidates_per_level(len(levels), search)[1]
+            subdivision = replace(search, n_base_candidates=n_kept)
+        else:
+            window_px, start_offsets, subdivision = None, offsets, search
 
         def find_poses(batch) -> SearchResult:
             rotations, origins = batch.rotations, batch.origin_px
@@ -146,9 +163,16 @@ def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, 
                 rotations = prior_in_mode(rotations, current, operators)
             prior = LocalPrior(rotations, to_fulcrum_frame(rotations, origins, fulcrum), extent_rad, shift_px,
                                sigma_rad, sigma_px)
+            centre = None
+            if narrow:
+                last = to_device(euler_to_matrix(state.euler_deg[batch.index]).astype(np.float32), xp)
+                last_origins = to_device((state.origin_A[batch.index] / pixel_size_A).astype(np.float32), xp)
+                centre = (last, to_fulcrum_frame(last, last_origins, fulcrum))
             volume = refs[batch.half]
-            start = local_start(volume, batch.images_ft, batch.ctf, noise, levels[0], prior, offsets, n_kept)
-            found = subdivide(volume, batch.images_ft, batch.ctf, noise, levels, search, start, prior=prior)
+            start = local_start(volume, batch.images_ft, batch.ctf, noise, levels[first], prior, start_offsets,
+                                n_kept, centre=centre, window_px=window_px)
+            found = subdivide(volume, batch.images_ft, batch.ctf, noise, levels[first:], subdivision, start,
+                              prior=prior)
             return SearchResult(found.rotations, from_fulcrum_frame(found.rotations, found.shifts_px, fulcrum),
                                 found.scores)
         return PoseSearch(find_poses, levels, batch_size)
@@ -178,6 +202,9 @@ def add_args(p):
                    help="Gaussian prior width on the shift change (default: none)")
     option(p, "--recenter-each-iteration", LocalRefineParams, "recenter_each_iteration", action="store_true",
            help="search around the last iteration's poses instead of the input's")
+    option(p, "--narrow-steps", LocalRefineParams, "narrow_steps",
+           help="after the first iteration, search within this many second-level steps (2.5° with the default "
+                "extents) of each particle's last pose, still inside the extents; 0: the whole extents every iteration")
     option(p, "--mask-mode", LocalRefineParams, "mask_mode", choices=list(MASK_MODES),
            help="static: the mask as given for alignment and FSC; dynamic: thresholded map inside it")
     option(p, "--no-scale", LocalRefineParams, "fit_scale", action="store_false",
