@@ -19,14 +19,15 @@ the shift extent bounds the motion of the fulcrum's image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .backend import get_array_module, to_device
 from .geometry import axis_angle_to_matrix
 from .projector import DEFAULT_PADDING, frequency_points
-from .search import Candidates, SearchLevel, _top_k, log_likelihood, score_poses, shift_grid
+from .search import (Candidates, SearchLevel, SearchParams, _top_k, candidates_per_level, log_likelihood,
+                     score_poses, shift_grid)
 
 
 @dataclass
@@ -76,6 +77,32 @@ def rotation_offsets(extent_rad: float, step_rad: float) -> np.ndarray:
     grid = grid[np.linalg.norm(grid, axis=1) <= extent_rad + 1e-9]
     grid = grid[np.argsort(np.linalg.norm(grid, axis=1), kind="stable")]
     return axis_angle_to_matrix(grid).astype(np.float32)
+
+
+@dataclass
+class StartPlan:
+    """Where a local search starts: ``levels[first_level]`` with ``offsets`` (K, 3, 3) around
+    its centres and shifts within ``window_px`` (None: the shift extent), keeping ``n_kept``;
+    ``subdivision`` the settings of the levels after it."""
+
+    first_level: int
+    offsets: np.ndarray
+    window_px: float | None
+    n_kept: int
+    subdivision: SearchParams
+
+
+def start_plan(levels: list, params: SearchParams, extent_rad: float, narrow_steps: int = 0) -> StartPlan:
+    """The whole extents at the first level; or, with ``narrow_steps`` > 0 (and two levels or
+    more), a window of that many second-level steps (rotation and shift) around the last poses,
+    keeping from there as many candidates as the whole search keeps at that level."""
+    if narrow_steps <= 0 or len(levels) < 2:
+        return StartPlan(0, rotation_offsets(extent_rad, levels[0].rotation_step_rad), None,
+                         candidates_per_level(len(levels), params)[0], params)
+    step = levels[1].rotation_step_rad
+    n_kept = candidates_per_level(len(levels), params)[1]
+    return StartPlan(1, rotation_offsets(min(narrow_steps * step, extent_rad), step),
+                     narrow_steps * levels[1].shift_step_px, n_kept, replace(params, n_base_candidates=n_kept))
 
 
 def to_fulcrum_frame(rotations, origin_px, fulcrum_px):

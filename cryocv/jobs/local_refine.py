@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -25,12 +25,12 @@ from ..geometry import angular_distance_deg, euler_to_matrix
 from ..io.mrc import StackWriter
 from ..io.particle_files import load_particles
 from ..local_search import (LocalPrior, from_fulcrum_frame, local_batch_size, local_start, rotation_offsets,
-                            to_fulcrum_frame)
+                            start_plan, to_fulcrum_frame)
 from ..masks import auto_threshold_mask
 from ..plotting import plot_pose_change
 from ..projector import prepare_volume
 from ..relax import prior_in_mode
-from ..search import SearchParams, SearchResult, candidates_per_level, search_schedule, shift_grid, subdivide
+from ..search import SearchParams, SearchResult, search_schedule, shift_grid, subdivide
 from ..source import ParticleSource
 from ..subtraction import center_of_mass, scale_fit_radius_px, subtract_source
 from ..symmetry import symmetry_operators
@@ -132,26 +132,17 @@ def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, 
 
     def make_search(volumes, noise, cutoff_px: float, state: RefineState) -> PoseSearch:
         levels = search_schedule(box_size, cutoff_px, search)
-        offsets = to_device(rotation_offsets(extent_rad, levels[0].rotation_step_rad), xp)
+        # batches sized for the whole start grid (a narrowed start is smaller; its subdivision is not)
+        n_offsets = rotation_offsets(extent_rad, levels[0].rotation_step_rad).shape[0]
         n_shifts = shift_grid(shift_px, levels[0].shift_step_px).shape[0]
         # the search's references: each half-map with the fulcrum moved to the box centre
         refs = HalfReferences({h: shift_volume(volumes.maps[h], -fulcrum) for h in (1, 2)}, prepare_volume)
-        n_kept = candidates_per_level(len(levels), search)[0]
-        batch_size = params.batch_size or local_batch_size(box_size, levels[0], offsets.shape[0], n_shifts,
+        batch_size = params.batch_size or local_batch_size(box_size, levels[0], n_offsets, n_shifts,
                                                            memory_budget_bytes(xp), cpu=xp is np)
         recentre = params.recenter_each_iteration and state.euler_deg is not None
-        # narrowed: the last iteration's poses are the centres of a small grid at the second level
-        narrow = params.narrow_steps > 0 and state.iteration > 0 and len(levels) > 1
-        first = 1 if narrow else 0
-        if narrow:
-            window_rad = min(params.narrow_steps * levels[1].rotation_step_rad, extent_rad)
-            window_px = params.narrow_steps * levels[1].shift_step_px
-            start_offsets = to_device(rotation_offsets(window_rad, levels[1].rotation_step_rad), xp)
-            # from the second level on, as many candidates as the whole search keeps there
-            n_kept = candidates_per_level(len(levels), search)[1]
-            subdivision = replace(search, n_base_candidates=n_kept)
-        else:
-            window_px, start_offsets, subdivision = None, offsets, search
+        # after the first iteration, optionally a small window around the last poses (narrowed)
+        plan = start_plan(levels, search, extent_rad, params.narrow_steps if state.iteration > 0 else 0)
+        start_offsets = to_device(plan.offsets, xp)
 
         def find_poses(batch) -> SearchResult:
             rotations, origins = batch.rotations, batch.origin_px
@@ -164,15 +155,15 @@ def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, 
             prior = LocalPrior(rotations, to_fulcrum_frame(rotations, origins, fulcrum), extent_rad, shift_px,
                                sigma_rad, sigma_px)
             centre = None
-            if narrow:
+            if plan.first_level:
                 last = to_device(euler_to_matrix(state.euler_deg[batch.index]).astype(np.float32), xp)
                 last_origins = to_device((state.origin_A[batch.index] / pixel_size_A).astype(np.float32), xp)
                 centre = (last, to_fulcrum_frame(last, last_origins, fulcrum))
             volume = refs[batch.half]
-            start = local_start(volume, batch.images_ft, batch.ctf, noise, levels[first], prior, start_offsets,
-                                n_kept, centre=centre, window_px=window_px)
-            found = subdivide(volume, batch.images_ft, batch.ctf, noise, levels[first:], subdivision, start,
-                              prior=prior)
+            start = local_start(volume, batch.images_ft, batch.ctf, noise, levels[plan.first_level], prior,
+                                start_offsets, plan.n_kept, centre=centre, window_px=plan.window_px)
+            found = subdivide(volume, batch.images_ft, batch.ctf, noise, levels[plan.first_level:], plan.subdivision,
+                              start, prior=prior)
             return SearchResult(found.rotations, from_fulcrum_frame(found.rotations, found.shifts_px, fulcrum),
                                 found.scores)
         return PoseSearch(find_poses, levels, batch_size)
