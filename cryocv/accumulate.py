@@ -76,8 +76,6 @@ class Accumulators:
                     _release_host_buffers({(h, part): host}, True)
             else:
                 self.grids[(h, part)] = empty_accumulators(self.box_size, self.padding, self.xp)
-        for key in leaving[len(self.parts):]:           # (never: both half-sets have the same parts)
-            self._host[key] = tuple(_to_host(a) for a in self.grids.pop(key))
         return self.grids[(h, q)]
 
     def resident_first(self) -> tuple:
