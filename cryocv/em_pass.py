@@ -19,7 +19,7 @@ import numpy as np
 from .accumulate import Accumulators
 from .backend import StageTimer, free_device_memory, get_array_module, to_numpy
 from .noise import residual_power, shell_mean
-from .projector import DEFAULT_PADDING, frequency_points
+from .projector import DEFAULT_PADDING, frequency_points, large_grids
 from .search import SearchResult
 from .source import Batch, ParticleSource, for_each_batch
 
@@ -37,7 +37,8 @@ class HalfReferences:
     def __getitem__(self, half: int):
         if half != self.half:
             self.volume = None
-            free_device_memory(get_array_module(self.maps[half]))
+            if large_grids(self.maps[half].shape[0]):          # the other half-set's prepared grid goes first
+                free_device_memory(get_array_module(self.maps[half]))
             self.volume, self.half = self.prepare(self.maps[half]), half
         return self.volume
 

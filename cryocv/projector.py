@@ -24,6 +24,16 @@ from .fourier import (ft3_centered_padded, half_plane_frequencies, ift3_centered
 from .masks import spherical_mask
 
 DEFAULT_PADDING = 2
+LARGE_PADDED_BOX_PX = 512       # padded grids from this size on: hand cached device memory back between stages
+
+
+def large_grids(box_size: int, padding: int = DEFAULT_PADDING) -> bool:
+    """Are a job's padded grids large enough (box 256 and up at padding 2: 0.8 GB per grid and
+    more) that cached device memory and FFT plans should go back between stages? Below, keeping
+    them saves re-allocation and plan creation every iteration."""
+    return padding * box_size >= LARGE_PADDED_BOX_PX
+
+
 _ROTATION_CHUNK = 256  # numpy twin: rotations per chunk (bounds temporary memory)
 
 

@@ -23,7 +23,7 @@ from .fourier import per_shell_grid, radial_average
 from .fsc import combine_half_maps, gold_standard_fsc
 from .masks import auto_threshold_mask
 from .nonuniform import NUParams, cutoff_map_A, nu_filter
-from .projector import accumulators_to_map
+from .projector import accumulators_to_map, large_grids
 
 
 def wiener_regularization(weight, fsc, box_size: int, padding: int):
@@ -97,7 +97,7 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
             cutoffs.append(cutoff)
             qa = qb = None
         term = None
-        if padding * box_size >= 512:       # large grids: hand the temporaries back before the next half-set
+        if large_grids(box_size, padding):   # hand the temporaries back before the next half-set
             free_device_memory(xp)
     cutoff_A = cutoff_map_A((cutoffs[0] + cutoffs[1]) / 2, pixel_size_A) if nu is not None else None
     average = (regularized[0] + regularized[1]) / 2

@@ -30,7 +30,7 @@ from ..masks import spherical_mask
 from ..noise import noise_spectrum_from_images
 from ..nonuniform import NUParams
 from ..particles import Particles
-from ..projector import prepare_volume
+from ..projector import large_grids, prepare_volume
 from ..regularize import MapResult, regularize_and_assess
 from ..relax import mode_of
 from ..source import ParticleSource
@@ -184,6 +184,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         with setup("start noise spectrum"):
             sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
             state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
+    release = one_half or large_grids(n)      # hand cached device memory back between stages
     log("  setup: " + ", ".join(f"{name} {value:.2f} s" for name, value in setup.seconds.items()))
     input_rotations = particles.rotations if particles.has_alignment else None
     if (register_halves is not None and state.history and not state.final_done
@@ -198,7 +199,8 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         if params.max_align_res_A:             # never align beyond this, the final pass included
             cutoff = min(cutoff, n * px / params.max_align_res_A)
         with timer("references + search setup"):
-            free_device_memory(xp)     # the last iteration's grids go before this one's are made
+            if release:
+                free_device_memory(xp)     # the last iteration's grids go before this one's are made
             align_mask = (to_device(state.mask, xp) if state.mask is not None
                           else spherical_mask(n, n / 2 - 4, 3.0, xp))
             volumes = HalfReferences({h: to_device(state.references[h - 1], xp) * align_mask for h in (1, 2)},
@@ -213,12 +215,14 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
                          progress=progress, log=log)
         with timer("bookkeeping"):
             volumes = search = None          # the maps below need the device memory at large boxes
-            free_device_memory(xp)
+            if release:
+                free_device_memory(xp)
         maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed, timer=timer,
                                      make_mask=make_mask)
         with timer("bookkeeping"):      # pose statistics, the new state, device memory handed back
             acc = None                       # the accumulators go before the registration's and next pass's grids
-            free_device_memory(xp)
+            if release:
+                free_device_memory(xp)
             check_result(maps.report, maps.half_maps)
             record = {"iteration": iteration, "final": final, "alignment_resolution_A": n * px / cutoff,
                       "resolution_A": maps.report["resolution_A"],
