@@ -24,8 +24,7 @@ from ..fourier import lowpass_map, shift_volume
 from ..geometry import angular_distance_deg, euler_to_matrix
 from ..io.mrc import StackWriter
 from ..io.particle_files import load_particles
-from ..local_search import (LocalPrior, from_fulcrum_frame, local_batch_size, local_start, rotation_offsets,
-                            start_plan, to_fulcrum_frame)
+from ..local_search import LocalPrior, from_fulcrum_frame, local_batch_size, local_start, start_plan, to_fulcrum_frame
 from ..masks import auto_threshold_mask
 from ..plotting import plot_pose_change
 from ..projector import prepare_volume
@@ -132,17 +131,17 @@ def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, 
 
     def make_search(volumes, noise, cutoff_px: float, state: RefineState) -> PoseSearch:
         levels = search_schedule(box_size, cutoff_px, search)
+        whole = start_plan(levels, search, extent_rad)
+        # after the first iteration, optionally a small window around the last poses (narrowed)
+        plan = start_plan(levels, search, extent_rad, params.narrow_steps) if state.iteration > 0 else whole
+        start_offsets = to_device(plan.offsets, xp)
         # batches sized for the whole start grid (a narrowed start is smaller; its subdivision is not)
-        n_offsets = rotation_offsets(extent_rad, levels[0].rotation_step_rad).shape[0]
         n_shifts = shift_grid(shift_px, levels[0].shift_step_px).shape[0]
         # the search's references: each half-map with the fulcrum moved to the box centre
         refs = HalfReferences({h: shift_volume(volumes.maps[h], -fulcrum) for h in (1, 2)}, prepare_volume)
-        batch_size = params.batch_size or local_batch_size(box_size, levels[0], n_offsets, n_shifts,
+        batch_size = params.batch_size or local_batch_size(box_size, levels[0], whole.offsets.shape[0], n_shifts,
                                                            memory_budget_bytes(xp), cpu=xp is np)
         recentre = params.recenter_each_iteration and state.euler_deg is not None
-        # after the first iteration, optionally a small window around the last poses (narrowed)
-        plan = start_plan(levels, search, extent_rad, params.narrow_steps if state.iteration > 0 else 0)
-        start_offsets = to_device(plan.offsets, xp)
 
         def find_poses(batch) -> SearchResult:
             rotations, origins = batch.rotations, batch.origin_px
