@@ -78,7 +78,6 @@ def write_map(path: str, volume, voxel_size_A: float):
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(data)
             mrc.voxel_size = float(voxel_size_A)
-            mrc.update_header_stats()
 
 
 def write_stack(path: str, images, pixel_size_A: float):
@@ -89,7 +88,6 @@ def write_stack(path: str, images, pixel_size_A: float):
             mrc.set_data(data)
             mrc.set_image_stack()
             mrc.voxel_size = float(pixel_size_A)
-            mrc.update_header_stats()
 
 
 def _why_no_data(mrc, path: str) -> str:

@@ -8,6 +8,7 @@ pixel size comes from ``rlnImagePixelSize`` (3.1+), ``rlnPixelSize`` or
 """
 from __future__ import annotations
 
+import csv
 import os
 
 import numpy as np
@@ -248,9 +249,28 @@ def particles_to_tables(particles: Particles, path: str):
 def write_star(particles: Particles, path: str):
     """Write RELION 3.1 STAR (``data_optics`` + ``data_particles``) atomically."""
     optics, table = particles_to_tables(particles, path)
-    # six decimals, as "%.6f" would give, but rounded by numpy and printed by pandas' own float repr
-    # instead of a per-value format string: 50 000 particles in 0.5 s instead of 1.1 s
-    optics, table = (df.apply(lambda column: column.round(6) if column.dtype.kind == "f" else column)
-                     for df in (optics, table))
-    with atomic_path(path) as tmp:
-        starfile.write({"optics": optics, "particles": table}, tmp, float_format=None, overwrite=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write("# written by cryocv\n\n")
+        for name, df in (("optics", optics), ("particles", table)):
+            write_loop_block(f, name, df)
+
+
+def write_loop_block(f, name: str, df: pd.DataFrame):
+    """One STAR ``loop_`` block as ``starfile.write`` lays it out (tab-separated, floats to six
+    decimals, strings quoted only where they are empty or hold a space), but printed by pandas'
+    C writer without a Python call per value (50 000 particles: ~0.3 s instead of ~1.4 s).
+    Floats are rounded by numpy and printed with pandas' shortest repr: what "%.6f" would
+    give, less trailing zeros."""
+    columns = {}
+    for column in df.columns:
+        values = df[column]
+        if values.dtype.kind == "f":
+            values = values.round(6)
+        elif values.dtype.kind == "O":
+            text = values.astype(str)
+            values = text.where(~(text.str.contains(" ", regex=False) | (text == "")), '"' + text + '"')
+        columns[column] = values
+    f.write(f"data_{name}\n\nloop_\n" + "".join(f"_{c} #{i}\n" for i, c in enumerate(df.columns, 1)))
+    pd.DataFrame(columns).to_csv(f, sep="\t", header=False, index=False, quoting=csv.QUOTE_NONE,
+                                 na_rep="<NA>", lineterminator="\n")
+    f.write("\n\n")
