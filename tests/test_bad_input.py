@@ -165,21 +165,21 @@ def test_damaged_files_are_named_with_what_is_wrong(data, tmp_path, what):
 def test_continue_skips_a_damaged_checkpoint(data, tmp_path, monkeypatch):
     """A refinement killed after its second checkpoint whose newest checkpoint was then damaged
     (state.json cut short, checkpoint.json emptied) continues from the intact one before it."""
-    from cryocv.jobs import jobdir
+    from cryocv.jobs import checkpoints
     from cryocv.jobs.refine import RefineParams, run
     out = str(tmp_path / "job")
-    original = jobdir.CheckpointStore.save
+    original = checkpoints.CheckpointStore.save
 
     def save_then_die(self, state, *args, **kwargs):
         original(self, state, *args, **kwargs)
         if state.iteration == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(jobdir.CheckpointStore, "save", save_then_die)
+    monkeypatch.setattr(checkpoints.CheckpointStore, "save", save_then_die)
     params = RefineParams(regularizer="uniform", initial_lowpass_A=12.0, max_iterations=2)
     with pytest.raises(KeyboardInterrupt):
         run(str(data / "sim" / "particles.star"), str(data / "truth.mrc"), out, params, device="cpu", progress=False)
-    monkeypatch.setattr(jobdir.CheckpointStore, "save", original)
+    monkeypatch.setattr(checkpoints.CheckpointStore, "save", original)
     with open(os.path.join(out, "iterations", "iter_002", "state.json"), "r+") as handle:
         handle.truncate(20)
     open(os.path.join(out, "checkpoint.json"), "w").close()

@@ -148,7 +148,7 @@ def test_narrowed_local_search_stays_inside_the_extents(consensus):
     from cryocv.geometry import matrix_to_euler
     from cryocv.io.particle_files import load_particles
     from cryocv.io.mrc import read_map
-    from cryocv.jobs.jobdir import RefineState
+    from cryocv.jobs.checkpoints import RefineState
     from cryocv.jobs.local_refine import LocalRefineParams, local_search
     from cryocv.source import ParticleSource
     from cryocv.symmetry import pose_distance_deg
@@ -177,7 +177,7 @@ def test_local_search_never_leaves_its_extents(consensus):
     from cryocv.em_pass import HalfReferences
     from cryocv.io.particle_files import load_particles
     from cryocv.io.mrc import read_map
-    from cryocv.jobs.jobdir import RefineState
+    from cryocv.jobs.checkpoints import RefineState
     from cryocv.jobs.local_refine import LocalRefineParams, local_search
     from cryocv.source import ParticleSource
     from cryocv.symmetry import pose_distance_deg

@@ -212,7 +212,7 @@ def test_resume_of_a_run_from_before_the_base_candidate_schedule_keeps_its_searc
 
 
 def test_refine_resumes_after_kill(refine_case, monkeypatch):
-    from cryocv.jobs import jobdir as refine_module
+    from cryocv.jobs import checkpoints as refine_module
     from cryocv.jobs.refine import RefineParams, run as run_refine
     root, truth = refine_case
     out = str(root / "resume")

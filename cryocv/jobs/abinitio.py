@@ -37,7 +37,8 @@ from ..symmetry import symmetry_operators
 from . import jobdir
 from .common import (DEFAULT_DEVICE, device_args, load_checked_particles, option, output_args, params_from_args,
                      require_half_sets, select_device)
-from .jobdir import JobLog, RefineState
+from .checkpoints import RefineState, finishes_writes_on_error
+from .jobdir import JobLog
 from .loop import iterate, open_refinement
 from .refine import RefineParams, add_search_and_regularizer_args, global_search
 
@@ -281,6 +282,7 @@ def _check(states, px: float, max_res_A: float, iteration: int, b: int, rate: fl
     return record
 
 
+@finishes_writes_on_error
 def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None = None, device: str = DEFAULT_DEVICE,
         gpu_ids=None, datadir=None, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Ab-initio job (see the module docstring); returns the FSC report (+ ``sgd`` history)."""
@@ -354,7 +356,7 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
         plot_abinitio(sgd_history, jobdir.path(out_dir, jobdir.SGD_PNG), state.history, title)
         plot_poses(particles.euler_deg, jobdir.path(out_dir, jobdir.POSES_PNG), state.history, title=title)
     jobdir.write_results(out_dir, px, half, full, mask, report, particles, title, record, {}, before_record=plots,
-                         checkpoint_folder=store.folder(state.iteration))
+                         checkpoint=store, iteration=state.iteration)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (SGD, then {state.iteration} E/M passes including the "
         f"final one; job {time.time() - started:.1f} s)")
     return report

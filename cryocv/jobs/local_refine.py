@@ -35,7 +35,8 @@ from ..subtraction import center_of_mass, scale_fit_radius_px, subtract_source
 from ..symmetry import symmetry_operators
 from . import jobdir, relaxation
 from .common import (device_args, load_checked_particles, option, output_args, params_from_args, select_device)
-from .jobdir import JobLog, RefineState
+from .checkpoints import RefineState, finishes_writes_on_error
+from .jobdir import JobLog
 from .loop import PoseSearch, iterate, open_refinement
 from .refine import RefineParams, add_relaxation_args, add_search_and_regularizer_args
 from .subtract import read_maps, subtracted_particles
@@ -291,6 +292,7 @@ def pose_change_diagnostics(job_dir: str, input_particles: str | None = None) ->
             "title": f"{len(refined)} particles, {report['resolution_A']:.2f} Å in the mask: change from the input poses"}
 
 
+@finishes_writes_on_error
 def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRefineParams | None = None,
         device: str = "auto", gpu_ids=None, datadir=None, resume: bool = False, progress: bool = True,
         overwrite: bool = False) -> dict:
@@ -392,7 +394,7 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
         plot_pose_change(rotation, shift, params.rotation_extent_deg, params.shift_extent_A,
                          jobdir.path(out_dir, jobdir.POSE_CHANGE_PNG), title)
     jobdir.write_results(out_dir, px, half, full, out_mask, report, particles, title, record, {},
-                         before_record=plots, checkpoint_folder=store.folder(state.iteration))
+                         before_record=plots, checkpoint=store, iteration=state.iteration)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard in the mask after {state.iteration} iterations "
         f"(job {time.time() - started:.1f} s)")
     return report

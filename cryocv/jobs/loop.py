@@ -37,7 +37,7 @@ from ..source import ParticleSource
 from ..symmetry import pose_distance_deg, symmetry_operators
 from . import jobdir
 from .common import check_result, symmetry_arg
-from .jobdir import CheckpointStore, RefineState
+from .checkpoints import CheckpointStore, RefineState
 
 NOISE_SAMPLE = 1000   # images whose power spectrum is the first iteration's noise model
 
@@ -148,7 +148,8 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
             make_search: Callable[[dict, object, float, RefineState], PoseSearch], progress: bool = True,
             log=print, make_mask=None, register_halves=None) -> tuple[RefineState, MapResult]:
     """Run iterations from ``state`` until converged, then the final pass; checkpoint each
-    (written while the next pass runs; all written when this returns or raises).
+    (written while the next pass runs; the final pass's may still be being written when this
+    returns: ``store.wait()`` before reading it; all written when this raises).
 
     ``params``: a refinement's Params (regularizer, NU settings, symmetry, iterations, seed...);
     ``make_search(references, noise, cutoff_px, state)`` → :class:`PoseSearch` (global, local...);
@@ -270,8 +271,8 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
                 log(f"  stopping at --max-iterations {params.max_iterations} without convergence")
         with timer("checkpoint: previous write"):
             store.wait()
-        with timer("checkpoint"):      # written while the next pass runs; the final one before returning
-            store.save(state, maps, px, particles.half_set, result.scores, background=not state.final_done)
+        with timer("checkpoint"):      # written while the next pass runs (the final one: the job's outputs)
+            store.save(state, maps, px, particles.half_set, result.scores, background=True)
         stages = record["stage_seconds"]
         stages.update(timer.rounded())
         log("  seconds per stage: " + ", ".join(f"{name} {value:.2f}" for name, value in stages.items()))

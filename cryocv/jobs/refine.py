@@ -7,7 +7,6 @@ job.json in DIR. A killed job continues with --continue DIR."""
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,6 +22,7 @@ from ..symmetry import DEFAULT_SYMMETRY, pose_distance_deg
 from . import jobdir, relaxation
 from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, output_args, load_checked_particles, option, params_from_args, read_cubic_map,
                      require_half_sets, select_device)
+from .checkpoints import finishes_writes_on_error
 from .jobdir import JobLog
 from .loop import PoseSearch, initial_state, iterate, open_refinement
 
@@ -216,6 +216,7 @@ def main(args) -> int:
     return 0
 
 
+@finishes_writes_on_error
 def run(particles_path: str | None, reference_path: str | None, out_dir: str, params: RefineParams | None = None,
         device: str = DEFAULT_DEVICE, gpu_ids=None, datadir=None, resume: bool = False,
         progress: bool = True, overwrite: bool = False) -> dict:
@@ -290,14 +291,11 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
         report["relax"] = relaxation.relaxation_outputs(out_dir, full, particles, input_rotations, params, px,
                                                             state.history)
     extra_maps = {}
-    if cutoff_A is not None:
-        extra_maps[jobdir.NU_CUTOFF] = cutoff_A
+    if cutoff_A is not None:      # the NU-filtered map: from the final checkpoint, where it is the only copy
+        extra_maps.update({jobdir.NU_CUTOFF: cutoff_A, jobdir.NU_FILTERED_MAP: None})
     title = f"{len(particles)} particles, {params.regularizer.upper()}, {params.symmetry}: {report['resolution_A']:.2f} Å"
 
-    def plots_and_nu_map():
-        if cutoff_A is not None:
-            shutil.copyfile(os.path.join(store.folder(state.iteration), jobdir.NU_FILTERED_MAP),
-                            jobdir.path(out_dir, jobdir.NU_FILTERED_MAP))
+    def plots():
         change = (None if input_rotations is None else
                   pose_distance_deg(particles.rotations, input_rotations, params.symmetry))
         plot_poses(**pose_diagnostics(particles.euler_deg, state.history, change),
@@ -310,7 +308,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
                                {"resolution_A": report["resolution_A"], "iterations": state.iteration,
                                 "n_particles": len(particles)})
     jobdir.write_results(out_dir, px, half_maps, full, mask, report, particles, title, record, extra_maps,
-                         before_record=plots_and_nu_map, checkpoint_folder=store.folder(state.iteration))
+                         before_record=plots, checkpoint=store, iteration=state.iteration)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
         f"{state.iteration} iterations; map {jobdir.path(out_dir, jobdir.MAP)} (outputs and plots written in "
         f"{time.time() - outputs_started:.1f} s: " + ", ".join(f"{name} {value:.2f}" for name, value in

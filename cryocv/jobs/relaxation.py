@@ -29,7 +29,7 @@ from ..relax import asymmetric_agreement, mode_of, mode_spread, relaxed_poses, s
 from ..search import search_schedule
 from ..symmetry import symmetry_operators
 from . import jobdir
-from .jobdir import RefineState
+from .checkpoints import RefineState
 from .loop import PoseSearch
 
 RELAX_LEVELS = 2          # the chosen mate is polished from cells of the second-finest level of the search
