@@ -108,6 +108,16 @@ def free_gpu_memory_bytes() -> int:
     return free
 
 
+def gpu_memory_bytes() -> int:
+    """Memory of the current GPU cryocv may use (0 on CPU): its total, within
+    ``$CRYOCV_GPU_MEMORY_GIB`` when set."""
+    if not gpu_available():
+        return 0
+    total = int(_cupy.cuda.runtime.memGetInfo()[1])
+    limit = gpu_memory_limit_bytes()
+    return total if limit is None else min(total, limit)
+
+
 def free_device_memory(xp):
     """Return CuPy's cached blocks to the device, and the work areas its cached FFT plans hold
     (grid-sized at large boxes), (no-op on the CPU)."""
