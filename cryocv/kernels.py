@@ -1,6 +1,8 @@
-"""CuPy RawKernels for slice extraction and insertion (GPU twins of ``cryocv.projector``).
+"""CuPy RawKernels for slice extraction and insertion (GPU twins of ``cryocv.projector``) and
+the fused scoring of the branch-and-bound subdivision (GPU twin of ``cryocv.search``'s
+extract-then-score path).
 
-Both kernels run one thread per (rotation, frequency point) and use exactly the
+Extraction and insertion run one thread per (rotation, frequency point) and use exactly the
 arithmetic of the numpy twins: q = pad·Aᵀ(kx, ky, 0), Friedel folding for
 qx < 0, trilinear weights, zero outside the grid. Insertion uses float atomics
 on the interleaved real/imaginary parts of the complex64 accumulator.
@@ -86,7 +88,105 @@ extern "C" __global__ void insert_slices(float* __restrict__ data, float* __rest
 }
 """
 
+# Scores without materialized slices: one block per (image, group of RC rotations with SC shifts);
+# each thread walks frequency points, samples the group's RC slices there (trilinear, as
+# extract_slices), forms the SC phase-shifted image terms, and accumulates the SC·RC cross terms
+# Re(d_s·conj(P_r)) and the RC norms Σ C²w|P_r|²; a block reduction gives scores =
+# cross / sqrt(norm), as search.score_children. The slices (B·G·RC·M complex) are never written
+# to memory, and a group's nearby rotations (a subdivision's 8 children) sample nearby voxels from
+# the same thread. Variants: (RC, SC) = (8, 4) for subdivision levels, (4, 16) for a start grid
+# with few shifts (a narrowed local search).
+_SCORE_CHILDREN = r"""
+#define NACC (SC * RC + RC)
+
+__device__ __forceinline__ float2 sample(const float2* __restrict__ vol, float qx, float qy, float qz,
+                                         int np_, int nh) {
+    bool mate = qx < 0.f;
+    if (mate) { qx = -qx; qy = -qy; qz = -qz; }
+    float x0f = floorf(qx), y0f = floorf(qy), z0f = floorf(qz);
+    float fx = qx - x0f, fy = qy - y0f, fz = qz - z0f;
+    int x0 = (int)x0f, y0 = (int)y0f + np_ / 2, z0 = (int)z0f + np_ / 2;
+    float re = 0.f, im = 0.f;
+    #pragma unroll
+    for (int dz = 0; dz < 2; ++dz) {
+        int zi = z0 + dz;
+        if (zi < 0 || zi >= np_) continue;
+        float wz = dz ? fz : 1.f - fz;
+        #pragma unroll
+        for (int dy = 0; dy < 2; ++dy) {
+            int yi = y0 + dy;
+            if (yi < 0 || yi >= np_) continue;
+            float wzy = wz * (dy ? fy : 1.f - fy);
+            long long row = ((long long)zi * np_ + yi) * nh;
+            #pragma unroll
+            for (int dx = 0; dx < 2; ++dx) {
+                int xi = x0 + dx;
+                if (xi < 0 || xi >= nh) continue;
+                float w = wzy * (dx ? fx : 1.f - fx);
+                float2 v = vol[row + xi];
+                re += w * v.x; im += w * v.y;
+            }
+        }
+    }
+    return make_float2(re, mate ? -im : im);
+}
+
+extern "C" __global__ void score_children(const float2* __restrict__ vol, const float* __restrict__ rot,
+        const float* __restrict__ shifts, const float* __restrict__ kx, const float* __restrict__ ky,
+        const float2* __restrict__ data, const float* __restrict__ ctf2, float* __restrict__ out,
+        int n_kept, int n_pts, int np_, int nh, float pad, float box) {
+    __shared__ float r[RC * 9];
+    __shared__ float t[SC * 2];
+    __shared__ float partial[32][NACC + 1];
+    int bk = blockIdx.x, b = bk / n_kept;
+    for (int i = threadIdx.x; i < RC * 9; i += blockDim.x) r[i] = rot[(long long)bk * RC * 9 + i];
+    for (int i = threadIdx.x; i < SC * 2; i += blockDim.x) t[i] = shifts[(long long)bk * SC * 2 + i];
+    __syncthreads();
+    float acc[NACC];
+    #pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+    const float2* d_row = data + (long long)b * n_pts;
+    const float* c_row = ctf2 + (long long)b * n_pts;
+    for (int m = threadIdx.x; m < n_pts; m += blockDim.x) {
+        float fx = kx[m], fy = ky[m];
+        float2 d = d_row[m];
+        float c2 = c_row[m];
+        float2 ds[SC];
+        #pragma unroll
+        for (int s = 0; s < SC; ++s) {       // exp(-2 pi i (k . t) / N)
+            float sn, cs;
+            sincospif(-2.f * (t[2 * s] * fx + t[2 * s + 1] * fy) / box, &sn, &cs);
+            ds[s] = make_float2(d.x * cs - d.y * sn, d.x * sn + d.y * cs);
+        }
+        #pragma unroll
+        for (int c = 0; c < RC; ++c) {
+            const float* a = r + 9 * c;
+            float2 p = sample(vol, pad * (a[0] * fx + a[3] * fy), pad * (a[1] * fx + a[4] * fy),
+                              pad * (a[2] * fx + a[5] * fy), np_, nh);
+            acc[SC * RC + c] += c2 * (p.x * p.x + p.y * p.y);
+            #pragma unroll
+            for (int s = 0; s < SC; ++s) acc[s * RC + c] += ds[s].x * p.x + ds[s].y * p.y;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+    #pragma unroll
+    for (int i = 0; i < NACC; ++i) {
+        float v = acc[i];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+        if (lane == 0) partial[warp][i] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < SC * RC) {
+        int s = threadIdx.x / RC, c = threadIdx.x % RC;
+        float cross = 0.f, norm = 0.f;
+        for (int w = 0; w < n_warps; ++w) { cross += partial[w][s * RC + c]; norm += partial[w][SC * RC + c]; }
+        out[(long long)bk * SC * RC + threadIdx.x] = cross / sqrtf(fmaxf(norm, 1e-30f));
+    }
+}
+"""
+
 _BLOCK = 256
+_SCORE_BLOCK = 128
 
 
 def _kernel(name, source):
@@ -95,6 +195,15 @@ def _kernel(name, source):
 
 _extract_kernel = _kernel("extract_slices", _EXTRACT)
 _insert_kernel = _kernel("insert_slices", _INSERT)
+_SCORE_VARIANTS = {(8, 4): None, (4, 16): None}      # (rotations, shifts) per group → compiled kernel
+POSE_SCORE_MAX_SHIFTS = 16                           # score_poses_gpu: shifts per image (the (4, 16) variant)
+
+
+def _score_kernel(rc: int, sc: int):
+    if _SCORE_VARIANTS.get((rc, sc)) is None:
+        _SCORE_VARIANTS[(rc, sc)] = cp.RawKernel(_SCORE_CHILDREN, "score_children",
+                                                 options=("--std=c++14", f"-DRC={rc}", f"-DSC={sc}"))
+    return _SCORE_VARIANTS[(rc, sc)]
 
 
 def _prep(rotations, kx, ky):
@@ -134,3 +243,44 @@ def insert_slices_gpu(data_ft, weight, rotations, kx, ky, values, value_weights,
                        (data_ft.view(cp.float32), weight, rot, kx, ky, vals, wts,
                         cp.int32(n_rot), cp.int32(n_pts), cp.int32(data_ft.shape[0]),
                         cp.int32(data_ft.shape[2]), cp.float32(padding), cp.int32(per_rotation)))
+
+
+def score_groups_gpu(volume_ft, rotations, shifts_px, kx, ky, data, ctf2, padding, box_size):
+    """Fused twin of extract-then-:func:`cryocv.search.score_children`: ``rotations`` (B, G, RC, 3, 3)
+    and ``shifts_px`` (B, G, SC, 2) per image and group, (RC, SC) one of the compiled variants
+    ((8, 4): a subdivision level's children; (4, 16)); ``data`` (B, M) complex64 and ``ctf2``
+    (B, M) float32 image terms at points ``kx``, ``ky`` → scores (B, G, SC, RC) float32."""
+    b, g, rc = rotations.shape[:3]
+    sc = shifts_px.shape[2]
+    if rotations.shape[3:] != (3, 3) or shifts_px.shape[:2] != (b, g) or (rc, sc) not in _SCORE_VARIANTS:
+        raise ValueError(f"fused scores take groups of (rotations, shifts) in {sorted(_SCORE_VARIANTS)}, "
+                         f"got {rotations.shape} rotations and {shifts_px.shape} shifts")
+    rot, kx, ky = _prep(rotations, kx, ky)
+    shifts = cp.ascontiguousarray(shifts_px, dtype=cp.float32)
+    vol = cp.ascontiguousarray(volume_ft, dtype=cp.complex64)
+    out = cp.empty((b, g, sc, rc), dtype=cp.float32)
+    if b * g:
+        _score_kernel(rc, sc)((b * g,), (_SCORE_BLOCK,),
+                              (vol, rot, shifts, kx, ky, cp.ascontiguousarray(data, dtype=cp.complex64),
+                               cp.ascontiguousarray(ctf2, dtype=cp.float32), out, cp.int32(g),
+                               cp.int32(kx.size), cp.int32(vol.shape[0]), cp.int32(vol.shape[2]),
+                               cp.float32(padding), cp.float32(box_size)))
+    return out
+
+
+def score_poses_gpu(volume_ft, rotations, shifts_px, kx, ky, data, ctf2, padding, box_size):
+    """Fused twin of :func:`cryocv.search.score_poses` for at most 16 shifts: each image's
+    rotations (B, R, 3, 3) in groups of 4, each with all its shifts (B, T, 2) → (B, T, R)."""
+    b, r = rotations.shape[:2]
+    t = shifts_px.shape[1]
+    rc, sc = 4, POSE_SCORE_MAX_SHIFTS
+    if t > sc:
+        raise ValueError(f"the fused pose scores take at most {sc} shifts per image, got {t}")
+    groups = -(-r // rc)
+    # whole groups: the last rotation and shift repeated (their scores are cut off below)
+    rot = cp.concatenate([rotations, cp.repeat(rotations[:, -1:], groups * rc - r, axis=1)], axis=1)
+    shifts = cp.concatenate([shifts_px, cp.repeat(shifts_px[:, -1:], sc - t, axis=1)], axis=1)
+    scores = score_groups_gpu(volume_ft, rot.reshape(b, groups, rc, 3, 3),
+                              cp.broadcast_to(shifts[:, None], (b, groups, sc, 2)), kx, ky, data, ctf2, padding,
+                              box_size)                                                   # (B, G, SC, RC)
+    return cp.moveaxis(scores, 1, 2).reshape(b, sc, groups * rc)[:, :t, :r]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_array_module, to_device
+from .backend import get_array_module, is_cupy, to_device
 from .fourier import phase_factors, shell_index_2d
 from .geometry import axis_angle_to_matrix, euler_to_matrix, so3_grid
 from .projector import DEFAULT_PADDING, FrequencyPoints, extract_slices, frequency_points
@@ -217,18 +217,40 @@ def score_children(terms: ImageTerms, slices, phases):
     return (cross / xp.sqrt(xp.maximum(norm, 1e-30))[:, :, None, :]).astype(xp.float32)
 
 
+def subdivision_scores(volume_ft, terms: ImageTerms, points: FrequencyPoints, rotations, shifts_px,
+                       padding: int = DEFAULT_PADDING, fused: bool = True):
+    """Scores (B, K, 4, 8) of each image's candidates' children: ``rotations`` (B, K, 8, 3, 3) ×
+    ``shifts_px`` (B, K, 4, 2), as :func:`score_children` of their slices. On a GPU (``fused``)
+    one kernel samples the slices and scores them without writing them to memory
+    (:func:`cryocv.kernels.score_groups_gpu`); else the slices are extracted, then scored."""
+    if fused and is_cupy(volume_ft):
+        from . import kernels
+        return kernels.score_groups_gpu(volume_ft, rotations, shifts_px, points.kx, points.ky, terms.data,
+                                        terms.ctf2, padding, points.box_size)
+    b, k = rotations.shape[:2]
+    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding).reshape(b, k, 8, -1)
+    return score_children(terms, slices, shift_phases(points, shifts_px))
+
+
 def score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts_px, cutoff_px: float,
-                padding: int = DEFAULT_PADDING):
+                padding: int = DEFAULT_PADDING, fused: bool = True):
     """Scores (B, T, R) of each image at each of its own rotations ``rotations`` (B, R, 3, 3) ×
     shifts ``shifts_px`` (B, T, 2), at Fourier radius ``cutoff_px``: the whitened, CTF-weighted
     ``c/√n`` of :func:`score_children` for poses given per image (a local start, symmetry mates,
-    a marginalization neighbourhood)."""
+    a marginalization neighbourhood). On a GPU with at most 16 shifts (``fused``) the slices are
+    sampled and scored by one kernel (:func:`cryocv.kernels.score_poses_gpu`)."""
     xp = get_array_module(volume_ft)
     b, n = images_ft.shape[0], images_ft.shape[-2]
+    r, t = rotations.shape[1], shifts_px.shape[1]
     points = frequency_points(n, cutoff_px, xp)
     terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
+    if fused and is_cupy(volume_ft):
+        from . import kernels
+        if t <= kernels.POSE_SCORE_MAX_SHIFTS:
+            return kernels.score_poses_gpu(volume_ft, rotations, shifts_px, points.kx, points.ky, terms.data,
+                                           terms.ctf2, padding, n)
     slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding)
-    slices = slices.reshape(b, 1, rotations.shape[1], -1)                              # (B, 1, R, M)
+    slices = slices.reshape(b, 1, r, -1)                                                # (B, 1, R, M)
     return score_children(terms, slices, shift_phases(points, shifts_px)[:, None])[:, 0]
 
 
@@ -314,7 +336,7 @@ def log_likelihood(scores):
 
 
 def subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLevel], params: SearchParams,
-              start: Candidates, padding: int = DEFAULT_PADDING, prior=None) -> SearchResult:
+              start: Candidates, padding: int = DEFAULT_PADDING, prior=None, fused: bool = True) -> SearchResult:
     """Branch-and-bound subdivision from ``start`` (cells of ``levels[0]``) through ``levels[1:]``:
     8 rotation × 4 shift children per kept cell, scored at the level's cutoff, the best
     :func:`candidates_per_level` kept. Any start works: the global grid (:func:`global_start`),
@@ -323,7 +345,8 @@ def subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLev
     ``volume_ft`` from :func:`cryocv.projector.prepare_volume`; ``images_ft`` (B, N, N//2+1)
     raw half-plane FTs; ``ctf`` same shape or None; ``noise_var_shell`` (N//2+1,). ``prior``
     (e.g. :class:`cryocv.local_search.LocalPrior`): children are ranked by
-    :func:`log_likelihood` + ``prior.rotation(R)`` + ``prior.shift(t)`` (−∞ outside bounds)."""
+    :func:`log_likelihood` + ``prior.rotation(R)`` + ``prior.shift(t)`` (−∞ outside bounds).
+    ``fused``: score children with the fused GPU kernel (see :func:`subdivision_scores`)."""
     xp = get_array_module(volume_ft)
     n = images_ft.shape[-2]
     b = images_ft.shape[0]
@@ -335,10 +358,8 @@ def subdivide(volume_ft, images_ft, ctf, noise_var_shell, levels: list[SearchLev
         rot_children = rotation_children(rotations, previous.rotation_step_rad)      # (B, K, 8, 3, 3)
         sh_children = shift_children(shifts, previous.shift_step_px)                # (B, K, 4, 2)
         kk = rotations.shape[1]
-        slices = extract_slices(volume_ft, rot_children.reshape(-1, 3, 3), points, padding)
-        slices = slices.reshape(b, kk, 8, -1)
-        phases = shift_phases(points, sh_children)                                   # (B, K, 4, M)
-        child_scores = score_children(terms, slices, phases)                          # (B, K, 4, 8)
+        child_scores = subdivision_scores(volume_ft, terms, points, rot_children, sh_children, padding,
+                                          fused)                                      # (B, K, 4, 8)
         if prior is not None:
             child_scores = (log_likelihood(child_scores) + prior.shift(sh_children)[..., :, None]
                             + prior.rotation(rot_children)[:, :, None, :])
