@@ -145,7 +145,7 @@ class ProtCryocvLocalRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefin
                 + ["--fulcrum", p.fulcrum, "--rotation-extent-deg", p.rotation_extent_deg,
                    "--shift-extent-A", p.shift_extent_A, "--fine-step-deg", p.fine_step_deg, "--mask-mode", p.mask_mode])
         optional = [("--coarse-step-deg", p.coarse_step_deg), ("--prior-sigma-deg", p.prior_sigma_deg),
-                    ("--prior-sigma-A", p.prior_sigma_A), ("--narrow-steps", p.narrow_steps or None)]
+                    ("--prior-sigma-A", p.prior_sigma_A), ("--narrow-steps", p.narrow_steps)]
         args += [item for flag, value in optional if value is not None for item in (flag, value)]
         args += [flag for flag, on in (("--subtract", p.subtract), ("--no-scale", p.subtract and not p.fit_scale),
                                        ("--recenter-each-iteration", p.recenter_each_iteration)) if on]
