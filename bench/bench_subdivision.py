@@ -1,5 +1,5 @@
 """Subdivision-level scoring on the GPU: the fused kernel (slices sampled and scored in one pass,
-``cryocv.kernels.score_children_fused_gpu``) against extract-then-score (``extract_slices`` then
+``cryocv.kernels.score_groups_gpu``) against extract-then-score (``extract_slices`` then
 ``search.score_children``), at the level sizes a box-128 / box-256 search uses: seconds per call,
 trilinear samples per second, and how often the best child differs (float rounding only).
 ``--poses``: the same for ``search.score_poses`` (per-image rotations × at most 16 shifts, a

@@ -37,7 +37,7 @@ class HalfReferences:
     def __getitem__(self, half: int):
         if half != self.half:
             self.volume = None
-            if large_grids(self.maps[half].shape[0]):          # the other half-set's prepared grid goes first
+            if large_grids(self.maps[half].shape[0], get_array_module(self.maps[half])):          # the other half-set's prepared grid goes first
                 free_device_memory(get_array_module(self.maps[half]))
             self.volume, self.half = self.prepare(self.maps[half]), half
         return self.volume

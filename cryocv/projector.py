@@ -29,12 +29,14 @@ DEFAULT_PADDING = 2
 MAP_STAGE_GRIDS = 20
 
 
-def large_grids(box_size: int, padding: int = DEFAULT_PADDING) -> bool:
-    """Are a job's padded grids large for this GPU (the map stage's grids over a quarter of the
-    memory cryocv may use: box 512 on any card, box 256 on cards under ~22 GB)? Then cached device
-    memory and FFT plans go back between stages; below, keeping them saves re-allocation and plan
-    creation every iteration (box 128 and 256 on an H200: ~0.4 s per iteration at 256).
-    Always False on the CPU."""
+def large_grids(box_size: int, xp, padding: int = DEFAULT_PADDING) -> bool:
+    """Are a job's padded grids large for its GPU (the map stage's grids over a quarter of the
+    memory cryocv may use: box 512 on cards up to ~160 GB, box 256 on cards under ~80 GB)? Then
+    cached device memory and FFT plans go back between stages; below, keeping them saves
+    re-allocation and plan creation every iteration (box 256 on an H200: ~0.3 s per iteration).
+    False for a job on the CPU (``xp`` numpy), which never touches the GPU here."""
+    if xp is np:
+        return False
     np_ = padding * box_size
     grid_bytes = np_ * np_ * (np_ // 2 + 1) * 4
     return MAP_STAGE_GRIDS * grid_bytes > 0.25 * gpu_memory_bytes() > 0

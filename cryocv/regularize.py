@@ -97,7 +97,7 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
             cutoffs.append(cutoff)
             qa = qb = None
         term = None
-        if large_grids(box_size, padding):   # hand the temporaries back before the next half-set
+        if large_grids(box_size, xp, padding):   # hand the temporaries back before the next half-set
             free_device_memory(xp)
     cutoff_A = cutoff_map_A((cutoffs[0] + cutoffs[1]) / 2, pixel_size_A) if nu is not None else None
     average = (regularized[0] + regularized[1]) / 2

@@ -246,7 +246,7 @@ def score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts_px
     terms = image_terms(images_ft, ctf, points, point_weights(points, noise_var_shell))
     if fused and is_cupy(volume_ft):
         from . import kernels
-        if t <= kernels.POSE_SCORE_MAX_SHIFTS:
+        if 0 < t <= kernels.POSE_SCORE_MAX_SHIFTS:
             return kernels.score_poses_gpu(volume_ft, rotations, shifts_px, points.kx, points.ky, terms.data,
                                            terms.ctf2, padding, n)
     slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding)

@@ -111,6 +111,29 @@ def test_star_written_for_relion_31(simulated):
     assert blocks["particles"]["rlnImageName"][0] == "000001@particles.mrcs"
 
 
+def test_star_text_columns_written_as_starfile_would(simulated, tmp_path):
+    """Passthrough text columns: a value with a space is quoted, an empty one is "", a missing one
+    is <NA> (not "None"), and they read back as written; floats keep six decimals."""
+    import starfile
+    particles = load_particles(simulated.source)
+    n = len(particles)
+    table = particles.extra["particles_table"].copy()
+    table["rlnGroupName"] = ["group 1", "", None] + ["g"] * (n - 3)
+    table["rlnLogLikeliContribution"] = np.linspace(0, 1, n) / 3
+    particles.extra["particles_table"] = table
+    path = str(tmp_path / "p.star")
+    save_particles(particles, path)
+    lines = open(path).read().splitlines()
+    particle_lines = lines[lines.index("data_particles"):]
+    header = [line.split()[0] for line in particle_lines if line.startswith("_rln")]
+    rows = [line.split("\t") for line in particle_lines if "@" in line]
+    column = header.index("_rlnGroupName")
+    assert [r[column] for r in rows[:4]] == ['"group 1"', '""', "<NA>", "g"]
+    back = starfile.read(path, always_dict=True)["particles"]
+    assert back["rlnGroupName"][0] == "group 1" and back["rlnGroupName"][3] == "g"
+    assert np.abs(back["rlnLogLikeliContribution"] - np.linspace(0, 1, n) / 3).max() <= 5e-7
+
+
 def test_image_paths_relative_to_the_project_directory(simulated, tmp_path, monkeypatch):
     """Written under the working directory: relative to it (RELION's rule, and cryoSPARC's for
     blob/path); read back from another working directory through the folders above the file;

@@ -267,8 +267,10 @@ def write_loop_block(f, name: str, df: pd.DataFrame):
         if values.dtype.kind == "f":
             values = values.round(6)
         elif values.dtype.kind == "O":
+            missing = values.isna()
             text = values.astype(str)
-            values = text.where(~(text.str.contains(" ", regex=False) | (text == "")), '"' + text + '"')
+            text = text.where(~(text.str.contains(" ", regex=False) | (text == "")), '"' + text + '"')
+            values = text.where(~missing, "<NA>")         # as starfile: None/NaN are <NA>, not "None"/"nan"
         columns[column] = values
     f.write(f"data_{name}\n\nloop_\n" + "".join(f"_{c} #{i}\n" for i, c in enumerate(df.columns, 1)))
     pd.DataFrame(columns).to_csv(f, sep="\t", header=False, index=False, quoting=csv.QUOTE_NONE,

@@ -232,6 +232,8 @@ def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, 
             _link_or_copy(os.path.join(folder, name), path(job_dir, name))
         elif volume is not None:
             write_map(path(job_dir, name), to_numpy(volume), pixel_size_A)
+        else:
+            raise CryocvError(f"{name} is missing from the final checkpoint {folder}")
 
     with timer("particles"):
         save_particles(particles, path(job_dir, PARTICLES_STAR))

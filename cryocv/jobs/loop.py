@@ -185,7 +185,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         with setup("start noise spectrum"):
             sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
             state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
-    release = one_half or large_grids(n)      # hand cached device memory back between stages
+    release = one_half or large_grids(n, xp)      # hand cached device memory back between stages
     log("  setup: " + ", ".join(f"{name} {value:.2f} s" for name, value in setup.seconds.items()))
     input_rotations = particles.rotations if particles.has_alignment else None
     if (register_halves is not None and state.history and not state.final_done
