@@ -11,7 +11,7 @@ import weakref
 
 import numpy as np
 
-from .backend import free_device_memory, get_array_module, is_cupy, to_device
+from .backend import free_device_memory, get_array_module, gpu_memory_bytes, is_cupy, to_device
 from .projector import (DEFAULT_PADDING, FrequencyPoints, accumulators_to_map, divided_to_map, empty_accumulators,
                         insert_slices, weight_floor)
 
@@ -200,6 +200,15 @@ def keep_one_half_on_device(box_size: int, nu: bool, free_bytes: int, padding: i
     of them with the map stage would take more than 60% of the ``free_bytes`` (so the images and
     the search keep room); never on the CPU (``free_bytes`` 0)."""
     return free_bytes > 0 and map_stage_device_bytes(box_size, nu, padding) > 0.6 * free_bytes
+
+
+def large_grids(box_size: int, xp, padding: int = DEFAULT_PADDING) -> bool:
+    """Are a job's padded grids large for its GPU (an NU map stage, :func:`map_stage_device_bytes`,
+    over a quarter of the memory cryocv may use: box 512 on cards up to ~160 GiB, box 256 on cards
+    under ~20 GiB)? Then cached device memory and FFT plans go back between stages; below, keeping
+    them saves re-allocation and plan creation every iteration (box 256 on an H200: ~0.3 s per
+    iteration). False for a job on the CPU (``xp`` numpy), which never touches the GPU here."""
+    return xp is not np and map_stage_device_bytes(box_size, True, padding) > 0.25 * gpu_memory_bytes() > 0
 
 
 def quarter_split(half_set: np.ndarray, seed: int) -> np.ndarray:

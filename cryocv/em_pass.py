@@ -16,10 +16,10 @@ from typing import Callable
 
 import numpy as np
 
-from .accumulate import Accumulators
+from .accumulate import Accumulators, large_grids
 from .backend import StageTimer, free_device_memory, get_array_module, to_numpy
 from .noise import residual_power, shell_mean
-from .projector import DEFAULT_PADDING, frequency_points, large_grids
+from .projector import DEFAULT_PADDING, frequency_points
 from .search import SearchResult
 from .source import Batch, ParticleSource, for_each_batch
 
@@ -37,8 +37,9 @@ class HalfReferences:
     def __getitem__(self, half: int):
         if half != self.half:
             self.volume = None
-            if large_grids(self.maps[half].shape[0], get_array_module(self.maps[half])):          # the other half-set's prepared grid goes first
-                free_device_memory(get_array_module(self.maps[half]))
+            xp = get_array_module(self.maps[half])
+            if large_grids(self.maps[half].shape[0], xp):          # the other half-set's prepared grid goes first
+                free_device_memory(xp)
             self.volume, self.half = self.prepare(self.maps[half]), half
         return self.volume
 

@@ -18,30 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_array_module, gpu_memory_bytes, is_cupy
+from .backend import get_array_module, is_cupy
 from .fourier import (ft3_centered_padded, half_plane_frequencies, ift3_centered_crop, phase_shift_images,
                       trilinear_gridding_profile, zero_beyond_radius)
 from .masks import spherical_mask
 
 DEFAULT_PADDING = 2
-# a map stage holds about this many padded half-space grids (NU: four accumulators of data and
-# weight, a prepared reference, an inverse FFT and its work areas; see accumulate.map_stage_device_bytes)
-MAP_STAGE_GRIDS = 20
-
-
-def large_grids(box_size: int, xp, padding: int = DEFAULT_PADDING) -> bool:
-    """Are a job's padded grids large for its GPU (the map stage's grids over a quarter of the
-    memory cryocv may use: box 512 on cards up to ~160 GB, box 256 on cards under ~80 GB)? Then
-    cached device memory and FFT plans go back between stages; below, keeping them saves
-    re-allocation and plan creation every iteration (box 256 on an H200: ~0.3 s per iteration).
-    False for a job on the CPU (``xp`` numpy), which never touches the GPU here."""
-    if xp is np:
-        return False
-    np_ = padding * box_size
-    grid_bytes = np_ * np_ * (np_ // 2 + 1) * 4
-    return MAP_STAGE_GRIDS * grid_bytes > 0.25 * gpu_memory_bytes() > 0
-
-
 _ROTATION_CHUNK = 256  # numpy twin: rotations per chunk (bounds temporary memory)
 
 

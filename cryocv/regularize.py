@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .accumulate import Accumulators
+from .accumulate import Accumulators, large_grids
 from .backend import StageTimer, free_device_memory, get_array_module, to_device, to_numpy
 from .fourier import per_shell_grid, radial_average
 from .fsc import combine_half_maps, gold_standard_fsc
 from .masks import auto_threshold_mask
 from .nonuniform import NUParams, cutoff_map_A, nu_filter
-from .projector import accumulators_to_map, large_grids
+from .projector import accumulators_to_map
 
 
 def wiener_regularization(weight, fsc, box_size: int, padding: int):

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..accumulate import Accumulators, keep_one_half_on_device, map_stage_device_bytes, quarter_split
+from ..accumulate import Accumulators, keep_one_half_on_device, large_grids, map_stage_device_bytes, quarter_split
 from ..backend import (StageTimer, free_device_memory, free_gpu_memory_bytes, image_cache_budget_bytes, to_device,
                        to_numpy)
 from ..em_pass import HalfReferences, em_pass
@@ -30,7 +30,7 @@ from ..masks import spherical_mask
 from ..noise import noise_spectrum_from_images
 from ..nonuniform import NUParams
 from ..particles import Particles
-from ..projector import large_grids, prepare_volume
+from ..projector import prepare_volume
 from ..regularize import MapResult, regularize_and_assess
 from ..relax import mode_of
 from ..source import ParticleSource
