@@ -257,7 +257,7 @@ def run_relion_local(consensus_star, consensus_map, domain_mask, keep_mask, out_
                      offset_range_A=10.0, threads=1, mpi_procs=3, healpix_order=3, auto_local_healpix_order=None,
                      offset_step_px=1.0, initial_lowpass_A=12.0, recenter=True, solvent_correct_fsc=True,
                      normalise=True, particle_diameter_A=None, max_iterations=None, extra_args=(),
-                     nice_leader=True) -> dict:
+                     nice_leader=True, local_time_limit_s=None) -> dict:
     """Local refinement of the domain in ``domain_mask`` by RELION 3.1 after subtracting everything
     outside ``keep_mask``, from the consensus poses in ``consensus_star`` and ``consensus_map``
     (stages a–c in the module docstring, run in ``out_dir``, which must be new or empty).
@@ -269,7 +269,8 @@ def run_relion_local(consensus_star, consensus_map, domain_mask, keep_mask, out_
     defaults to ``healpix_order + 1`` (see the docstring: equal orders would discard ``sigma_ang``).
     ``max_iterations`` caps auto-refine (``--auto_iter_max``, for smoke tests only: RELION then
     stops without its final joined iteration, and the map returned is the mean of the last
-    iteration's half-maps). Writes ``out_dir/relion_local.json`` and returns it: ``wall_s`` (all
+    iteration's half-maps; ``local_time_limit_s`` stops stage c after that long, judged the same way
+    from its last complete iteration). Writes ``out_dir/relion_local.json`` and returns it: ``wall_s`` (all
     stages, normalisation included) and per stage, ``cpu_s`` (RELION's processes, per stage), ``resolution_A`` (RELION's final unmasked
     gold-standard resolution; ``relion_postprocess_masked_A`` in the domain mask), ``map`` and
     ``data_star`` in the consensus frame (``relion_map``, ``relion_data_star``: RELION's own files,
@@ -337,7 +338,8 @@ def run_relion_local(consensus_star, consensus_map, domain_mask, keep_mask, out_
                                 extra + [str(a) for a in extra_args], local_dir)
         args[args.index("--auto_local_healpix_order") + 1] = str(auto_local)
         cmd = mpi_command(args, mpi_procs, nice_leader)
-        timings["local_s"], cpu["local"] = _run_logged(cmd, out_dir, log, log_path)  # cwd: Subtract/… paths
+        timings["local_s"], cpu["local"] = _run_logged(cmd, out_dir, log, log_path,  # cwd: Subtract/… paths
+                                                       time_limit_s=local_time_limit_s)
         commands["local"] = " ".join(shlex.quote(c) for c in cmd)
         final = _final_or_last(local_dir)
         result_pp = postprocess(local_dir, mask_local, px, log) if final["finished"] else {}
@@ -454,6 +456,8 @@ def main(argv=None):
     p.add_argument("--no-solvent-correct-fsc", action="store_true")
     p.add_argument("--no-normalise", action="store_true", help="use the stacks as they are")
     p.add_argument("--max-iterations", type=int, default=None, help="--auto_iter_max (smoke tests only)")
+    p.add_argument("--local-time-limit-s", type=float, default=None,
+                   help="stop the local auto-refine after this long and judge its last complete iteration")
     p.add_argument("--extra", default="", help="more relion_refine arguments for stage c, one quoted string")
     p.add_argument("--dataset", default=None, help="a bench/two_body_dataset.py folder: judge against its truth")
     args = p.parse_args(argv)
@@ -464,7 +468,8 @@ def main(argv=None):
         healpix_order=args.healpix_order, auto_local_healpix_order=args.auto_local_healpix_order,
         offset_step_px=args.offset_step_px, initial_lowpass_A=args.ini_high, recenter=not args.no_recenter,
         solvent_correct_fsc=not args.no_solvent_correct_fsc, normalise=not args.no_normalise,
-        particle_diameter_A=args.diameter, max_iterations=args.max_iterations, extra_args=shlex.split(args.extra))
+        particle_diameter_A=args.diameter, max_iterations=args.max_iterations, extra_args=shlex.split(args.extra),
+        local_time_limit_s=args.local_time_limit_s)
     if args.dataset:
         result["vs_truth"] = judge(result, args.dataset)
         with open(os.path.join(os.path.abspath(args.out), "relion_local.json"), "w") as fh:

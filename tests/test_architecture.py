@@ -17,7 +17,7 @@ LAYERS = [
     {"fourier", "geometry", "symmetry", "ctf", "masks", "kernels", "projector", "fsc", "models"},
     {"io.mrc", "particles", "io.star", "io.cs", "io.particle_files"},
     {"source", "subtraction", "noise", "search", "local_search", "accumulate", "em_pass", "nonuniform", "regularize",
-     "reconstruct", "simulate", "plotting", "register", "sgd", "relax"},
+     "reconstruct", "simulate", "plotting", "plot_worker", "register", "sgd", "relax"},
     {"jobs.jobdir", "jobs.checkpoints", "jobs.common", "jobs.loop", "jobs.simulate", "jobs.reconstruct", "jobs.refine", "jobs.subtract",
      "jobs.local_refine", "jobs.fsc", "jobs.convert", "jobs.demo", "jobs.abinitio", "jobs.relaxation"},
     {"cli", "__main__", "scipion_plugin", "scipion_env"},

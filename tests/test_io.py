@@ -264,3 +264,33 @@ def test_micrograph_names_and_coordinates_survive_conversions(simulated, tmp_pat
     save_particles(back, str(tmp_path / "e.star"))
     np.testing.assert_allclose(load_particles(str(tmp_path / "e.star")).coordinates_px, particles.coordinates_px,
                                rtol=1e-5)
+
+
+def test_background_plotter_draws_the_same_figures_as_inline(tmp_path):
+    """Figures drawn by the helper process are the ones drawn here (same PNG bytes), all of them
+    are written by ``wait()``, a helper that died is replaced by drawing here, and a drawing
+    error in the helper is raised, not lost."""
+    from cryocv.plot_worker import BackgroundPlotter, InlinePlotter
+    rng = np.random.default_rng(0)
+    euler = np.column_stack([rng.uniform(-180, 180, 500), np.degrees(np.arccos(rng.uniform(-1, 1, 500))),
+                             rng.uniform(-180, 180, 500)])
+    history = [{"iteration": 1, "resolution_A": 6.0}, {"iteration": 2, "resolution_A": 5.0}]
+    rotation_change, shift_change = rng.uniform(0, 5, 500), rng.uniform(0, 3, 500)
+    for name, plotter in (("inline", InlinePlotter()), ("helper", BackgroundPlotter())):
+        plotter.plot("plot_poses", euler, str(tmp_path / f"{name}_poses.png"), history, title="t")
+        plotter.plot("plot_pose_change", rotation_change, shift_change, 20.0, 10.0,
+                     str(tmp_path / f"{name}_change.png"), "t")
+        plotter.wait()
+    for kind in ("poses", "change"):
+        assert (tmp_path / f"helper_{kind}.png").read_bytes() == (tmp_path / f"inline_{kind}.png").read_bytes()
+    dead = BackgroundPlotter()
+    dead._process.kill()
+    dead._process.wait()
+    dead.plot("plot_poses", euler, str(tmp_path / "dead.png"), history, title="t")
+    dead.wait()
+    assert (tmp_path / "dead.png").read_bytes() == (tmp_path / "inline_poses.png").read_bytes()
+    failing = BackgroundPlotter()
+    failing.plot("plot_poses", euler[:, :1], str(tmp_path / "bad.png"))      # one column: cannot be drawn
+    with pytest.raises(RuntimeError, match="drawing a figure failed"):
+        failing.wait()
+    assert not (tmp_path / "bad.png").exists()

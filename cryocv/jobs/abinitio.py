@@ -26,7 +26,7 @@ from ..io.mrc import atomic_path, write_map
 from ..io.particle_files import save_particles
 from ..masks import spherical_mask
 from ..noise import noise_spectrum_from_images
-from ..plotting import plot_abinitio, plot_poses
+from ..plot_worker import BackgroundPlotter
 from ..projector import empty_accumulators, frequency_points, prepare_volume
 from ..register import align_maps, transform_volume
 from ..search import BaseGrid, global_start, search_schedule, subdivide
@@ -307,7 +307,7 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
                                  + (jobdir.UNUSED_PARTICLES_STAR, jobdir.SGD_PNG))
         jobdir.write_json(config_path, {"particles": os.path.abspath(particles_path), "datadir": datadir,
                                         "device": device, "gpu": gpu_ids, "parameters": asdict(params)})
-    log = JobLog(out_dir)
+    log, plotter = JobLog(out_dir), BackgroundPlotter()     # the plotter imports matplotlib meanwhile
     for note in notes:
         log(note)
     state = store.load_latest() if resume else None
@@ -349,14 +349,15 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
                                 "n_unused": len(everyone) - len(particles),
                                 "steps": ["sgd", f"em x{state.iteration}"]})
 
-    def plots():
+    def plots(plotter):
         if len(used) < len(everyone):
             unused = np.setdiff1d(np.arange(len(everyone)), used)
             save_particles(everyone.subset(unused), jobdir.path(out_dir, jobdir.UNUSED_PARTICLES_STAR))
-        plot_abinitio(sgd_history, jobdir.path(out_dir, jobdir.SGD_PNG), state.history, title)
-        plot_poses(particles.euler_deg, jobdir.path(out_dir, jobdir.POSES_PNG), state.history, title=title)
+        plotter.plot("plot_abinitio", sgd_history, jobdir.path(out_dir, jobdir.SGD_PNG), state.history, title)
+        plotter.plot("plot_poses", particles.euler_deg, jobdir.path(out_dir, jobdir.POSES_PNG), state.history,
+                     title=title)
     jobdir.write_results(out_dir, px, half, full, mask, report, particles, title, record, {}, before_record=plots,
-                         checkpoint=store, iteration=state.iteration)
+                         checkpoint=store, iteration=state.iteration, plotter=plotter)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (SGD, then {state.iteration} E/M passes including the "
         f"final one; job {time.time() - started:.1f} s)")
     return report

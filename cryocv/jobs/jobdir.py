@@ -23,7 +23,7 @@ from ..backend import StageTimer, to_numpy
 from ..errors import CryocvError
 from ..io.mrc import atomic_path, write_map
 from ..io.particle_files import save_particles
-from ..plotting import plot_fsc
+from ..plot_worker import InlinePlotter
 
 # outputs of every job that makes maps
 MAP = "map.mrc"                          # FSC-weighted full map; written last
@@ -216,9 +216,11 @@ class JobLog:
 
 def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, report: dict, particles,
                   fsc_title: str, record: dict, extra_maps: dict | None = None, before_record=None,
-                  checkpoint=None, iteration: int | None = None):
-    """Write a finished job: particles.star, fsc.json, fsc.png, ``before_record()`` (more plots),
-    then half-maps, mask, ``extra_maps`` {name: map or None}, job.json and map.mrc last.
+                  checkpoint=None, iteration: int | None = None, plotter=None):
+    """Write a finished job: particles.star, fsc.json, fsc.png, ``before_record(plotter)`` (more
+    outputs and plots), then half-maps, mask, ``extra_maps`` {name: map or None}, job.json and
+    map.mrc last. ``plotter``: a :mod:`cryocv.plot_worker` plotter (default: draws here, at once);
+    a background one draws while the rest is written, and is waited for before job.json.
     ``checkpoint``: the :class:`~.checkpoints.CheckpointStore` whose save of ``iteration`` (the final pass) holds the same maps
     under the same names, maybe still being written in the background (the files above are
     written meanwhile): they are hard-linked from there (copied where links fail) instead of
@@ -226,6 +228,7 @@ def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, 
     from there."""
     timer = StageTimer()
     folder = None if checkpoint is None else checkpoint.folder(iteration)
+    plotter = plotter or InlinePlotter()
 
     def put(name, volume):
         if folder is not None and os.path.isfile(os.path.join(folder, name)):
@@ -239,10 +242,10 @@ def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, 
         save_particles(particles, path(job_dir, PARTICLES_STAR))
     with timer("fsc"):
         write_json(path(job_dir, FSC_JSON), report)
-        plot_fsc(report, path(job_dir, FSC_PNG), title=fsc_title)
+        plotter.plot("plot_fsc", report, path(job_dir, FSC_PNG), title=fsc_title)
     if before_record is not None:
         with timer("plots"):
-            before_record()
+            before_record(plotter)
     if checkpoint is not None:
         with timer("checkpoint write"):
             checkpoint.wait()
@@ -253,6 +256,8 @@ def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, 
             put(MASK, mask)
         for name, volume in (extra_maps or {}).items():
             put(name, volume)
+    with timer("plots: waited"):
+        plotter.wait()
     record["output_seconds"] = timer.rounded(2)
     finish_record(record)                  # the wall time includes the outputs written so far
     write_json(path(job_dir, JOB_JSON), record)

@@ -26,7 +26,7 @@ from ..io.mrc import StackWriter
 from ..io.particle_files import load_particles
 from ..local_search import LocalPrior, from_fulcrum_frame, local_batch_size, local_start, start_plan, to_fulcrum_frame
 from ..masks import auto_threshold_mask
-from ..plotting import plot_pose_change
+from ..plot_worker import BackgroundPlotter
 from ..projector import prepare_volume
 from ..relax import prior_in_mode
 from ..search import SearchParams, SearchResult, search_schedule, shift_grid, subdivide
@@ -327,7 +327,7 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
                                         "half_maps": [os.path.abspath(p) for p in half_map_paths],
                                         "mask": os.path.abspath(mask_path), "datadir": datadir, "device": device,
                                         "gpu": gpu_ids, "parameters": asdict(params)})
-    log = JobLog(out_dir)
+    log, plotter = JobLog(out_dir), BackgroundPlotter()     # the plotter imports matplotlib meanwhile
     for note in notes:
         log(note)
     masses = mask_report(mask, px)
@@ -390,11 +390,11 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
                                {"resolution_A": report["resolution_A"], "iterations": state.iteration,
                                 "n_particles": len(particles), **local})
 
-    def plots():
-        plot_pose_change(rotation, shift, params.rotation_extent_deg, params.shift_extent_A,
-                         jobdir.path(out_dir, jobdir.POSE_CHANGE_PNG), title)
+    def plots(plotter):
+        plotter.plot("plot_pose_change", rotation, shift, params.rotation_extent_deg, params.shift_extent_A,
+                     jobdir.path(out_dir, jobdir.POSE_CHANGE_PNG), title)
     jobdir.write_results(out_dir, px, half, full, out_mask, report, particles, title, record, {},
-                         before_record=plots, checkpoint=store, iteration=state.iteration)
+                         before_record=plots, checkpoint=store, iteration=state.iteration, plotter=plotter)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard in the mask after {state.iteration} iterations "
         f"(job {time.time() - started:.1f} s)")
     return report

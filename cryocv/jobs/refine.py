@@ -16,7 +16,7 @@ from ..backend import StageTimer, memory_budget_bytes
 from ..errors import CryocvError
 from ..io.particle_files import load_particles
 from ..nonuniform import NUParams
-from ..plotting import plot_poses
+from ..plot_worker import BackgroundPlotter
 from ..search import BaseGrid, SearchParams, search_batch_size, search_poses, search_schedule
 from ..symmetry import DEFAULT_SYMMETRY, pose_distance_deg
 from . import jobdir, relaxation
@@ -259,6 +259,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
         if stale:
             notes.append(f"removed {stale} temporary files left by the interrupted run")
     log = JobLog(out_dir)
+    plotter = BackgroundPlotter()                # imports matplotlib in its own process while the job runs
     for note in notes:
         log(note)
     n, px = particles.box_size, particles.pixel_size_A
@@ -295,10 +296,10 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
         extra_maps.update({jobdir.NU_CUTOFF: cutoff_A, jobdir.NU_FILTERED_MAP: None})
     title = f"{len(particles)} particles, {params.regularizer.upper()}, {params.symmetry}: {report['resolution_A']:.2f} Å"
 
-    def plots():
+    def plots(plotter):
         change = (None if input_rotations is None else
                   pose_distance_deg(particles.rotations, input_rotations, params.symmetry))
-        plot_poses(**pose_diagnostics(particles.euler_deg, state.history, change),
+        plotter.plot("plot_poses", **pose_diagnostics(particles.euler_deg, state.history, change),
                    path=jobdir.path(out_dir, jobdir.POSES_PNG))      # from memory: no STAR read back
 
     outputs_started = time.time()
@@ -308,7 +309,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
                                {"resolution_A": report["resolution_A"], "iterations": state.iteration,
                                 "n_particles": len(particles)})
     jobdir.write_results(out_dir, px, half_maps, full, mask, report, particles, title, record, extra_maps,
-                         before_record=plots, checkpoint=store, iteration=state.iteration)
+                         before_record=plots, checkpoint=store, iteration=state.iteration, plotter=plotter)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
         f"{state.iteration} iterations; map {jobdir.path(out_dir, jobdir.MAP)} (outputs and plots written in "
         f"{time.time() - outputs_started:.1f} s: " + ", ".join(f"{name} {value:.2f}" for name, value in
