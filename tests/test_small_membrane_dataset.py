@@ -1,0 +1,120 @@
+"""The small-membrane-protein benchmark dataset, bench/small_membrane_dataset.py: the belt has the mass
+asked for, its analytic projection agrees with a real-space projection of the same blobs in 3D, the
+protein part of the images is cryocv's projection of truth_protein.mrc at the poses of the STAR file,
+a seed gives the same dataset twice, and every particle gets its own belt."""
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from cryocv.io.mrc import read_map
+from cryocv.io.particle_files import load_particles
+
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "small_membrane_dataset.py")
+RATIO = 1.25
+
+
+@pytest.fixture(scope="module")
+def smd():
+    pytest.importorskip("gemmi")
+    if not os.path.isfile(BENCH):
+        pytest.skip("bench/ is not beside the tests (installed package)")
+    spec = importlib.util.spec_from_file_location("small_membrane_dataset", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module            # its dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cxcr4(shared_data):
+    return os.path.join(shared_data, "models", "8zpm_cxcr4.cif")
+
+
+@pytest.fixture(scope="module")
+def built(smd, cxcr4, tmp_path_factory):
+    """64 particles of the CXCR4 receptor (chain R) in a micelle: box 48 at 2.4 Å, with the self-checks."""
+    folder = str(tmp_path_factory.mktemp("smd"))
+    dataset = smd.build_dataset(folder, 64, cxcr4, chains=["R"], box_size=48, pixel_size_A=2.4, snr=0.05, seed=3,
+                                belt_mass_ratio=RATIO, checks=True)
+    return folder, dataset
+
+
+def test_belt_mass_ratio(built):
+    folder, dataset = built
+    checks, realised = dataset["checks"], dataset["belt_mass_ratio_realised"]
+    assert abs(checks["belt_mass_ratio"] - RATIO) < 0.1 * RATIO
+    assert all(abs(r - RATIO) < 0.1 * RATIO for r in checks["rendered_3d_mass_ratio"] + [realised["belt_mean_map"]])
+    masses = dataset["mass_kDa"]
+    assert 25 < masses["protein"] < 35 and masses["belt"] == pytest.approx(RATIO * masses["protein"])
+    with open(os.path.join(folder, "dataset.json")) as handle:
+        assert json.load(handle)["mass_kDa"] == masses
+    # the belt mean sits around the protein, not in it
+    belt_mean, protein = (read_map(os.path.join(folder, f"{k}.mrc"))[0] for k in ("belt_mean", "truth_protein"))
+    mask = read_map(os.path.join(folder, "protein_mask.mrc"))[0]
+    assert 0 <= mask.min() and mask.max() <= 1 and (protein * mask).sum() > 0.99 * protein.sum()
+    assert (belt_mean * mask).sum() < 0.5 * belt_mean.sum()
+
+
+def test_analytic_belt_projection_matches_realspace(built):
+    errors = built[1]["checks"]["belt_rel_error_vs_realspace"]
+    assert len(errors) == 2 and max(errors) < 2e-3
+
+
+def test_protein_images_are_cryocv_projections_of_the_truth(built):
+    assert built[1]["checks"]["protein_rel_error_vs_cryocv_projection"] < 1e-4
+
+
+def test_star_file(built):
+    folder, dataset = built
+    particles = load_particles(os.path.join(folder, "particles.star"))
+    assert len(particles) == 64 and particles.box_size == 48 and particles.pixel_size_A == 2.4
+    counts = np.bincount(particles.half_set, minlength=3)
+    assert counts[0] == 0 and abs(int(counts[1]) - int(counts[2])) <= 1
+    assert np.abs(particles.origin_A).max() <= 2.0
+    mean_defocus = (particles.ctf.defocus_u_A + particles.ctf.defocus_v_A) / 2
+    assert mean_defocus.min() >= 8000 and mean_defocus.max() <= 25000 and (particles.ctf.voltage_kV == 300).all()
+    assert read_map(os.path.join(folder, "particles.mrcs"))[0].shape == (64, 48, 48)
+    for name in ("truth_protein", "protein_mask", "belt_mean", "initial_reference"):
+        assert read_map(os.path.join(folder, f"{name}.mrc"))[0].shape == (48, 48, 48)
+
+
+def test_seed_reproduces_the_dataset(smd, cxcr4, built, tmp_path):
+    folder, _ = built
+    smd.build_dataset(str(tmp_path), 64, cxcr4, chains=["R"], box_size=48, pixel_size_A=2.4, snr=0.05, seed=3,
+                      belt_mass_ratio=RATIO)
+    first, again = (read_map(os.path.join(f, "particles.mrcs"))[0] for f in (folder, str(tmp_path)))
+    assert np.array_equal(first, again)
+    a, b = (load_particles(os.path.join(f, "particles.star")) for f in (folder, str(tmp_path)))
+    assert np.array_equal(a.euler_deg, b.euler_deg) and np.array_equal(a.origin_A, b.origin_A)
+
+
+def test_each_particle_has_its_own_belt(smd, cxcr4):
+    truth = smd.build_truth(cxcr4, ["R"], 48, 2.4, belt_mass_ratio=RATIO)
+    belts = [truth.particle_belt(3, i) for i in range(3)]
+    assert np.array_equal(belts[0][0][0], truth.particle_belt(3, 0)[0][0])      # (seed, index) fixes it
+    assert len({len(b[0][1]) for b in belts}) > 1 or not np.allclose(belts[0][0][0], belts[1][0][0])
+    pose, origin = np.eye(3)[None], np.zeros((1, 2))
+    zero_ft = smd.prepare_volume(np.zeros((48,) * 3, np.float32))
+    images = [smd.render(truth, zero_ft, pose, origin, [b])[0] for b in belts]
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert np.linalg.norm(images[i] - images[j]) > 0.2 * np.linalg.norm(images[i])
+
+
+def test_normal_and_belt_geometry(smd, cxcr4, shared_data):
+    truth = smd.build_truth(cxcr4, ["R"], 48, 2.4, belt="nanodisc", belt_mass_ratio=RATIO)
+    note = truth.info["normal_estimate"]
+    assert len(note["helix_tilts_deg"]) >= 7 and np.median(note["helix_tilts_deg"]) < 30
+    lipids, scaffold = truth.components
+    assert lipids.mass + scaffold.mass == pytest.approx(RATIO * truth.info["density"]["protein_voxel_sum"])
+    assert scaffold.region.inner_radius_A.min() >= lipids.region.tm_radius_A + lipids.region.belt_width_A - 1e-6
+    # a soluble protein: the normal is the axis of least extent
+    globin = smd.build_truth(os.path.join(shared_data, "models", "5ni1_hemoglobin.cif"), ["A"], 48, 2.4,
+                             belt_axis="principal")
+    extents = globin.info["normal_estimate"]["rms_extents_A"]
+    assert extents[0] == min(extents) and 12 < globin.info["mass_kDa"]["protein"] < 17
+    with pytest.raises(ValueError):
+        smd.build_truth(cxcr4, ["Q"], 48, 2.4)
