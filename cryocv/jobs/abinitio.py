@@ -21,6 +21,7 @@ import numpy as np
 from ..accumulate import insert_with_symmetry
 from ..backend import free_device_memory, get_array_module, image_cache_budget_bytes, to_device, to_numpy
 from ..errors import CryocvError
+from ..fourier import lowpass_map
 from ..fsc import fsc_curve, resolution_at
 from ..io.mrc import atomic_path, write_map
 from ..io.particle_files import save_particles
@@ -67,6 +68,7 @@ class AbinitioParams(RefineParams):
     check_every: int = 20                 # iterations between resolution checks, re-centring and half-set alignment
     n_particles: int | None = None        # use a random subset of this many (default: all)
     max_iterations: int = 8               # E/M iterations after the SGD (then the final pass), if not converged
+    em_start_res_A: float | None = None   # the E/M starts from the SGD maps low-passed to this (default: the SGD's resolution)
     min_iterations: int = 3
 
     def validate(self):
@@ -78,7 +80,8 @@ class AbinitioParams(RefineParams):
                   (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
                   (self.check_every >= 1, "--check-every must be at least 1"),
                   (self.n_particles is None or self.n_particles >= 8, "--n-particles must be at least 8"),
-                  (self.max_iterations >= 0, "--max-iterations must be >= 0")]
+                  (self.max_iterations >= 0, "--max-iterations must be >= 0"),
+                  (self.em_start_res_A is None or self.em_start_res_A > 0, "--em-start-res-A must be positive")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
@@ -94,6 +97,8 @@ def add_args(p):
     option(p, "--init-res-A", AbinitioParams, "init_res_A", help="the SGD's first alignment resolution (Å)")
     p.add_argument("--max-sgd-res-A", dest="max_sgd_res_A", type=float, default=AbinitioParams.max_sgd_res_A,
                    help="the SGD never aligns finer than this (Å; default: 4 pixels)")
+    p.add_argument("--em-start-res-A", dest="em_start_res_A", type=float, default=AbinitioParams.em_start_res_A,
+                   help="the E/M passes start from the SGD maps low-passed to this (Å; default: the SGD's resolution)")
     option(p, "--sgd-iterations", AbinitioParams, "sgd_iterations", help="SGD minibatches per half-set")
     p.add_argument("--minibatch", nargs=2, type=int, metavar=("START", "END"),
                    default=(AbinitioParams.minibatch_start, AbinitioParams.minibatch_end),
@@ -321,9 +326,12 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
         maps, sgd_history = sgd_phase(particles, source, params, xp, out_dir, resume, log, progress)
         for name, volume in zip(jobdir.SGD_HALF_MAPS, maps):
             write_map(jobdir.path(out_dir, name), to_numpy(volume), px)
-        start_res = min(sgd_history[-1]["cutoff_A"] + [sgd_history[-1]["half_map_resolution_A"]])
-        state = RefineState(iteration=0, references=[to_numpy(m) for m in maps], mask=None,
-                            resolution_A=max(start_res, 2 * px), euler_deg=None, origin_A=None, noise_var_shell=None)
+        start_res = max(min(sgd_history[-1]["cutoff_A"] + [sgd_history[-1]["half_map_resolution_A"]]),
+                        params.em_start_res_A or 0, 2 * px)
+        references = [to_numpy(m if params.em_start_res_A is None else xp.clip(lowpass_map(m, px, start_res), 0, None))
+                      for m in maps]
+        state = RefineState(iteration=0, references=references, mask=None, resolution_A=start_res, euler_deg=None,
+                            origin_A=None, noise_var_shell=None)
         log(f"E/M refinement from the aligned SGD maps ({state.resolution_A:.1f} Å): {params.max_iterations} "
             f"iterations at most, then the final pass")
     else:
