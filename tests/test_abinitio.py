@@ -85,7 +85,18 @@ def test_bad_input_gives_one_line_errors(tiny, tmp_path):
     with pytest.raises(CryocvError, match="--minibatch"):
         run(star, str(tmp_path / "b"), quick_params(minibatch_start=100, minibatch_end=50), device="cpu",
             progress=False)
-    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+    with pytest.raises(CryocvError, match="--particle-diameter-A"):
+        run(star, str(tmp_path / "c"), quick_params(particle_diameter_A=-5.0), device="cpu", progress=False)
+    assert not any(os.path.exists(tmp_path / name) for name in "abc")
+
+
+def test_sgd_support_follows_the_particle_diameter():
+    """The SGD maps' support: 80 % of the box by default, half the given diameter otherwise, never
+    beyond the box less the mask's edge."""
+    from cryocv.jobs.abinitio import support_radius_px
+    assert support_radius_px(64, 1.5, None) == pytest.approx(25.6)
+    assert support_radius_px(64, 1.5, 60.0) == pytest.approx(20.0)
+    assert support_radius_px(64, 1.5, 500.0) == pytest.approx(28.0)
 
 
 def test_killed_in_the_sgd_phase_continues_and_leaves_unused_particles_out(tiny, tmp_path, monkeypatch):

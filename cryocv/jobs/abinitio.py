@@ -69,6 +69,7 @@ class AbinitioParams(RefineParams):
     n_particles: int | None = None        # use a random subset of this many (default: all)
     max_iterations: int = 8               # E/M iterations after the SGD (then the final pass), if not converged
     em_start_res_A: float | None = None   # the E/M starts from the SGD maps low-passed to this (default: the SGD's resolution)
+    particle_diameter_A: float | None = None  # the SGD maps' support (a soft sphere; default 80% of the box)
     min_iterations: int = 3
 
     def validate(self):
@@ -81,7 +82,9 @@ class AbinitioParams(RefineParams):
                   (self.check_every >= 1, "--check-every must be at least 1"),
                   (self.n_particles is None or self.n_particles >= 8, "--n-particles must be at least 8"),
                   (self.max_iterations >= 0, "--max-iterations must be >= 0"),
-                  (self.em_start_res_A is None or self.em_start_res_A > 0, "--em-start-res-A must be positive")]
+                  (self.em_start_res_A is None or self.em_start_res_A > 0, "--em-start-res-A must be positive"),
+                  (self.particle_diameter_A is None or self.particle_diameter_A > 0,
+                   "--particle-diameter-A must be positive")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
@@ -97,6 +100,9 @@ def add_args(p):
     option(p, "--init-res-A", AbinitioParams, "init_res_A", help="the SGD's first alignment resolution (Å)")
     p.add_argument("--max-sgd-res-A", dest="max_sgd_res_A", type=float, default=AbinitioParams.max_sgd_res_A,
                    help="the SGD never aligns finer than this (Å; default: 4 pixels)")
+    p.add_argument("--particle-diameter-A", dest="particle_diameter_A", type=float,
+                   default=AbinitioParams.particle_diameter_A,
+                   help="diameter of the SGD maps' spherical support (Å; default 80%% of the box, at most the box)")
     p.add_argument("--em-start-res-A", dest="em_start_res_A", type=float, default=AbinitioParams.em_start_res_A,
                    help="the E/M passes start from the SGD maps low-passed to this (Å; default: the SGD's resolution)")
     option(p, "--sgd-iterations", AbinitioParams, "sgd_iterations", help="SGD minibatches per half-set")
@@ -185,6 +191,13 @@ def _load_sgd(out_dir, xp):
     return states, rngs, noise, meta
 
 
+def support_radius_px(box_size: int, pixel_size_A: float, particle_diameter_A: float | None) -> float:
+    """Radius (px) of the SGD maps' soft spherical support: half ``particle_diameter_A`` (default 80 %
+    of the box), at most what fits inside the box with the mask's 4 px edge."""
+    radius = 0.4 * box_size if particle_diameter_A is None else particle_diameter_A / (2 * pixel_size_A)
+    return float(min(radius, box_size / 2 - 4))
+
+
 def sgd_phase(particles, source: ParticleSource, params: AbinitioParams, xp, out_dir: str, resume: bool, log,
               progress: bool):
     """SGD of both half-sets (interleaved, never sharing data) → (two aligned maps, history)."""
@@ -192,7 +205,7 @@ def sgd_phase(particles, source: ParticleSource, params: AbinitioParams, xp, out
     search = params.search_params(n, px)
     ops = symmetry_operators(params.symmetry)
     points = frequency_points(n, xp=xp)
-    support = spherical_mask(n, 0.4 * n, 4.0, xp)
+    support = spherical_mask(n, support_radius_px(n, px, params.particle_diameter_A), 4.0, xp)
     max_res_A = params.max_sgd_res_A or 4 * px
     members = {h: source.members(h) for h in (1, 2)}
     # minibatches alternate between two fixed quarter-sets of each half-set, so that the running
