@@ -247,10 +247,10 @@ def subtract_into(out_dir: str, particles, half_maps, mask, xp, params: LocalRef
 def mask_report(mask, pixel_size_A: float) -> dict:
     """Mass in the mask (kDa of protein filling its volume where it is >= 0.5, an upper bound: masks
     are dilated) and the width of its soft edge (Å)."""
-    from scipy.ndimage import distance_transform_edt
+    from scipy.ndimage import distance_transform_edt, find_objects
     volume_A3 = float(np.count_nonzero(mask >= 0.5)) * pixel_size_A ** 3
-    core = mask >= 0.99
-    edge = (mask > 0.01) & ~core
+    box = (find_objects((mask > 0.01).astype(np.int8)) or [(slice(0, 0),) * 3])[0]   # holds every core voxel
+    core, edge = mask[box] >= 0.99, (mask[box] > 0.01) & (mask[box] < 0.99)
     width = float(np.percentile(distance_transform_edt(~core)[edge], 95)) * pixel_size_A if edge.any() and core.any() else 0.0
     return {"mask_volume_A3": volume_A3, "mask_mass_kDa": volume_A3 / PROTEIN_A3_PER_DA / 1000,
             "mask_soft_edge_A": width}
