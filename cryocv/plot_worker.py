@@ -120,8 +120,11 @@ def main():
             drawn += 1
         except Exception:
             error = traceback.format_exc()
-    sys.stdout.buffer.write(pickle.dumps((drawn, error)))
-    sys.stdout.buffer.flush()
+    try:
+        sys.stdout.buffer.write(pickle.dumps((drawn, error)))
+        sys.stdout.buffer.flush()
+    except OSError:               # the job was stopped: nobody reads the answer
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # nor a flush at exit
 
 
 if __name__ == "__main__":
