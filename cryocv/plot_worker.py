@@ -14,9 +14,11 @@ is raised. :class:`InlinePlotter` draws at once, in this process.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -38,77 +40,102 @@ class InlinePlotter:
         pass
 
 
-def _stop(process):
-    """Finalizer: the helper of a job that failed is stopped."""
-    if process is not None and process.poll() is None:
-        process.kill()
-        process.wait()
+WAIT_LIMIT_S = 600.0         # a helper that has not answered by then is stopped; the rest is drawn here
+
+
+def _send(messages, stdin):
+    """Writer thread: each message length-prefixed to the helper's stdin; None closes it."""
+    try:
+        while (message := messages.get()) is not None:
+            stdin.write(len(message).to_bytes(_LENGTH_BYTES, "little") + message)
+            stdin.flush()
+    except (OSError, ValueError):
+        pass                                             # the helper died: wait() draws the rest here
+    finally:
+        try:
+            stdin.close()
+        except OSError:
+            pass
+
+
+def _stop(process, messages):
+    """Finalizer and :meth:`BackgroundPlotter.close`: the writer thread and the helper are stopped."""
+    messages.put(None)
+    if process is not None:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
 
 
 class BackgroundPlotter:
-    """Draws figures in a helper Python process (``python -m cryocv.plot_worker``)."""
+    """Draws figures in a helper Python process (:func:`main`), which sees this process's
+    ``sys.path`` exactly. Every plotter alive is in ``opened``: a job that fails closes them."""
+
+    opened = weakref.WeakSet()
 
     def __init__(self):
         self._pending = []               # (name, args, kwargs) not yet confirmed drawn by the helper
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [package_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        self._messages = queue.SimpleQueue()
+        command = [sys.executable, "-c", "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+                   "from cryocv.plot_worker import main; main()", json.dumps(sys.path)]
         try:
-            self._process = subprocess.Popen([sys.executable, "-m", "cryocv.plot_worker"], stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, env=env)
+            self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         except OSError:
             self._process = None
-        self._messages = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._send, daemon=True)
-        if self._process is not None:
+        self._writer = None
+        if self._process is not None:    # the thread holds the queue and the pipe, not the plotter
+            self._writer = threading.Thread(target=_send, args=(self._messages, self._process.stdin), daemon=True)
             self._writer.start()
-        self._finalizer = weakref.finalize(self, _stop, self._process)
-
-    def _send(self):
-        """Writer thread: each message length-prefixed to the helper's stdin; None closes it."""
-        stdin = self._process.stdin
-        try:
-            while (message := self._messages.get()) is not None:
-                stdin.write(len(message).to_bytes(_LENGTH_BYTES, "little") + message)
-                stdin.flush()
-        except OSError:
-            pass                                         # the helper died: wait() draws the rest here
-        finally:
-            try:
-                stdin.close()
-            except OSError:
-                pass
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._messages)
+        BackgroundPlotter.opened.add(self)
 
     def plot(self, name: str, *args, **kwargs):
         getattr(plotting, name)                          # an unknown name fails here, not in the helper
+        try:
+            message = pickle.dumps((name, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            message = None                               # drawn here by wait(), after the helper's
+        if message is None or not self._finalizer.alive:
+            self._inline = getattr(self, "_inline", []) + [(name, args, kwargs)]
+            return
         self._pending.append((name, args, kwargs))
-        if self._process is not None:
-            self._messages.put(pickle.dumps((name, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL))
+        self._messages.put(message)
+
+    def close(self):
+        """Stop the helper without waiting for its figures (a job that failed)."""
+        self._finalizer()
 
     def wait(self):
         """Every figure asked for is written (here, for those the helper did not draw); raises the
         first drawing error."""
         drawn, error = 0, None
-        if self._process is not None:
+        if self._finalizer.alive and self._process is not None:
             self._messages.put(None)
-            self._writer.join()
+            self._writer.join(WAIT_LIMIT_S)
             try:
-                output = self._process.stdout.read()
-                self._process.wait()
+                if self._writer.is_alive():
+                    raise subprocess.TimeoutExpired("plot helper", WAIT_LIMIT_S)
+                self._process.stdin = None               # the writer closed it; only the answer is left
+                output, _ = self._process.communicate(timeout=WAIT_LIMIT_S)
                 drawn, error = pickle.loads(output) if output else (0, None)
-            except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+            except Exception:                            # no answer in time, or garbage: draw here
                 drawn, error = 0, None
         self._finalizer()
         if error is not None:
             raise RuntimeError(f"drawing a figure failed in the helper process:\n{error}")
-        for name, args, kwargs in self._pending[drawn:]:  # the helper died or never started
-            getattr(plotting, name)(*args, **kwargs)
-        self._pending = []
+        for name, args, kwargs in self._pending[drawn:] + getattr(self, "_inline", []):
+            getattr(plotting, name)(*args, **kwargs)     # the helper died, never started, or could not take them
+        self._pending, self._inline = [], []
 
 
 def main():
     """The helper: length-prefixed pickled (name, args, kwargs) messages on stdin, drawn in order; at
-    EOF, (figures drawn, first error or None) pickled to stdout."""
+    EOF, (figures drawn, first error or None) pickled to the original stdout (anything the drawing
+    prints goes to stderr). Ctrl-C is the job's to handle: the helper ends when its input does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    answer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
     stdin, drawn, error = sys.stdin.buffer, 0, None
     while len(header := stdin.read(_LENGTH_BYTES)) == _LENGTH_BYTES:
         message = stdin.read(int.from_bytes(header, "little"))
@@ -121,10 +148,13 @@ def main():
         except Exception:
             error = traceback.format_exc()
     try:
-        sys.stdout.buffer.write(pickle.dumps((drawn, error)))
-        sys.stdout.buffer.flush()
+        answer.write(pickle.dumps((drawn, error)))
+        answer.close()
     except OSError:               # the job was stopped: nobody reads the answer
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # nor a flush at exit
+        try:
+            answer.close()
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -294,3 +294,19 @@ def test_background_plotter_draws_the_same_figures_as_inline(tmp_path):
     with pytest.raises(RuntimeError, match="drawing a figure failed"):
         failing.wait()
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_failed_job_stops_its_plot_helper():
+    """A job that raises stops the helper processes of its plotters at once (a long-lived Python
+    process, pytest or an in-process Scipion run, keeps no idle helper)."""
+    from cryocv.jobs.checkpoints import finishes_writes_on_error
+    from cryocv.plot_worker import BackgroundPlotter
+    plotters = []
+
+    @finishes_writes_on_error
+    def job():
+        plotters.append(BackgroundPlotter())
+        raise ValueError("stopped")
+    with pytest.raises(ValueError, match="stopped"):
+        job()
+    assert plotters[0]._process.poll() is not None

@@ -104,7 +104,8 @@ def add_args(p):
                    default=AbinitioParams.particle_diameter_A,
                    help="diameter of the SGD maps' spherical support (Å; default 80%% of the box, at most the box)")
     p.add_argument("--em-start-res-A", dest="em_start_res_A", type=float, default=AbinitioParams.em_start_res_A,
-                   help="the E/M passes start from the SGD maps low-passed to this (Å; default: the SGD's resolution)")
+                   help="the E/M passes start from the SGD maps low-passed to this (Å; never finer than the SGD's "
+                        "resolution, the default)")
     option(p, "--sgd-iterations", AbinitioParams, "sgd_iterations", help="SGD minibatches per half-set")
     p.add_argument("--minibatch", nargs=2, type=int, metavar=("START", "END"),
                    default=(AbinitioParams.minibatch_start, AbinitioParams.minibatch_end),
@@ -193,9 +194,10 @@ def _load_sgd(out_dir, xp):
 
 def support_radius_px(box_size: int, pixel_size_A: float, particle_diameter_A: float | None) -> float:
     """Radius (px) of the SGD maps' soft spherical support: half ``particle_diameter_A`` (default 80 %
-    of the box), at most what fits inside the box with the mask's 4 px edge."""
-    radius = 0.4 * box_size if particle_diameter_A is None else particle_diameter_A / (2 * pixel_size_A)
-    return float(min(radius, box_size / 2 - 4))
+    of the box); a given diameter at most what fits inside the box with the mask's 4 px edge."""
+    if particle_diameter_A is None:
+        return 0.4 * box_size
+    return float(min(particle_diameter_A / (2 * pixel_size_A), box_size / 2 - 4))
 
 
 def sgd_phase(particles, source: ParticleSource, params: AbinitioParams, xp, out_dir: str, resume: bool, log,

@@ -18,6 +18,7 @@ import numpy as np
 from ..backend import to_numpy
 from ..errors import CryocvError
 from ..io.mrc import atomic_path, read_map, write_map
+from ..plot_worker import BackgroundPlotter
 from .jobdir import (CHECKPOINT, FSC_JSON, HALF_MAPS, ITERATIONS, MAP, MASK, NU_CUTOFF, NU_FILTERED_MAP,
                      POSES_NPZ, REFERENCES, STATE_JSON, path, read_json, write_json)
 
@@ -41,12 +42,14 @@ class RefineState:
 def finishes_writes_on_error(job):
     """Decorator of a job's ``run``: when it raises, the checkpoint being written in the background
     (the final pass's goes on while the job writes its other outputs) is finished first, so the job
-    directory holds no half-written checkpoint however the job stopped."""
+    directory holds no half-written checkpoint however the job stopped; plot helpers are stopped."""
     @wraps(job)
     def run(*args, **kwargs):
         try:
             return job(*args, **kwargs)
         except BaseException:
+            for plotter in list(BackgroundPlotter.opened):
+                plotter.close()      # its helper process goes now, not when Python exits
             for store in list(CheckpointStore.opened):
                 try:
                     store.wait()
