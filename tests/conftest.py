@@ -1,8 +1,10 @@
 """Shared fixtures: the ``xp`` array module (numpy, and CuPy when a GPU is present),
 the ../shared/data folder, RELION availability and small ground-truth maps."""
 import atexit
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -30,6 +32,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _CANDIDATES = [os.environ.get("CRYOCV_SHARED_DATA", ""),
                os.path.join(HERE, "..", "..", "shared", "data"),
                os.path.join(os.getcwd(), "..", "shared", "data")]
+
+
+def bench_module(name: str):
+    """``bench/NAME.py`` imported by its path (the dataset builders: they need gemmi). Skips the
+    test when gemmi is missing or bench/ is not beside the tests (an installed package)."""
+    pytest.importorskip("gemmi")
+    path = os.path.join(HERE, "..", "bench", f"{name}.py")
+    if not os.path.isfile(path):
+        pytest.skip("bench/ is not beside the tests (installed package)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module                 # its dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_data_dir():

@@ -2,31 +2,22 @@
 asked for, its analytic projection agrees with a real-space projection of the same blobs in 3D, the
 protein part of the images is cryocv's projection of truth_protein.mrc at the poses of the STAR file,
 a seed gives the same dataset twice, and every particle gets its own belt."""
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 from cryocv.io.mrc import read_map
 from cryocv.io.particle_files import load_particles
+from .conftest import bench_module
 
-BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "small_membrane_dataset.py")
 RATIO = 1.25
 
 
 @pytest.fixture(scope="module")
 def smd():
-    pytest.importorskip("gemmi")
-    if not os.path.isfile(BENCH):
-        pytest.skip("bench/ is not beside the tests (installed package)")
-    spec = importlib.util.spec_from_file_location("small_membrane_dataset", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module            # its dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("small_membrane_dataset")
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,8 @@
 with a real-space rotation of the domain about the hinge, the domain has the mass asked for, the
 half-sets are balanced, and reconstructing from the true global poses blurs the domain but not the
 body (the premise of a local-refinement benchmark)."""
-import importlib.util
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,21 +13,13 @@ from cryocv.io.mrc import read_map
 from cryocv.io.particle_files import load_particles
 from cryocv.projector import accumulators_to_map
 from cryocv.reconstruct import backproject
-from .conftest import needs_relion
+from .conftest import bench_module, needs_relion
 
-BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "two_body_dataset.py")
 
 
 @pytest.fixture(scope="module")
 def tb():
-    pytest.importorskip("gemmi")
-    if not os.path.isfile(BENCH):
-        pytest.skip("bench/ is not beside the tests (installed package)")
-    spec = importlib.util.spec_from_file_location("two_body_dataset", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module            # its dataclass needs the module registered
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("two_body_dataset")
 
 
 @pytest.fixture(scope="module")
