@@ -21,7 +21,6 @@ import numpy as np
 from ..accumulate import insert_with_symmetry
 from ..backend import free_device_memory, get_array_module, image_cache_budget_bytes, to_device, to_numpy
 from ..errors import CryocvError
-from ..fourier import lowpass_map
 from ..fsc import fsc_curve, resolution_at
 from ..io.mrc import atomic_path, write_map
 from ..io.particle_files import save_particles
@@ -40,7 +39,7 @@ from .common import (DEFAULT_DEVICE, device_args, load_checked_particles, option
                      require_half_sets, select_device)
 from .checkpoints import RefineState, finishes_writes_on_error
 from .jobdir import JobLog
-from .loop import iterate, open_refinement
+from .loop import iterate, open_refinement, start_reference
 from .refine import RefineParams, add_search_and_regularizer_args, global_search
 
 HELP = "ab-initio refinement: SGD on two independent half-sets from random maps, then gold-standard E/M"
@@ -343,8 +342,7 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
             write_map(jobdir.path(out_dir, name), to_numpy(volume), px)
         start_res = max(min(sgd_history[-1]["cutoff_A"] + [sgd_history[-1]["half_map_resolution_A"]]),
                         params.em_start_res_A or 0, 2 * px)
-        references = [to_numpy(m if params.em_start_res_A is None else xp.clip(lowpass_map(m, px, start_res), 0, None))
-                      for m in maps]
+        references = [to_numpy(m) if params.em_start_res_A is None else start_reference(m, px, start_res) for m in maps]
         state = RefineState(iteration=0, references=references, mask=None, resolution_A=start_res, euler_deg=None,
                             origin_A=None, noise_var_shell=None)
         log(f"E/M refinement from the aligned SGD maps ({state.resolution_A:.1f} Å): {params.max_iterations} "

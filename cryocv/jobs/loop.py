@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 
 from ..accumulate import Accumulators, keep_one_half_on_device, large_grids, map_stage_device_bytes, quarter_split
-from ..backend import (StageTimer, free_device_memory, free_gpu_memory_bytes, image_cache_budget_bytes, to_device,
-                       to_numpy)
+from ..backend import (StageTimer, free_device_memory, free_gpu_memory_bytes, get_array_module,
+                       image_cache_budget_bytes, to_device, to_numpy)
 from ..em_pass import HalfReferences, em_pass
 from ..errors import CryocvError
 from ..fourier import lowpass_map
@@ -73,6 +73,13 @@ def open_refinement(out_dir: str, resume: bool, params, params_class, input_keys
     return config, params, store
 
 
+def start_reference(volume, pixel_size_A: float, resolution_A: float) -> np.ndarray:
+    """A start map of E/M refinement (host array): ``volume`` low-passed to ``resolution_A`` (never
+    finer than Nyquist) on its own device, negative values set to zero."""
+    xp = get_array_module(volume)
+    return to_numpy(xp.clip(lowpass_map(volume, pixel_size_A, max(resolution_A, 2 * pixel_size_A)), 0, None))
+
+
 def initial_state(reference: np.ndarray, reference_pixel_A: float | None, particles: Particles,
                   initial_lowpass_A: float, xp=np) -> RefineState:
     """Both half-references = the reference low-passed to ``initial_lowpass_A`` (on ``xp``'s
@@ -87,7 +94,7 @@ def initial_state(reference: np.ndarray, reference_pixel_A: float | None, partic
     volume = to_device(reference, xp)
     if not bool(xp.isfinite(volume).all()) or float(xp.abs(volume).max()) == 0:
         raise CryocvError("the reference map is empty or holds non-finite values")
-    start = to_numpy(xp.clip(lowpass_map(volume, px, max(initial_lowpass_A, 2 * px)), 0, None))
+    start = start_reference(volume, px, initial_lowpass_A)
     volume = None
     free_device_memory(xp)              # the FFT plan's work area too: the job sizes its caches from what is free
     # a coarse soft sphere instead of a dynamic mask before there are half-maps
