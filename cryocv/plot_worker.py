@@ -76,6 +76,7 @@ class BackgroundPlotter:
 
     def __init__(self):
         self._pending = []               # (name, args, kwargs) not yet confirmed drawn by the helper
+        self._inline = []                # ... that the helper could not take: drawn here by wait()
         self._messages = queue.SimpleQueue()
         command = [sys.executable, "-c", "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
                    "from cryocv.plot_worker import main; main()", json.dumps(sys.path)]
@@ -97,7 +98,7 @@ class BackgroundPlotter:
         except Exception:
             message = None                               # drawn here by wait(), after the helper's
         if message is None or not self._finalizer.alive:
-            self._inline = getattr(self, "_inline", []) + [(name, args, kwargs)]
+            self._inline.append((name, args, kwargs))
             return
         self._pending.append((name, args, kwargs))
         self._messages.put(message)
@@ -124,7 +125,7 @@ class BackgroundPlotter:
         self._finalizer()
         if error is not None:
             raise RuntimeError(f"drawing a figure failed in the helper process:\n{error}")
-        for name, args, kwargs in self._pending[drawn:] + getattr(self, "_inline", []):
+        for name, args, kwargs in self._pending[drawn:] + self._inline:
             getattr(plotting, name)(*args, **kwargs)     # the helper died, never started, or could not take them
         self._pending, self._inline = [], []
 
