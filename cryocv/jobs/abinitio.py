@@ -371,12 +371,12 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
                                 "steps": ["sgd", f"em x{state.iteration}"]})
 
     def plots(plotter):
-        if len(used) < len(everyone):
-            unused = np.setdiff1d(np.arange(len(everyone)), used)
-            save_particles(everyone.subset(unused), jobdir.path(out_dir, jobdir.UNUSED_PARTICLES_STAR))
         plotter.plot("plot_abinitio", sgd_history, jobdir.path(out_dir, jobdir.SGD_PNG), state.history, title)
         plotter.plot("plot_poses", particles.euler_deg, jobdir.path(out_dir, jobdir.POSES_PNG), state.history,
                      title=title)
+        if len(used) < len(everyone):      # written while the plotter draws
+            unused = np.setdiff1d(np.arange(len(everyone)), used)
+            save_particles(everyone.subset(unused), jobdir.path(out_dir, jobdir.UNUSED_PARTICLES_STAR))
     jobdir.write_results(out_dir, px, half, full, mask, report, particles, title, record, {}, before_record=plots,
                          checkpoint=store, iteration=state.iteration, plotter=plotter)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (SGD, then {state.iteration} E/M passes including the "

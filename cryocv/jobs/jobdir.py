@@ -217,8 +217,8 @@ class JobLog:
 def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, report: dict, particles,
                   fsc_title: str, record: dict, extra_maps: dict | None = None, before_record=None,
                   checkpoint=None, iteration: int | None = None, plotter=None):
-    """Write a finished job: particles.star, fsc.json, fsc.png, ``before_record(plotter)`` (more
-    outputs and plots), then half-maps, mask, ``extra_maps`` {name: map or None}, job.json and
+    """Write a finished job: fsc.png and ``before_record(plotter)`` (more outputs and plots) first,
+    then particles.star, fsc.json, half-maps, mask, ``extra_maps`` {name: map or None}, job.json and
     map.mrc last. ``plotter``: a :mod:`cryocv.plot_worker` plotter (default: draws here, at once);
     a background one draws while the rest is written, and is waited for before job.json.
     ``checkpoint``: the :class:`~.checkpoints.CheckpointStore` whose save of ``iteration`` (the final pass) holds the same maps
@@ -238,14 +238,14 @@ def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, 
         else:
             raise CryocvError(f"{name} is missing from the final checkpoint {folder}")
 
+    with timer("plots"):                   # first: a background plotter draws them while the rest is written
+        plotter.plot("plot_fsc", report, path(job_dir, FSC_PNG), title=fsc_title)
+        if before_record is not None:
+            before_record(plotter)
     with timer("particles"):
         save_particles(particles, path(job_dir, PARTICLES_STAR))
     with timer("fsc"):
         write_json(path(job_dir, FSC_JSON), report)
-        plotter.plot("plot_fsc", report, path(job_dir, FSC_PNG), title=fsc_title)
-    if before_record is not None:
-        with timer("plots"):
-            before_record(plotter)
     if checkpoint is not None:
         with timer("checkpoint write"):
             checkpoint.wait()

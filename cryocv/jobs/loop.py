@@ -39,7 +39,14 @@ from . import jobdir
 from .common import check_result, symmetry_arg
 from .checkpoints import CheckpointStore, RefineState
 
-NOISE_SAMPLE = 1000   # images whose power spectrum is the first iteration's noise model
+NOISE_SAMPLE = 1000   # images of box <= 128 whose power spectrum is the first iteration's noise model
+
+
+def noise_sample_size(box_size: int) -> int:
+    """Images to sample for the start noise spectrum: NOISE_SAMPLE up to box 128; at larger boxes
+    as many bytes to read (NOISE_SAMPLE·(128/N)² images), at least 200 (every shell k then
+    averages ≥ 200·πk pixels)."""
+    return int(max(200, min(NOISE_SAMPLE, NOISE_SAMPLE * (128 / box_size) ** 2)))
 
 
 @dataclass
@@ -190,7 +197,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         + ("; one half-set's accumulators on the device at a time (the other in host memory)" if one_half else ""))
     if state.noise_var_shell is None:
         with setup("start noise spectrum"):
-            sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:NOISE_SAMPLE])
+            sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:noise_sample_size(n)])
             state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
     release = one_half or large_grids(n, xp)      # hand cached device memory back between stages
     log("  setup: " + ", ".join(f"{name} {value:.2f} s" for name, value in setup.seconds.items()))
