@@ -130,6 +130,28 @@ class BackgroundPlotter:
         self._pending, self._inline = [], []
 
 
+def _warm_up():
+    """Pay matplotlib's first-use costs (fonts, text layout, projections, the PNG writer) on a
+    throwaway figure while the job still runs; nothing is written."""
+    import io
+    from matplotlib.figure import Figure
+    try:
+        fig = Figure(figsize=(3, 2), dpi=40)
+        ax = fig.add_subplot(1, 2, 1, projection="hammer")
+        fig.colorbar(ax.pcolormesh([[0.0, 1.0]]), ax=ax, orientation="horizontal", label="x")
+        ax = fig.add_subplot(1, 2, 2)
+        ax.plot([0, 1], [0, 1], "o-", label="x")
+        ax.hist([0.0, 1.0], bins=4)
+        ax.legend(fontsize=7)
+        ax.twinx().set_ylabel("x")
+        ax.secondary_xaxis("top").set_xlabel("x")
+        fig.suptitle("x")
+        fig.tight_layout()
+        fig.savefig(io.BytesIO(), format="png")
+    except Exception:
+        pass                      # the real figures will report any problem
+
+
 def main():
     """The helper: length-prefixed pickled (name, args, kwargs) messages on stdin, drawn in order; at
     EOF, (figures drawn, first error or None) pickled to the original stdout (anything the drawing
@@ -137,6 +159,7 @@ def main():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     answer = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    _warm_up()
     stdin, drawn, error = sys.stdin.buffer, 0, None
     while len(header := stdin.read(_LENGTH_BYTES)) == _LENGTH_BYTES:
         message = stdin.read(int.from_bytes(header, "little"))
