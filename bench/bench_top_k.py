@@ -1,7 +1,8 @@
-"""Top-k selection per row on the GPU: the search's ``_top_k`` (argpartition, then a sort of the
-k kept) against one full row sort (argsort), at the shapes the branch-and-bound search uses
-(issue 12/17: a device profile of local refinement put most of the search's host time in
-CuPy's argpartition).
+"""Top-k selection per row on the GPU at the shapes the branch-and-bound search uses: the search's
+former ``_top_k`` (CuPy's argpartition, which sorts whole rows with Thrust, then a sort of the k
+kept), one full row sort (argsort), and the fused kernel ``kernels.top_k_gpu`` that ``_top_k``
+now uses (issue 12/17: a device profile of local refinement put most of the search's host time
+in CuPy's argpartition).
 
     python bench/bench_top_k.py --out bench/results/top_k_gpu.json
 """
@@ -17,15 +18,22 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from cryocv.search import _top_k  # noqa: E402
+from cryocv.kernels import top_k_gpu  # noqa: E402
 
 SHAPES = [(4096, 4608, 32), (4096, 256, 32), (4096, 256, 16), (4096, 128, 8), (4096, 64, 4), (4096, 33, 32),
           (1024, 256, 32)]
 
 
+def former_top_k(scores, k):
+    import cupy as cp
+    idx = cp.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = cp.argsort(-cp.take_along_axis(scores, idx, axis=1), axis=1)
+    return cp.take_along_axis(idx, order, axis=1)
+
+
 def sorted_top_k(scores, k):
-    xp = __import__("cupy")
-    return xp.argsort(-scores, axis=1)[:, :k]
+    import cupy as cp
+    return cp.argsort(-scores, axis=1)[:, :k]
 
 
 def timed(fn, repeats=20):
@@ -47,10 +55,10 @@ def main():
     rows = []
     for b, length, k in SHAPES:
         scores = cp.asarray(np.random.default_rng(0).standard_normal((b, length)).astype(np.float32))
-        same = bool(cp.all(_top_k(scores, k) == sorted_top_k(scores, k)))
-        row = {"rows": b, "length": length, "k": k, "top_k_ms": round(timed(lambda: _top_k(scores, k)), 3),
-               "argpartition_only_ms": round(timed(lambda: cp.argpartition(-scores, k - 1, axis=1)), 3),
-               "argsort_ms": round(timed(lambda: sorted_top_k(scores, k)), 3), "same_indices": same}
+        same = bool(cp.all(former_top_k(scores, k) == top_k_gpu(scores, k)))
+        row = {"rows": b, "length": length, "k": k, "former_top_k_ms": round(timed(lambda: former_top_k(scores, k)), 3),
+               "argsort_ms": round(timed(lambda: sorted_top_k(scores, k)), 3),
+               "kernel_ms": round(timed(lambda: top_k_gpu(scores, k)), 3), "same_indices": same}
         print(row, flush=True)
         rows.append(row)
     with open(args.out, "w") as handle:

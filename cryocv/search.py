@@ -133,9 +133,7 @@ def shift_children(shifts, step_px: float):
 
 def point_weights(points: FrequencyPoints, noise_var_shell):
     """w(k)/σ²(k) per point (M,): Friedel multiplicity over the shell noise variance; 0 at DC.
-
-    ``noise_var_shell`` (N//2+1,) per integer shell, on the points' device.
-    """
+    ``noise_var_shell`` (N//2+1,) per integer shell, on the points' device."""
     xp = get_array_module(points.kx)
     shell = shell_index_2d(points.kx, points.ky, noise_var_shell.shape[0] - 1)
     mult = xp.where(points.kx > 0, 2.0, 1.0).astype(xp.float32)
@@ -159,10 +157,8 @@ class ImageTerms:
 
 
 def image_terms(images_ft, ctf, points: FrequencyPoints, weights) -> ImageTerms:
-    """Gather whitened, CTF-multiplied image terms at ``points``.
-
-    ``images_ft`` (B, N, N//2+1) raw (not re-centred); ``ctf`` same shape or None.
-    """
+    """Gather whitened, CTF-multiplied image terms at ``points``: ``images_ft`` (B, N, N//2+1)
+    raw (not re-centred); ``ctf`` same shape or None."""
     xp = get_array_module(images_ft)
     x = points.gather(images_ft)
     if ctf is None:
@@ -188,12 +184,9 @@ def _complex_cross(a, p, p_stacked=None):
 
 
 def score_base(terms: ImageTerms, slices, phases, slices_stacked=None, slices_power=None):
-    """Base level: every image × shift × rotation.
-
-    ``slices`` (R, M) reference slices, ``phases`` (T, M) shift factors →
-    scores (B, T, R) float32. ``slices_stacked`` (R, 2M) and ``slices_power``
-    (R, M) = |slices|² may be passed precomputed (:class:`BaseGrid` does).
-    """
+    """Base level: every image × shift × rotation. ``slices`` (R, M) reference slices, ``phases``
+    (T, M) shift factors → scores (B, T, R) float32. ``slices_stacked`` (R, 2M) and
+    ``slices_power`` (R, M) = |slices|² may be passed precomputed (:class:`BaseGrid` does)."""
     xp = get_array_module(slices)
     b, m = terms.data.shape
     t = phases.shape[0]
@@ -206,9 +199,7 @@ def score_base(terms: ImageTerms, slices, phases, slices_stacked=None, slices_po
 
 def score_children(terms: ImageTerms, slices, phases):
     """Subdivision level: per image and candidate, shift children × rotation children.
-
-    ``slices`` (B, K, Rc, M), ``phases`` (B, K, Sc, M) → scores (B, K, Sc, Rc).
-    """
+    ``slices`` (B, K, Rc, M), ``phases`` (B, K, Sc, M) → scores (B, K, Sc, Rc)."""
     xp = get_array_module(slices)
     shifted = terms.data[:, None, None, :] * phases                           # (B, K, Sc, M)
     cross = _complex_cross(shifted, slices)                                    # (B, K, Sc, Rc)
@@ -255,9 +246,14 @@ def score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts_px
 
 
 def _top_k(scores, k: int):
-    """Indices (B, k) of the k largest entries of each row of (B, L), best first."""
+    """Indices (B, k) of the k largest entries of each row of (B, L), best first (on a GPU:
+    :func:`cryocv.kernels.top_k_gpu`, ties to the lower index)."""
     xp = get_array_module(scores)
     k = min(k, scores.shape[1])
+    if xp is not np and 0 < k:
+        from . import kernels
+        if scores.shape[1] <= kernels.TOP_K_MAX_LENGTH:
+            return kernels.top_k_gpu(scores, k)
     if k < scores.shape[1]:
         idx = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
     else:

@@ -201,6 +201,26 @@ def test_subtract_job_on_gpu_writes_what_the_cpu_writes(tmp_path):
     np.testing.assert_allclose(gpu.read_images(), images, atol=1e-4 * np.abs(images).max())
 
 
+@pytest.mark.parametrize("shape", [(300, 4608, 32), (257, 256, 16), (64, 33, 32), (5, 7, 3), (3, 12000, 8)])
+def test_top_k_kernel_matches_numpy(shape):
+    """kernels.top_k_gpu picks the same indices as numpy's argpartition + argsort (distinct values),
+    best first; with −∞ and NaN in the rows it picks the same values, ties to the lower index."""
+    import cupy as cp
+    from cryocv.kernels import top_k_gpu
+    from cryocv.search import _top_k
+    b, length, k = shape
+    rng = np.random.default_rng(length)
+    scores = rng.permutation(b * length).reshape(b, length).astype(np.float32) / (b * length)
+    np.testing.assert_array_equal(to_numpy(top_k_gpu(cp.asarray(scores), k)), _top_k(scores, k))
+    np.testing.assert_array_equal(to_numpy(_top_k(cp.asarray(scores), k)), _top_k(scores, k))
+    scores[:, ::3] = -np.inf                       # outside a local search's extents: ties
+    scores[:, 1::7] = np.nan
+    picked = to_numpy(top_k_gpu(cp.asarray(scores), k))
+    ranked = np.where(np.isnan(scores), -np.inf, scores)
+    expected = np.argsort(-ranked, axis=1, kind="stable")[:, :k]       # stable: ties to the lower index
+    np.testing.assert_array_equal(picked, expected)
+
+
 def test_local_search_on_gpu_matches_numpy():
     """local_start + subdivide with extents (cryocv/local_search.py) choose the same poses on both devices."""
     import cupy as cp
