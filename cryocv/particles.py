@@ -22,6 +22,14 @@ from .io.mrc import StackCache
 
 # images with larger values overflow float32 sums of their squares (cryo-EM images are O(1)–O(1e3))
 MAX_PIXEL_MAGNITUDE = 1e10
+READ_PART_BYTES = 32 << 20         # read_images reads larger requests in parts of this size, in parallel
+_READERS = []                      # the thread pool of read_images, made on first use
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    if not _READERS:
+        _READERS.append(ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cryocv-images"))
+    return _READERS[0]
 
 
 @dataclass
@@ -90,9 +98,20 @@ class Particles:
                                   f"which holds images 1–{stack.shape[0]}")
 
     def read_images(self, index=None, check_finite: bool = True) -> np.ndarray:
-        """Images (k, N, N) float32 for ``index`` (default all), in that order."""
+        """Images (k, N, N) float32 for ``index`` (default all), in that order. Large requests are
+        read in parts by a few threads at once (positioned reads and numpy release the GIL)."""
         positions = np.arange(len(self)) if index is None else np.arange(len(self))[index]
         out = np.empty((len(positions), self.box_size, self.box_size), dtype=np.float32)
+        part = max(1, READ_PART_BYTES // max(out[:1].nbytes, 1))
+        starts = range(0, len(positions), part)
+        if len(starts) > 1:
+            list(_reader_pool().map(lambda a: self._read_into(out[a:a + part], positions[a:a + part], check_finite),
+                                    starts))
+        else:
+            self._read_into(out, positions, check_finite)
+        return out
+
+    def _read_into(self, out: np.ndarray, positions: np.ndarray, check_finite: bool):
         paths = np.unique(self.stack_paths[positions])
         for path in paths:
             if paths.size == 1:
@@ -103,13 +122,12 @@ class Particles:
             self._cache.read(path, self.stack_indices[positions[sel]], images)
             out[sel] = images
         if not check_finite:
-            return out
+            return
         bad = ~np.isfinite(out).reshape(len(out), -1).all(axis=1)
         if bad.any():
             first = positions[np.nonzero(bad)[0][0]]
             raise CryocvError(f"particle {first + 1} ({self.stack_indices[first] + 1}@{self.stack_paths[first]}) "
                               f"contains NaN or infinite pixels")
-        return out
 
     def check_metadata(self):
         """Raise CryocvError if poses, origins or CTF values are not finite, or the CTF is

@@ -38,6 +38,26 @@ def test_positioned_reads_equal_the_stack(tmp_path):
     cache.close()
 
 
+def test_reads_in_parallel_parts_equal_one_read(simulated, monkeypatch, tmp_path):
+    """read_images in parts of a few images, by several threads: the same array, and a NaN image
+    in a later part is still reported by its particle number."""
+    import cryocv.particles
+    particles = simulated
+    wanted = np.r_[np.arange(40, 61), np.arange(0, 30)][::-1]       # unordered, two runs
+    whole = particles.read_images(wanted)
+    monkeypatch.setattr(cryocv.particles, "READ_PART_BYTES", 3 * whole[0].nbytes)
+    np.testing.assert_array_equal(particles.read_images(wanted), whole)
+    images = particles.read_images()
+    images[37, 5, 5] = np.nan
+    path = str(tmp_path / "nan.mrcs")
+    write_stack(path, images, particles.pixel_size_A)
+    bad = particles.subset(np.arange(len(particles)))
+    bad.stack_paths = np.full(len(bad), path, dtype=object)
+    bad.stack_indices = np.arange(len(bad))
+    with pytest.raises(CryocvError, match="particle 38 "):
+        bad.read_images()
+
+
 def test_streamed_batches_with_read_ahead_equal_cached_ones(simulated, xp):
     particles = load_particles(simulated.source)
     cached = ParticleSource(particles, xp, cache_budget_bytes=1 << 30)
