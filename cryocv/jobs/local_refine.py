@@ -20,7 +20,7 @@ import numpy as np
 from ..backend import memory_budget_bytes, to_device
 from ..em_pass import HalfReferences
 from ..errors import CryocvError
-from ..fourier import lowpass_map, shift_volume
+from ..fourier import shift_volume
 from ..geometry import angular_distance_deg, euler_to_matrix
 from ..io.mrc import StackWriter
 from ..io.particle_files import load_particles
@@ -37,7 +37,7 @@ from . import jobdir, relaxation
 from .common import (device_args, load_checked_particles, option, output_args, params_from_args, select_device)
 from .checkpoints import RefineState, finishes_writes_on_error
 from .jobdir import JobLog
-from .loop import PoseSearch, iterate, open_refinement
+from .loop import PoseSearch, iterate, open_refinement, start_reference
 from .refine import RefineParams, add_relaxation_args, add_search_and_regularizer_args
 from .subtract import read_maps, subtracted_particles
 
@@ -223,12 +223,12 @@ def main(args) -> int:
     return 0
 
 
-def initial_local_state(half_maps, mask, pixel_size_A: float, lowpass_A: float) -> RefineState:
-    """Each half-set's reference = its own half-map low-passed to ``lowpass_A``; the mask aligns."""
-    resolution = max(lowpass_A, 2 * pixel_size_A)
-    references = [np.clip(lowpass_map(m, pixel_size_A, resolution), 0, None) for m in half_maps]
-    return RefineState(iteration=0, references=references, mask=mask, resolution_A=resolution, euler_deg=None,
-                       origin_A=None, noise_var_shell=None)
+def initial_local_state(half_maps, mask, pixel_size_A: float, lowpass_A: float, xp=np) -> RefineState:
+    """Each half-set's reference = its own half-map low-passed to ``lowpass_A`` (on ``xp``'s
+    device, :func:`~.loop.start_reference`); the mask aligns."""
+    references = [start_reference(to_device(m, xp), pixel_size_A, lowpass_A) for m in half_maps]
+    return RefineState(iteration=0, references=references, mask=mask, resolution_A=max(lowpass_A, 2 * pixel_size_A),
+                       euler_deg=None, origin_A=None, noise_var_shell=None)
 
 
 def subtract_into(out_dir: str, particles, half_maps, mask, xp, params: LocalRefineParams, progress: bool, log):
@@ -342,7 +342,7 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
         else:
             particles = subtract_into(out_dir, particles, half_maps, mask, xp, params, progress, log)
     if state is None:
-        state = initial_local_state(half_maps, mask, px, params.initial_lowpass_A)
+        state = initial_local_state(half_maps, mask, px, params.initial_lowpass_A, xp)
     device_mask = to_device(mask, xp)
     if params.mask_mode == "static":
         def make_mask(average):
