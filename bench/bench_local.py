@@ -49,7 +49,8 @@ def register_to_truth(star: str, truth: dict, symmetry: str, out_star: str) -> s
 
 def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: int, xp, device: str,
              box_size: int = 128, model: str | None = None, args_body_sym: str = "C4",
-             regularizer: str = "nu", base_candidates: int | None = None, narrow_steps: int = 0) -> dict:
+             regularizer: str = "nu", base_candidates: int | None = None, narrow_steps: int = 0,
+             with_priors: bool = True) -> dict:
     data = os.path.join(out, f"data_{kDa:g}")
     started = time.time()
     if not os.path.isfile(os.path.join(data, "dataset.json")):
@@ -87,12 +88,13 @@ def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: i
                              overwrite=True)
     timings["local_s"] = time.time() - t0
     # the same with Gaussian priors on the change (σ 5°, 2 Å): RELION's --sigma_ang-like regularization
-    jobs["local_prior"] = os.path.join(out, f"local_prior_{kDa:g}")
-    local_refine.run(os.path.join(jobs["consensus"], "particles.star"), halves, os.path.join(data, "mask_domain.mrc"),
-                     jobs["local_prior"], local_refine.LocalRefineParams(subtract=True, prior_sigma_deg=5.0,
-                                                                         prior_sigma_A=2.0, regularizer=regularizer,
-                                                                         **search),
-                     device=device, progress=False, overwrite=True)
+    if with_priors:
+        jobs["local_prior"] = os.path.join(out, f"local_prior_{kDa:g}")
+        local_refine.run(os.path.join(jobs["consensus"], "particles.star"), halves,
+                         os.path.join(data, "mask_domain.mrc"), jobs["local_prior"],
+                         local_refine.LocalRefineParams(subtract=True, prior_sigma_deg=5.0, prior_sigma_A=2.0,
+                                                        regularizer=regularizer, **search),
+                         device=device, progress=False, overwrite=True)
     reconstruct.run(os.path.join(data, "particles_domain.star"), jobs["oracle"], device=device, progress=False,
                     overwrite=True)
     result = {"local_regularizer": regularizer, "local_base_candidates": base_candidates, "narrow_steps": narrow_steps, "domain_kDa": info["mass_kDa"]["domain"], "body_kDa": info["mass_kDa"]["body"], "n": n, "snr": snr,
@@ -103,7 +105,7 @@ def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: i
         volume, _ = read_map(os.path.join(job, "map.mrc"))
         result[f"{name}_domain_fsc05_A"] = masked_fsc_resolution(volume, domain, mask, px, 0.5)
         result[f"{name}_domain_fsc0143_A"] = masked_fsc_resolution(volume, domain, mask, px, 0.143)
-    for name in ("consensus", "local", "local_prior"):
+    for name in [name for name in ("consensus", "local", "local_prior") if name in jobs]:
         poses = load_particles(os.path.join(jobs[name], "particles.star"))
         error = domain_pose_error_deg(poses.rotations, truth)
         result[f"{name}_domain_pose_error_median_deg"] = float(np.median(error))
@@ -132,8 +134,9 @@ def write_table(results: list, path: str):
                     f"{r['resolution_gain_pct']:.0f}% ({r.get('oracle_gain_pct', float('nan')):.0f}%"
                     f"{', at Nyquist' if r.get('oracle_at_nyquist') else ''}) | {r['consensus_domain_pose_error_median_deg']:.2f}° / "
                     f"{r['local_domain_pose_error_median_deg']:.2f}° / {r['no_change_domain_angle_median_deg']:.2f}° | "
-                    f"{'yes' if r['converged'] else 'no'} | {r['local_prior_domain_fsc05_A']:.2f} Å / "
-                    f"{r['local_prior_domain_pose_error_median_deg']:.2f}° |")
+                    f"{'yes' if r['converged'] else 'no'} | "
+                    + (f"{r['local_prior_domain_fsc05_A']:.2f} Å / {r['local_prior_domain_pose_error_median_deg']:.2f}° |"
+                       if "local_prior_domain_fsc05_A" in r else "not run |"))
     with open(path, "w") as handle:
         handle.write("### Local refinement with subtraction, two-body benchmark (TRPV1 + hinged domain)\n\n"
                      + "\n".join(rows) + "\n")
@@ -153,6 +156,7 @@ def main(argv=None):
     parser.add_argument("--base-candidates", type=int, default=None,
                         help="--base-candidates of the local refinements (default: local-refine's)")
     parser.add_argument("--narrow-steps", type=int, default=0, help="--narrow-steps of the local refinements")
+    parser.add_argument("--no-priors", action="store_true", help="skip the local refinement with Gaussian priors")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
@@ -160,7 +164,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     xp = resolve_xp(args.device)
     results = [one_mass(k, args.n, args.out, args.snr, args.sigma_deg, args.seed, xp, args.device, args.box, args.model, args.body_sym,
-                        args.regularizer, args.base_candidates, args.narrow_steps) for k in args.kDa]
+                        args.regularizer, args.base_candidates, args.narrow_steps, not args.no_priors) for k in args.kDa]
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results + ".json", "w") as handle:
         json.dump(results, handle, indent=1)
