@@ -122,13 +122,14 @@ def _image_locations(names: pd.Series, path: str, datadir) -> tuple[np.ndarray, 
         split[1] = None
     has_index = split[1].notna().to_numpy()
     stack_names = np.where(has_index, split[1].to_numpy(dtype=object), names.to_numpy(dtype=object))
-    digits = split[0].str.strip().str.isdigit().to_numpy(dtype=bool)
+    numbers = split[0].str.strip()
+    digits = numbers.str.isdigit().to_numpy(dtype=bool)
     bad = has_index & ~digits
     if bad.any():
         row = int(np.nonzero(bad)[0][0])
         raise CryocvError(f"{path}: bad rlnImageName {names.iloc[row]!r} on row {row + 1} (expected index@stack)")
     indices = np.zeros(len(names), dtype=np.int64)
-    indices[has_index] = split[0][has_index].astype(np.int64).to_numpy() - 1
+    indices[has_index] = numbers[has_index].astype(np.int64).to_numpy() - 1
     unique, inverse = np.unique(stack_names.astype(str), return_inverse=True)
     resolved = np.array([resolve_image_path(name, path, datadir) for name in unique], dtype=object)
     return indices, resolved[inverse.reshape(-1)]
