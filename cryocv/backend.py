@@ -163,6 +163,10 @@ class StageTimer:
     def rounded(self, digits: int = 3) -> dict:
         return {name: round(value, digits) for name, value in self.seconds.items()}
 
+    def summary(self) -> str:
+        """'name 0.12 s, other 0.03 s': the stages as run.log lists them."""
+        return ", ".join(f"{name} {value:.2f} s" for name, value in self.seconds.items())
+
 
 class _Stage:
     def __init__(self, timer: StageTimer, name: str):

@@ -53,3 +53,17 @@ def auto_threshold_mask(volume, pixel_size_A: float, fraction_of_max: float = 0.
     xp = get_array_module(volume)
     threshold = fraction_of_max * float(xp.max(volume))
     return threshold_mask(volume, threshold, near_A / pixel_size_A, (far_A - near_A) / pixel_size_A)
+
+
+PROTEIN_A3_PER_DA = 1.21          # partial specific volume of protein: mass in a mask from its volume
+
+
+def mask_report(mask, pixel_size_A: float) -> dict:
+    """Mass in the mask (kDa of protein filling its volume where it is >= 0.5, an upper bound: masks
+    are dilated) and the width of its soft edge (Å)."""
+    volume_A3 = float(np.count_nonzero(mask >= 0.5)) * pixel_size_A ** 3
+    box = (ndimage.find_objects((mask > 0.01).astype(np.int8)) or [(slice(0, 0),) * 3])[0]   # holds every core voxel
+    core, edge = mask[box] >= 0.99, (mask[box] > 0.01) & (mask[box] < 0.99)
+    width = float(np.percentile(ndimage.distance_transform_edt(~core)[edge], 95)) * pixel_size_A if edge.any() and core.any() else 0.0
+    return {"mask_volume_A3": volume_A3, "mask_mass_kDa": volume_A3 / PROTEIN_A3_PER_DA / 1000,
+            "mask_soft_edge_A": width}

@@ -21,11 +21,13 @@ import numpy as np
 from .backend import get_array_module, to_device, to_numpy
 from .fourier import lowpass_map
 from .fsc import fsc_curve
-from .local_search import rotation_offsets
+from .geometry import angular_distance_deg, euler_to_matrix
+from .local_search import rotation_offsets, to_fulcrum_frame
 from .projector import DEFAULT_PADDING
 from .register import MapTransform, transform_volume
 from .search import (Candidates, PoseSpread, SearchLevel, SearchParams, SearchResult, _top_k, log_likelihood,
                      score_poses, shift_grid, subdivide)
+from .symmetry import symmetry_operators
 
 SPREAD_KEPT = 16         # poses per image kept by marginalization (the rest carry < a few % of the weight)
 
@@ -157,3 +159,17 @@ def asymmetric_agreement(reference, moving, operators, mask=None, pixel_size_A: 
 def asymmetric_fsc(map1, map2, operators) -> np.ndarray:
     """FSC (per shell) of the asymmetric parts (map minus its G-average) of two maps."""
     return to_numpy(fsc_curve(map1 - symmetrized(map1, operators), map2 - symmetrized(map2, operators)))
+
+
+def pose_change(particles, input_euler, input_origin_A, fulcrum, symmetry: str) -> tuple:
+    """Per particle of ``particles`` (refined poses): rotation change (°) from the input pose
+    (``input_euler`` (n, 3), ``input_origin_A`` (n, 2)), and the shift change (Å) of the image of
+    ``fulcrum`` (px from the box centre), both from the mate of the input pose (under ``symmetry``)
+    nearest the refined pose (local refinement's pose-change diagnostics)."""
+    refined = particles.rotations.astype(np.float32)
+    start = prior_in_mode(euler_to_matrix(input_euler).astype(np.float32), refined, symmetry_operators(symmetry))
+    rotation = angular_distance_deg(refined, start)
+    px = particles.pixel_size_A
+    before = to_fulcrum_frame(start, input_origin_A / px, fulcrum)
+    after = to_fulcrum_frame(particles.rotations.astype(np.float32), particles.origin_A / px, fulcrum)
+    return rotation, np.linalg.norm(after - before, axis=1) * px

@@ -266,6 +266,14 @@ def write_results(job_dir: str, pixel_size_A: float, half_maps, full_map, mask, 
     record["output_seconds"] = timer.rounded(2)
 
 
+def outputs_note(record: dict, outputs_started: float, job_started: float) -> str:
+    """'outputs and plots written in X s: particles 0.4, ...; job Y s': the end of a job's "done:"
+    line in run.log (``record`` as :func:`write_results` left it; times from ``time.time()``)."""
+    steps = ", ".join(f"{name} {value:.2f}" for name, value in record["output_seconds"].items())
+    return (f"outputs and plots written in {time.time() - outputs_started:.1f} s: {steps}; "
+            f"job {time.time() - job_started:.1f} s")
+
+
 def _link_or_copy(source: str, target: str):
     """``target`` becomes a hard link to ``source`` (a copy where the file system refuses),
     replacing what was there, atomically."""

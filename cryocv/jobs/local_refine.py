@@ -17,18 +17,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..backend import memory_budget_bytes, to_device
+from ..backend import StageTimer, memory_budget_bytes, to_device
 from ..em_pass import HalfReferences
 from ..errors import CryocvError
 from ..fourier import shift_volume
-from ..geometry import angular_distance_deg, euler_to_matrix
+from ..geometry import euler_to_matrix
 from ..io.mrc import StackWriter
 from ..io.particle_files import load_particles
 from ..local_search import LocalPrior, from_fulcrum_frame, local_batch_size, local_start, start_plan, to_fulcrum_frame
-from ..masks import auto_threshold_mask
+from ..masks import auto_threshold_mask, mask_report
 from ..plot_worker import BackgroundPlotter
 from ..projector import prepare_volume
-from ..relax import prior_in_mode
+from ..relax import pose_change, prior_in_mode
 from ..search import SearchParams, SearchResult, search_schedule, shift_grid, subdivide
 from ..source import ParticleSource
 from ..subtraction import center_of_mass, scale_fit_radius_px, subtract_source
@@ -42,7 +42,6 @@ from .refine import RefineParams, add_relaxation_args, add_search_and_regularize
 from .subtract import read_maps, subtracted_particles
 
 HELP = "local refinement of a masked region from prior poses (optionally after signal subtraction)"
-PROTEIN_A3_PER_DA = 1.21          # partial specific volume of protein: mass in a mask from its volume
 
 
 @dataclass
@@ -244,30 +243,6 @@ def subtract_into(out_dir: str, particles, half_maps, mask, xp, params: LocalRef
                                 particles.origin_A)
 
 
-def mask_report(mask, pixel_size_A: float) -> dict:
-    """Mass in the mask (kDa of protein filling its volume where it is >= 0.5, an upper bound: masks
-    are dilated) and the width of its soft edge (Å)."""
-    from scipy.ndimage import distance_transform_edt, find_objects
-    volume_A3 = float(np.count_nonzero(mask >= 0.5)) * pixel_size_A ** 3
-    box = (find_objects((mask > 0.01).astype(np.int8)) or [(slice(0, 0),) * 3])[0]   # holds every core voxel
-    core, edge = mask[box] >= 0.99, (mask[box] > 0.01) & (mask[box] < 0.99)
-    width = float(np.percentile(distance_transform_edt(~core)[edge], 95)) * pixel_size_A if edge.any() and core.any() else 0.0
-    return {"mask_volume_A3": volume_A3, "mask_mass_kDa": volume_A3 / PROTEIN_A3_PER_DA / 1000,
-            "mask_soft_edge_A": width}
-
-
-def pose_change(particles, input_euler, input_origin_A, fulcrum, symmetry: str) -> tuple:
-    """Per particle: rotation change (°) from the input pose, and the shift change (Å) of the
-    fulcrum's image, both from the mate of the input pose (under ``symmetry``) nearest the refined pose."""
-    refined = particles.rotations.astype(np.float32)
-    start = prior_in_mode(euler_to_matrix(input_euler).astype(np.float32), refined, symmetry_operators(symmetry))
-    rotation = angular_distance_deg(refined, start)
-    px = particles.pixel_size_A
-    before = to_fulcrum_frame(start, input_origin_A / px, fulcrum)
-    after = to_fulcrum_frame(particles.rotations.astype(np.float32), particles.origin_A / px, fulcrum)
-    return rotation, np.linalg.norm(after - before, axis=1) * px
-
-
 def pose_change_diagnostics(job_dir: str, input_particles: str | None = None) -> dict:
     """What pose_change.png shows, read from a finished job's files (a viewer redraws it): keyword
     arguments of :func:`cryocv.plotting.draw_pose_change`. ``input_particles``: the job's input
@@ -297,16 +272,18 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
         device: str = "auto", gpu_ids=None, datadir=None, resume: bool = False, progress: bool = True,
         overwrite: bool = False) -> dict:
     """Local refinement job (see the module docstring); returns the FSC report (+ ``local``)."""
-    started = time.time()
+    started, startup = time.time(), StageTimer()     # host stages before the first pass, logged
     config_path = jobdir.path(out_dir, jobdir.REFINE_CONFIG)
     config, params, store = open_refinement(out_dir, resume, params, LocalRefineParams,
                                             ("particles", "half_maps", "mask"), overwrite=overwrite)
     if resume:
         particles_path, half_map_paths, mask_path = config["particles"], config["half_maps"], config["mask"]
         datadir, device, gpu_ids = config["datadir"], config["device"], config["gpu"]
-    xp, ids = select_device(device, gpu_ids)
+    with startup("device"):
+        xp, ids = select_device(device, gpu_ids)
     notes = []
-    particles = load_checked_particles(particles_path, datadir, params.strict, notes.append)
+    with startup("particles: read + check"):
+        particles = load_checked_particles(particles_path, datadir, params.strict, notes.append)
     particles.require_alignment("local refinement")
     if np.any(particles.half_set == 0):
         raise CryocvError(f"{particles.source} has particles without a half-set (rlnRandomSubset): local "
@@ -314,7 +291,8 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
     if particles.ctf is None:
         raise CryocvError(f"{particles_path} has no CTF parameters: local refinement needs them")
     n, px = particles.box_size, particles.pixel_size_A
-    half_maps, mask = read_maps(half_map_paths, mask_path, n, px)
+    with startup("half-maps and mask"):
+        half_maps, mask = read_maps(half_map_paths, mask_path, n, px)
     if not mask.max() > 0.5:
         raise CryocvError(f"mask {mask_path} is empty (no value above 0.5): it must mark the region to refine")
     fulcrum = fulcrum_px(params.fulcrum, mask, px)
@@ -330,19 +308,23 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
     log, plotter = JobLog(out_dir), BackgroundPlotter()     # the plotter imports matplotlib meanwhile
     for note in notes:
         log(note)
-    masses = mask_report(mask, px)
+    with startup("mask report"):
+        masses = mask_report(mask, px)
     log(f"local refinement of {len(particles)} particles ({n} px, {px:.3f} Å/px): mask {masses['mask_mass_kDa']:.0f} "
         f"kDa of protein volume, soft edge {masses['mask_soft_edge_A']:.1f} Å; fulcrum "
         f"({', '.join(f'{(c + n // 2) * px:.1f}' for c in fulcrum)}) Å; extents {params.rotation_extent_deg:g}° / "
         f"{params.shift_extent_A:g} Å, {params.mask_mode} mask, {params.regularizer.upper()}")
     if params.subtract:
-        if resume and os.path.isfile(jobdir.path(out_dir, jobdir.SUBTRACTED_STACK)):
-            particles = subtracted_particles(particles, jobdir.path(out_dir, jobdir.SUBTRACTED_STACK),
-                                             jobdir.path(out_dir, jobdir.PARTICLES_STAR), n, particles.origin_A)
-        else:
-            particles = subtract_into(out_dir, particles, half_maps, mask, xp, params, progress, log)
+        with startup("subtraction"):
+            if resume and os.path.isfile(jobdir.path(out_dir, jobdir.SUBTRACTED_STACK)):
+                particles = subtracted_particles(particles, jobdir.path(out_dir, jobdir.SUBTRACTED_STACK),
+                                                 jobdir.path(out_dir, jobdir.PARTICLES_STAR), n, particles.origin_A)
+            else:
+                particles = subtract_into(out_dir, particles, half_maps, mask, xp, params, progress, log)
     if state is None:
-        state = initial_local_state(half_maps, mask, px, params.initial_lowpass_A, xp)
+        with startup("start references"):
+            state = initial_local_state(half_maps, mask, px, params.initial_lowpass_A, xp)
+    log("  startup: " + startup.summary())
     device_mask = to_device(mask, xp)
     if params.mask_mode == "static":
         def make_mask(average):
@@ -393,8 +375,9 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
     def plots(plotter):
         plotter.plot("plot_pose_change", rotation, shift, params.rotation_extent_deg, params.shift_extent_A,
                      jobdir.path(out_dir, jobdir.POSE_CHANGE_PNG), title)
+    outputs_started = time.time()
     jobdir.write_results(out_dir, px, half, full, out_mask, report, particles, title, record, {},
                          before_record=plots, checkpoint=store, iteration=state.iteration, plotter=plotter)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard in the mask after {state.iteration} iterations "
-        f"(job {time.time() - started:.1f} s)")
+        f"({jobdir.outputs_note(record, outputs_started, started)})")
     return report

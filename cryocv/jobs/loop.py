@@ -200,7 +200,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
             sample = np.sort(np.random.default_rng(params.seed).permutation(len(particles))[:noise_sample_size(n)])
             state.noise_var_shell = to_numpy(noise_spectrum_from_images(source.images_ft(sample)))
     release = one_half or large_grids(n, xp)      # hand cached device memory back between stages
-    log("  setup: " + ", ".join(f"{name} {value:.2f} s" for name, value in setup.seconds.items()))
+    log("  setup: " + setup.summary())
     input_rotations = particles.rotations if particles.has_alignment else None
     if (register_halves is not None and state.history and not state.final_done
             and "registered_operator" not in state.history[-1]):

@@ -273,7 +273,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
             log(f"  note: using GPU {ids[0]} of {ids}; multi-GPU refinement is not implemented yet")
     else:
         log(f"continuing from the checkpoint of iteration {state.iteration} ({state.resolution_A:.2f} Å)")
-    log("  startup: " + ", ".join(f"{name} {value:.2f} s" for name, value in startup.seconds.items()))
+    log("  startup: " + startup.summary())
     input_rotations = particles.rotations if particles.has_alignment else None
     make_search, register_halves, state = relaxation.compose(global_search(params, n, px, xp), params, particles,
                                                              state, xp, log)
@@ -311,10 +311,8 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     jobdir.write_results(out_dir, px, half_maps, full, mask, report, particles, title, record, extra_maps,
                          before_record=plots, checkpoint=store, iteration=state.iteration, plotter=plotter)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (FSC 0.143, masked and corrected) after "
-        f"{state.iteration} iterations; map {jobdir.path(out_dir, jobdir.MAP)} (outputs and plots written in "
-        f"{time.time() - outputs_started:.1f} s: " + ", ".join(f"{name} {value:.2f}" for name, value in
-                                                             record["output_seconds"].items())
-        + f"; job {time.time() - started:.1f} s)")
+        f"{state.iteration} iterations; map {jobdir.path(out_dir, jobdir.MAP)} "
+        f"({jobdir.outputs_note(record, outputs_started, started)})")
     return report
 
 
