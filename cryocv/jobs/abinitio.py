@@ -377,10 +377,11 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
         if len(used) < len(everyone):      # written while the plotter draws
             unused = np.setdiff1d(np.arange(len(everyone)), used)
             save_particles(everyone.subset(unused), jobdir.path(out_dir, jobdir.UNUSED_PARTICLES_STAR))
+    outputs_started = time.time()
     jobdir.write_results(out_dir, px, half, full, mask, report, particles, title, record, {}, before_record=plots,
                          checkpoint=store, iteration=state.iteration, plotter=plotter)
     log(f"done: {report['resolution_A']:.2f} Å gold-standard (SGD, then {state.iteration} E/M passes including the "
-        f"final one; job {time.time() - started:.1f} s)")
+        f"final one; {jobdir.outputs_note(record, outputs_started, started)})")
     return report
 
 
