@@ -40,6 +40,8 @@ class NUParams:
     awf: float = 3.0                    # adaptive window factor: window radius in wavelengths of the cutoff
     half_map_noise: bool = True         # correct the CV loss for the quarter-maps' extra noise
     smoothing_px: float = 1.0           # Gaussian smoothing of the chosen cutoff field
+    max_window_fraction: float | None = None   # window radius never above this fraction of the box
+
 
 def butterworth_lowpass(radius_cycles_per_px, cutoff_cycles_per_px: float, order: int = NUParams.order):
     """Butterworth low-pass 1/√(1 + (|k|/f_c)^(2·order)) on frequencies in cycles/px."""
@@ -160,7 +162,8 @@ def _gaussian_smooth(volume, sigma_px: float):
 
 def nu_filter(half_map, quarter_a, quarter_b, n_cutoffs: int = NUParams.n_cutoffs, order: int = NUParams.order,
               awf: float = NUParams.awf, smoothing_px: float = NUParams.smoothing_px,
-              half_map_noise: bool = NUParams.half_map_noise):
+              half_map_noise: bool = NUParams.half_map_noise,
+              max_window_fraction: float | None = NUParams.max_window_fraction):
     """Space-varying low-pass of one half-map chosen by quarter-map cross-validation.
 
     All maps (N, N, N) on one device. For each candidate cutoff the CV residual
@@ -190,7 +193,10 @@ def nu_filter(half_map, quarter_a, quarter_b, n_cutoffs: int = NUParams.n_cutoff
         a_f = b_f = None
         windowed = xp.fft.rfftn(residual)
         residual = None
-        windowed *= _ball_kernel_ft(offset_radius, awf / float(cutoff))
+        radius = awf / float(cutoff)
+        if max_window_fraction:
+            radius = min(radius, max_window_fraction * n)
+        windowed *= _ball_kernel_ft(offset_radius, radius)
         best_loss, best_index = _keep_better(_irfftn(windowed, shape), j, best_loss, best_index)
         windowed = None
     offset_radius = fa = fb = None

@@ -19,7 +19,7 @@ import numpy as np
 
 from .accumulate import Accumulators, large_grids
 from .backend import StageTimer, free_device_memory, get_array_module, to_device, to_numpy
-from .fourier import per_shell_grid, radial_average
+from .fourier import per_shell_grid, radial_average, rfft_radius_cycles
 from .fsc import combine_half_maps, gold_standard_fsc
 from .masks import auto_threshold_mask
 from .nonuniform import NUParams, cutoff_map_A, nu_filter
@@ -43,6 +43,20 @@ def wiener_regularization(weight, fsc, box_size: int, padding: int):
     return per_shell_grid(xp.asarray(table), np_, np.float32)
 
 
+def join_low_resolution(maps, pixel_size_A: float, join_A: float):
+    """Both half-maps with their Fourier components at resolutions of ``join_A`` and coarser replaced
+    by the average of the two (RELION's ``--low_resol_join_halves``, 40 Å by default there): a common
+    low-resolution frame for the two half-sets, which otherwise drift apart in a soft mode of the start
+    (a small protein in a belt turns freely about the membrane normal at low resolution). Nothing finer
+    than ``join_A`` is shared, so the FSC at the resolutions that matter stays gold-standard."""
+    xp = get_array_module(maps[0])
+    n = maps[0].shape[0]
+    low = rfft_radius_cycles(n, xp) <= pixel_size_A / join_A
+    fa, fb = xp.fft.rfftn(maps[0]), xp.fft.rfftn(maps[1])
+    mean = (fa + fb) / 2
+    return [xp.fft.irfftn(xp.where(low, mean, f), s=maps[0].shape, axes=(0, 1, 2)).astype(xp.float32) for f in (fa, fb)]
+
+
 @dataclass
 class MapResult:
     """Maps of one iteration, on the device.
@@ -64,12 +78,13 @@ class MapResult:
 
 def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask, nu: NUParams | None,
                           mask_threshold: float, seed: int = 0, timer: StageTimer | None = None,
-                          make_mask=None) -> MapResult:
+                          make_mask=None, join_halves_A: float | None = None) -> MapResult:
     """Regularized half-maps (Wiener; then the NU filter when ``nu`` is given, which needs
     quarter-set accumulators), a dynamic mask at ``mask_threshold`` of the maximum, and the
     FSC report of the unfiltered half-maps (masked with ``previous_mask`` for the Wiener term).
     ``timer`` collects seconds per step; ``make_mask(average map)`` → mask replaces the dynamic
-    mask (e.g. a user's static mask)."""
+    mask (e.g. a user's static mask); ``join_halves_A``: the regularized half-maps (the next references)
+    share their components at that resolution and coarser (:func:`join_low_resolution`)."""
     box_size, padding = acc.box_size, acc.padding
     xp = acc.xp
     timer = timer or StageTimer(xp)
@@ -93,13 +108,15 @@ def regularize_and_assess(acc: Accumulators, pixel_size_A: float, previous_mask,
                           for q in (0, 1))
             with timer("maps: NU filter"):
                 regularized[h - 1], cutoff = nu_filter(regularized[h - 1], qa, qb, nu.n_cutoffs, nu.order, nu.awf,
-                                                       nu.smoothing_px, nu.half_map_noise)
+                                                       nu.smoothing_px, nu.half_map_noise, nu.max_window_fraction)
             cutoffs.append(cutoff)
             qa = qb = None
         term = None
         if large_grids(box_size, xp, padding):   # hand the temporaries back before the next half-set
             free_device_memory(xp)
     cutoff_A = cutoff_map_A((cutoffs[0] + cutoffs[1]) / 2, pixel_size_A) if nu is not None else None
+    if join_halves_A:
+        regularized = join_low_resolution(regularized, pixel_size_A, join_halves_A)
     average = (regularized[0] + regularized[1]) / 2
     with timer("maps: mask"):
         try:

@@ -143,6 +143,44 @@ def test_nu_filter_adapts_to_local_signal(xp):
     assert err_filtered < 0.4 * err_raw
 
 
+def test_joined_half_maps_share_only_their_low_resolution():
+    """join_low_resolution: below the join resolution both half-maps hold the mean of the two, above
+    it each keeps its own components (the FSC there stays gold-standard)."""
+    from cryocv.fourier import rfft_radius_cycles
+    from cryocv.regularize import join_low_resolution
+    rng = np.random.default_rng(3)
+    maps = [rng.normal(size=(32,) * 3).astype(np.float32) for _ in range(2)]
+    joined = join_low_resolution(maps, 2.0, 16.0)
+    low = rfft_radius_cycles(32, np) <= 2.0 / 16.0
+    before, after = [np.fft.rfftn(m) for m in maps], [np.fft.rfftn(m) for m in joined]
+    np.testing.assert_allclose(after[0][low], after[1][low], atol=1e-3)
+    np.testing.assert_allclose(after[0][low], (before[0][low] + before[1][low]) / 2, atol=1e-3)
+    for h in (0, 1):
+        np.testing.assert_allclose(after[h][~low], before[h][~low], atol=1e-3)
+
+
+def test_nu_filter_window_cap_keeps_a_small_particle_sharp():
+    """A particle small against its box (fine detail within 8 px of the centre of a 64 px box, noise
+    elsewhere): the uncapped windows of the coarse candidates (3 wavelengths: larger than the box)
+    average the CV loss over mostly solvent, where leaving out the particle's signal costs nothing,
+    so the plain filter low-passes the particle and keeps the noise around it; windows capped at
+    an eighth of the box pick high cutoffs in the particle, low ones outside (issue 15)."""
+    from scipy import ndimage
+    n, rng = 64, np.random.default_rng(0)
+    c = np.arange(n) - n // 2
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    truth = (ndimage.gaussian_filter(rng.normal(size=(n,) * 3), 0.8) * (r < 8)).astype(np.float32)
+    noise = 0.3 * truth[r < 8].std()
+    qa, qb = (truth + rng.normal(0, noise, truth.shape).astype(np.float32) for _ in range(2))
+    half = (qa + qb) / 2
+    error = lambda m: np.mean((m - truth)[r < 8] ** 2) / np.mean((half - truth)[r < 8] ** 2)  # noqa: E731
+    plain, plain_cutoff = nu_filter(half, qa, qb)
+    capped, cutoff = nu_filter(half, qa, qb, max_window_fraction=0.125)
+    assert np.median(plain_cutoff[r < 6]) < np.median(plain_cutoff[r > 16])   # the failure the cap removes
+    assert np.median(cutoff[r < 6]) > 4 * np.median(cutoff[r > 16])
+    assert error(capped) < 1 < error(plain)
+
+
 @needs_gpu
 def test_nu_filter_gpu_matches_numpy():
     import cupy as cp

@@ -155,7 +155,8 @@ def nu_params(params) -> NUParams | None:
     if params.regularizer != "nu":
         return None
     return NUParams(n_cutoffs=params.nu_cutoffs, order=params.nu_order, awf=params.nu_awf,
-                    half_map_noise=params.nu_half_map_noise)
+                    half_map_noise=params.nu_half_map_noise,
+                    max_window_fraction=params.nu_max_window_fraction)
 
 
 def iterate(particles: Particles, state: RefineState, params, xp, store: CheckpointStore,
@@ -233,7 +234,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
             if release:
                 free_device_memory(xp)
         maps = regularize_and_assess(acc, px, state.mask, nu, params.mask_threshold, seed=params.seed, timer=timer,
-                                     make_mask=make_mask)
+                                     make_mask=make_mask, join_halves_A=params.join_halves_A)
         with timer("bookkeeping"):      # pose statistics, the new state, device memory handed back
             acc = None                       # the accumulators go before the registration's and next pass's grids
             if release:

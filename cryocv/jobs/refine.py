@@ -53,6 +53,7 @@ class RefineParams:
     nu_order: int = NUParams.order
     nu_awf: float = NUParams.awf
     nu_half_map_noise: bool = NUParams.half_map_noise
+    nu_max_window_fraction: float | None = NUParams.max_window_fraction
     mask_threshold: float = 0.2         # dynamic mask threshold, fraction of the map's maximum
     batch_size: int | None = None       # default: from the memory budget
     stream: bool = False                # read images from disk every pass even if their FTs fit the device
@@ -63,6 +64,7 @@ class RefineParams:
     break_symmetry: bool = False        # relaxation: start from C1 half-maps of the input poses turned by random mates
     relax_max_align_res_A: float | None = None  # relaxation: the mate choice never aligns finer than this (Å)
     extra_final_passes: int = 0         # passes at Nyquist after the final one
+    join_halves_A: float | None = None  # the half-references share their components at this resolution and coarser
 
     def reconstruction_symmetry(self) -> str:
         """The symmetry the maps are reconstructed with: C1 when relaxing, else ``symmetry``."""
@@ -88,7 +90,10 @@ class RefineParams:
                   (not self.relax or self.symmetry.upper() != "C1", "--relax needs a --sym group other than C1"),
                   (self.relax_max_align_res_A is None or self.relax_max_align_res_A > 0,
                    "--relax-max-align-res-A must be positive"),
-                  (self.extra_final_passes >= 0, "--extra-final-passes must be >= 0")]
+                  (self.extra_final_passes >= 0, "--extra-final-passes must be >= 0"),
+                  (self.nu_max_window_fraction is None or self.nu_max_window_fraction > 0,
+                   "--nu-max-window-fraction must be positive"),
+                  (self.join_halves_A is None or self.join_halves_A > 0, "--join-halves-A must be positive")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
@@ -170,6 +175,13 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
     option(p, "--nu-plain-cv", params_class, "nu_half_map_noise", action="store_false",
            help="NU: the paper's plain quarter-map CV loss, without the correction for the quarter-maps' "
                 "extra noise")
+    p.add_argument("--nu-max-window-fraction", dest="nu_max_window_fraction", type=float,
+                   default=params_class.nu_max_window_fraction,
+                   help="NU: the cross-validation window's radius never exceeds this fraction of the box "
+                        "(default: no cap; 0.125 helped a small protein in a 64 px box, bench/results/small_membrane_cpu.md)")
+    p.add_argument("--join-halves-A", dest="join_halves_A", type=float, default=params_class.join_halves_A,
+                   help="the two half-references share their Fourier components at this resolution and coarser "
+                        "(as RELION's --low_resol_join_halves; default: never)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=params_class.batch_size,
                    help="images per batch (default: from the memory budget)")
     option(p, "--stream", params_class, "stream", action="store_true",
