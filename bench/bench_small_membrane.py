@@ -63,6 +63,16 @@ def judge_job(job_dir: str, truth, mask, px: float, true_particles) -> dict:
             "fraction_over_6_deg": float(np.mean(error > FAR_OFF_DEG))}
 
 
+def variant(spec: str) -> tuple[str, dict]:
+    """'nu' or 'nu:nu_max_window_fraction=0.125,join_halves_A=20' → (regularizer, RefineParams fields)."""
+    regularizer, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=", 1)
+        options[key] = float(value)
+    return regularizer, options
+
+
 def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterations: int, device: str) -> dict:
     """Both regularizers and the oracle on the first ``count`` particles of the dataset."""
     truth, px = read_map(os.path.join(data_dir, "truth_protein.mrc"))
@@ -76,15 +86,16 @@ def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterati
     reconstruct.run(star, os.path.join(out_dir, "oracle"), device=device, progress=False, overwrite=True)
     rows["oracle"] = {**judge_map(os.path.join(out_dir, "oracle", "map.mrc"), truth, mask, px),
                       "wall_s": round(time.time() - t0, 1)}
-    for regularizer in regularizers:
-        job = os.path.join(out_dir, regularizer)
+    for spec in regularizers:
+        regularizer, options = variant(spec)
+        job = os.path.join(out_dir, spec.replace(":", "_").replace(",", "_").replace("=", ""))
         t0 = time.time()
         run_refine(star, os.path.join(data_dir, "initial_reference.mrc"), job,
-                   RefineParams(regularizer=regularizer, max_iterations=max_iterations), device=device,
+                   RefineParams(regularizer=regularizer, max_iterations=max_iterations, **options), device=device,
                    progress=False, overwrite=True)
-        rows[regularizer] = {**judge_job(job, truth, mask, px, everyone), "wall_s": round(time.time() - t0, 1)}
-        r = rows[regularizer]
-        print(f"  {count} {regularizer}: {r['fsc05_A']:.2f} Å in the mask (oracle {rows['oracle']['fsc05_A']:.2f}), "
+        rows[spec] = {**judge_job(job, truth, mask, px, everyone), "wall_s": round(time.time() - t0, 1)}
+        r = rows[spec]
+        print(f"  {count} {spec}: {r['fsc05_A']:.2f} Å in the mask (oracle {rows['oracle']['fsc05_A']:.2f}), "
               f"pose {r['pose_error_median_deg']:.2f}°, {100 * r['fraction_over_6_deg']:.0f}% > 6°, "
               f"gold {r['gold_standard_A']:.2f} Å, {r['wall_s']} s", flush=True)
     return rows
@@ -100,7 +111,7 @@ def table(results: dict) -> str:
                 if name == "oracle":
                     continue
                 filtered = r.get("nu_filtered", {}).get("fsc05_A")
-                lines.append(f"| {snr} | {count} | {name.upper()} | {r['fsc05_A']:.2f} Å | {r['fsc0143_A']:.2f} Å | "
+                lines.append(f"| {snr} | {count} | {name} | {r['fsc05_A']:.2f} Å | {r['fsc0143_A']:.2f} Å | "
                              f"{'–' if filtered is None else f'{filtered:.2f} Å'} | {r['gold_standard_A']:.2f} Å | "
                              f"{r['pose_error_median_deg']:.2f}° | {100 * r['fraction_over_6_deg']:.0f}% | "
                              f"{rows['oracle']['fsc05_A']:.2f} Å | {r['iterations']} | {r['wall_s']} s |")
@@ -115,7 +126,9 @@ def main(argv=None):
     parser.add_argument("--pixel-size-A", type=float, default=1.2)
     parser.add_argument("--chains", default="R", help="chains of the model (comma-separated; default CXCR4's receptor)")
     parser.add_argument("--model", default=None, help="atomic model (default: small_membrane_dataset's CXCR4)")
-    parser.add_argument("--regularizers", nargs="+", default=["uniform", "nu"])
+    parser.add_argument("--regularizers", nargs="+", default=["uniform", "nu"],
+                        help="variants: a regularizer, optionally with RefineParams fields, e.g. "
+                             "nu:nu_max_window_fraction=0.125,join_halves_A=20")
     parser.add_argument("--max-iterations", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
