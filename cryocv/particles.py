@@ -8,6 +8,7 @@ Half-sets are 1/2 (``rlnRandomSubset``), 0 when unknown.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field, replace
 
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +25,14 @@ from .io.mrc import StackCache
 MAX_PIXEL_MAGNITUDE = 1e10
 READ_PART_BYTES = 32 << 20         # read_images reads larger requests in parts of this size, in parallel
 _READERS = []                      # the thread pool of read_images, made on first use
+_READERS_LOCK = threading.Lock()
 
 
 def _reader_pool() -> ThreadPoolExecutor:
-    if not _READERS:
-        _READERS.append(ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cryocv-images"))
-    return _READERS[0]
+    with _READERS_LOCK:
+        if not _READERS:
+            _READERS.append(ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cryocv-images"))
+        return _READERS[0]
 
 
 @dataclass

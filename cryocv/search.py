@@ -246,11 +246,11 @@ def score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts_px
 
 
 def _top_k(scores, k: int):
-    """Indices (B, k) of the k largest entries of each row of (B, L), best first (on a GPU:
+    """Indices (B, k) of the k largest entries of each row of (B, L), best first (float32 on a GPU:
     :func:`cryocv.kernels.top_k_gpu`, ties to the lower index)."""
     xp = get_array_module(scores)
     k = min(k, scores.shape[1])
-    if xp is not np and 0 < k:
+    if xp is not np and 0 < k and scores.dtype == xp.float32:
         from . import kernels
         if scores.shape[1] <= kernels.TOP_K_MAX_LENGTH:
             return kernels.top_k_gpu(scores, k)

@@ -223,3 +223,11 @@ def test_job_hygiene_pruned_checkpoints_no_stale_temp_files_and_provenance(data,
     assert record["device"] == "cpu" and record["device_name"].startswith("CPU")
     assert record["cryocv_version"] and "git_commit" in record
     assert record["parameters"]["keep_checkpoints"] == 2 and record["parameters"]["resumed"] is True
+
+
+def test_join_halves_at_nyquist_is_a_one_line_error(data, tmp_path):
+    """--join-halves-A at or beyond Nyquist would make the two half-references one map."""
+    r = cryocv("refine", "--particles", str(data / "sim" / "particles.star"), "--ref", str(data / "truth.mrc"),
+               "--out", str(tmp_path / "out"), "--device", "cpu", "--max-iterations", "1",
+               "--join-halves-A", str(1.5 * PIXEL))
+    one_line_error(r, "--join-halves-A", "Nyquist")

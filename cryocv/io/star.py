@@ -114,27 +114,6 @@ def read_star(path: str, datadir: str | None = None) -> Particles:
         raise CryocvError(f"{path}: unreadable particle metadata ({type(exc).__name__}: {exc})") from None
 
 
-def _image_locations(names: pd.Series, path: str, datadir) -> tuple[np.ndarray, np.ndarray]:
-    """(0-based image indices (n,) int64, resolved stack paths (n,) object) of ``index@stack``
-    names (a name without ``@`` is image 1 of that file)."""
-    split = names.str.split("@", n=1, expand=True)
-    if split.shape[1] == 1:                               # no name has an '@'
-        split[1] = None
-    has_index = split[1].notna().to_numpy()
-    stack_names = np.where(has_index, split[1].to_numpy(dtype=object), names.to_numpy(dtype=object))
-    numbers = split[0].str.strip()
-    digits = numbers.str.isdigit().to_numpy(dtype=bool)
-    bad = has_index & ~digits
-    if bad.any():
-        row = int(np.nonzero(bad)[0][0])
-        raise CryocvError(f"{path}: bad rlnImageName {names.iloc[row]!r} on row {row + 1} (expected index@stack)")
-    indices = np.zeros(len(names), dtype=np.int64)
-    indices[has_index] = numbers[has_index].astype(np.int64).to_numpy() - 1
-    unique, inverse = np.unique(stack_names.astype(str), return_inverse=True)
-    resolved = np.array([resolve_image_path(name, path, datadir) for name in unique], dtype=object)
-    return indices, resolved[inverse.reshape(-1)]
-
-
 def _particles_from_blocks(blocks: dict, path: str, datadir) -> Particles:
     parts = _particle_table(blocks, path).reset_index(drop=True)
     optics = blocks.get("optics") if isinstance(blocks.get("optics"), pd.DataFrame) else None
@@ -145,7 +124,21 @@ def _particles_from_blocks(blocks: dict, path: str, datadir) -> Particles:
     get = _column_getter(parts, optics)
     pixel_size = _pixel_size(get, path)
 
-    indices, stack_paths = _image_locations(parts["rlnImageName"].astype(str), path, datadir)
+    names = parts["rlnImageName"].astype(str).to_numpy()
+    indices, stacks = np.empty(len(names), dtype=np.int64), []
+    resolved = {}
+    for i, name in enumerate(names):
+        if "@" in name:
+            idx, stack = name.split("@", 1)
+            if not idx.strip().isdigit():
+                raise CryocvError(f"{path}: bad rlnImageName {name!r} on row {i + 1} (expected index@stack)")
+            indices[i] = int(idx) - 1
+        else:
+            indices[i], stack = 0, name
+        if stack not in resolved:
+            resolved[stack] = resolve_image_path(stack, path, datadir)
+        stacks.append(resolved[stack])
+    stack_paths = np.array(stacks, dtype=object)
 
     sizes = get("rlnImageSize")
     cache = StackCache()

@@ -184,6 +184,10 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
 
 def _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask, register_halves):
     n, px = particles.box_size, particles.pixel_size_A
+    if params.join_halves_A is not None and params.join_halves_A <= 2 * px:
+        raise CryocvError(f"--join-halves-A {params.join_halves_A:g} Å is at or beyond Nyquist ({2 * px:.2f} Å): the "
+                          f"two half-references would be one map; give a resolution far coarser than the expected "
+                          f"one (RELION's default is 40 Å)")
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
     pose_symmetry = params.reconstruction_symmetry()        # C1 when relaxing: a change of mode is a change
