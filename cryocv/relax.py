@@ -171,5 +171,5 @@ def pose_change(particles, input_euler, input_origin_A, fulcrum, symmetry: str) 
     rotation = angular_distance_deg(refined, start)
     px = particles.pixel_size_A
     before = to_fulcrum_frame(start, input_origin_A / px, fulcrum)
-    after = to_fulcrum_frame(particles.rotations.astype(np.float32), particles.origin_A / px, fulcrum)
+    after = to_fulcrum_frame(refined, particles.origin_A / px, fulcrum)
     return rotation, np.linalg.norm(after - before, axis=1) * px

@@ -178,7 +178,7 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
     p.add_argument("--nu-max-window-fraction", dest="nu_max_window_fraction", type=float,
                    default=params_class.nu_max_window_fraction,
                    help="NU: the cross-validation window's radius never exceeds this fraction of the box "
-                        "(default: no cap; 0.125 helped a small protein in a 64 px box, bench/results/small_membrane_cpu.md)")
+                        "(default: no cap; 0.125 helped a small protein in a 64 px box, bench/results/small_membrane.md)")
     p.add_argument("--join-halves-A", dest="join_halves_A", type=float, default=params_class.join_halves_A,
                    help="the two half-references share their Fourier components at this resolution and coarser "
                         "(as RELION's --low_resol_join_halves; default: never)")
