@@ -25,6 +25,27 @@ def get_array_module(*arrays):
     return np
 
 
+_CONSTANTS: dict = {}
+_MAX_CONSTANTS = 256
+
+
+def device_constant(array, xp):
+    """A small read-only host array on ``xp``'s device, cached by value: the per-batch loops use
+    the same few constants (child offsets, shift grids) and a copy from host memory would wait
+    for everything queued on the device. Callers must not change it in place."""
+    array = np.ascontiguousarray(array)
+    if xp is np:
+        return array
+    key = (xp.cuda.Device().id, array.dtype.str, array.shape, array.tobytes())
+    found = _CONSTANTS.pop(key, None)
+    if found is None:
+        found = xp.asarray(array)
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.pop(next(iter(_CONSTANTS)))
+    _CONSTANTS[key] = found                   # most recently used last
+    return found
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
     if _cupy is None or os.environ.get("CRYOCV_NO_GPU"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .backend import get_array_module, to_device
+from .backend import device_constant, get_array_module
 from .geometry import axis_angle_to_matrix
 from .projector import DEFAULT_PADDING, frequency_points
 from .search import (Candidates, SearchLevel, SearchParams, _top_k, candidates_per_level, log_likelihood,
@@ -109,14 +109,14 @@ def to_fulcrum_frame(rotations, origin_px, fulcrum_px):
     """Origins (B, 2) of the particles in the frame of the reference translated by −``fulcrum_px``
     (x, y, z px): ``o − (R f)_xy``; ``rotations`` (B, 3, 3)."""
     xp = get_array_module(rotations)
-    f = xp.asarray(np.asarray(fulcrum_px, dtype=np.float32))
+    f = device_constant(np.asarray(fulcrum_px, dtype=np.float32), xp)
     return origin_px - xp.matmul(rotations, f)[:, :2]
 
 
 def from_fulcrum_frame(rotations, origin_fulcrum_px, fulcrum_px):
     """Inverse of :func:`to_fulcrum_frame`: ``o_f + (R f)_xy``."""
     xp = get_array_module(rotations)
-    f = xp.asarray(np.asarray(fulcrum_px, dtype=np.float32))
+    f = device_constant(np.asarray(fulcrum_px, dtype=np.float32), xp)
     return origin_fulcrum_px + xp.matmul(rotations, f)[:, :2]
 
 
@@ -136,7 +136,7 @@ def local_start(volume_ft, images_ft, ctf, noise_var_shell, level: SearchLevel, 
     centre_rotations, centre_shifts = centre if centre is not None else (prior.rotations, prior.shifts_px)
     rotations = xp.matmul(centre_rotations[:, None], offsets[None])                  # (B, K, 3, 3)
     extent = prior.shift_extent_px if window_px is None else min(window_px, prior.shift_extent_px)
-    grid = to_device(shift_grid(extent, level.shift_step_px), xp)                     # (T, 2)
+    grid = device_constant(shift_grid(extent, level.shift_step_px), xp)               # (T, 2)
     shifts = centre_shifts[:, None, :] + grid[None]                                  # (B, T, 2)
     scores = score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts, level.cutoff_px,
                          padding)                                                    # (B, T, K)

@@ -16,9 +16,11 @@ def shell_sums(values, points: FrequencyPoints):
     ((N//2+1,), (N//2+1,)) float64."""
     xp = get_array_module(values)
     n = points.box_size
-    shells = xp.broadcast_to(shell_index_2d(points.kx, points.ky, n // 2), values.shape).ravel()
-    sums = xp.bincount(shells, weights=values.ravel().astype(xp.float64), minlength=n // 2 + 1)
-    return sums, xp.bincount(shells, minlength=n // 2 + 1).astype(xp.float64)
+    shells = shell_index_2d(points.kx, points.ky, n // 2)
+    values = values.reshape(-1, values.shape[-1])
+    # images summed first: a bincount over B·M points into N/2 shells serializes on its atomics
+    sums = xp.bincount(shells, weights=values.sum(axis=0, dtype=xp.float64), minlength=n // 2 + 1)
+    return sums, xp.bincount(shells, minlength=n // 2 + 1).astype(xp.float64) * values.shape[0]
 
 
 def shell_mean(sums, counts):
@@ -38,7 +40,7 @@ def residual_power(volume_ft, rotations, points: FrequencyPoints, x, ctf, paddin
     """Per-shell sums of |X − α·C·P|² at the chosen poses (α: per-image least-squares scale),
     as :func:`shell_sums`. ``x`` (B, M) re-centred image values and ``ctf`` (B, M) at ``points``."""
     xp = get_array_module(volume_ft)
-    model = ctf * extract_slices(volume_ft, rotations, points, padding)                 # C·P (B, M)
+    model = ctf * extract_slices(volume_ft, rotations, points, padding, for_scores=True)  # C·P (B, M)
     cross = xp.sum(xp.real(x * xp.conj(model)), axis=1)
     power = xp.sum(model.real ** 2 + model.imag ** 2, axis=1)
     alpha = cross / xp.maximum(power, 1e-30)

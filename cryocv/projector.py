@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_array_module, is_cupy
+from .backend import get_array_module, is_cupy, to_device
 from .fourier import (ft3_centered_padded, half_plane_frequencies, ift3_centered_crop, phase_shift_images,
                       trilinear_gridding_profile, zero_beyond_radius)
 from .masks import spherical_mask
@@ -56,13 +56,22 @@ class FrequencyPoints:
 
 
 def frequency_points(box_size: int, r_max: float | None = None, xp=np) -> FrequencyPoints:
-    """Points of the half plane within radius ``r_max`` (default N/2, Nyquist)."""
-    if r_max is None:
-        r_max = box_size / 2
-    kx, ky = half_plane_frequencies(box_size, xp)
-    inside = (kx ** 2 + ky ** 2) <= r_max ** 2
-    flat = xp.nonzero(inside.ravel())[0]
-    return FrequencyPoints(box_size, float(r_max), kx.ravel()[flat], ky.ravel()[flat], flat)
+    """Points of the half plane within radius ``r_max`` (default N/2, Nyquist); read-only arrays,
+    made once per (box, radius, device) and then reused: the search asks for them per batch and
+    level, and on a GPU their making would wait for the device's queue."""
+    r_max = float(box_size / 2 if r_max is None else r_max)
+    key = (box_size, r_max, None if xp is np else xp.cuda.Device().id)
+    if key not in _POINTS:
+        kx, ky = half_plane_frequencies(box_size)
+        flat = np.nonzero(((kx ** 2 + ky ** 2) <= r_max ** 2).ravel())[0]
+        points = [to_device(a, xp) for a in (kx.ravel()[flat], ky.ravel()[flat], flat)]
+        if len(_POINTS) >= 64:
+            _POINTS.pop(next(iter(_POINTS)))
+        _POINTS[key] = FrequencyPoints(box_size, r_max, *points)
+    return _POINTS[key]
+
+
+_POINTS: dict = {}
 
 
 def prepare_volume(volume, padding: int = DEFAULT_PADDING):
@@ -114,11 +123,14 @@ def _trilinear_corners(qx, qy, qz, shape):
                 yield zy_flat + xi, wzy * wx
 
 
-def extract_slices(volume_ft, rotations, points: FrequencyPoints, padding: int = DEFAULT_PADDING):
-    """Central slices of ``volume_ft`` at ``rotations`` (B, 3, 3): → (B, M) complex64."""
+def extract_slices(volume_ft, rotations, points: FrequencyPoints, padding: int = DEFAULT_PADDING,
+                   for_scores: bool = False):
+    """Central slices of ``volume_ft`` at ``rotations`` (B, 3, 3): → (B, M) complex64.
+    ``for_scores``: on a GPU the texture units may sample them (:data:`cryocv.kernels.SAMPLING`;
+    values within ~0.2 %), for pose scores and noise estimates, never for maps or subtraction."""
     if is_cupy(volume_ft):
         from . import kernels
-        return kernels.extract_slices_gpu(volume_ft, rotations, points.kx, points.ky, padding)
+        return kernels.extract_slices_gpu(volume_ft, rotations, points.kx, points.ky, padding, texture=for_scores)
     rotations = np.asarray(rotations, dtype=np.float32)
     flat_volume = volume_ft.ravel()
     out = np.empty((rotations.shape[0], points.kx.size), dtype=np.complex64)
@@ -153,8 +165,11 @@ def insert_slices(data_ft, weight, rotations, points: FrequencyPoints, values, v
     sum_re = np.zeros(size)
     sum_im = np.zeros(size)
     sum_w = np.zeros(size)
-    for start in range(0, rotations.shape[0], _ROTATION_CHUNK):
-        stop = start + _ROTATION_CHUNK
+    # one bincount per component and chunk over all 8 corners of both passes; its output is the whole
+    # grid, so a chunk holds about as many corner entries as the grid has voxels
+    chunk = int(np.clip(size // (8 * max(points.kx.size, 1)), 1, _ROTATION_CHUNK))
+    for start in range(0, rotations.shape[0], chunk):
+        stop = start + chunk
         qx, qy, qz = _slice_coordinates(rotations[start:stop], points.kx, points.ky, padding)
         val = np.asarray(values[start:stop])
         wgt = np.broadcast_to(np.asarray(value_weights[start:stop], dtype=np.float32), qx.shape)
@@ -163,12 +178,12 @@ def insert_slices(data_ft, weight, rotations, points: FrequencyPoints, values, v
         val = np.where(mate, np.conj(val), val)
         near = qx < 1  # the mate at -q also reaches the x = 0 plane
         passes = [(qx, qy, qz, val, wgt), (-qx[near], -qy[near], -qz[near], np.conj(val[near]), wgt[near])]
-        for px, py, pz, pv, pw in passes:
-            for flat, w in _trilinear_corners(px, py, pz, data_ft.shape):
-                idx = flat.ravel()
-                sum_re += np.bincount(idx, weights=(w * pv.real).ravel(), minlength=size)
-                sum_im += np.bincount(idx, weights=(w * pv.imag).ravel(), minlength=size)
-                sum_w += np.bincount(idx, weights=(w * pw).ravel(), minlength=size)
+        corners = [(flat.ravel(), w.ravel(), pv.ravel(), pw.ravel()) for px, py, pz, pv, pw in passes
+                   for flat, w in _trilinear_corners(px, py, pz, data_ft.shape)]
+        idx = np.concatenate([c[0] for c in corners])
+        sum_re += np.bincount(idx, weights=np.concatenate([w * v.real for _, w, v, _ in corners]), minlength=size)
+        sum_im += np.bincount(idx, weights=np.concatenate([w * v.imag for _, w, v, _ in corners]), minlength=size)
+        sum_w += np.bincount(idx, weights=np.concatenate([w * vw for _, w, _, vw in corners]), minlength=size)
     data_ft += (sum_re + 1j * sum_im).reshape(data_ft.shape).astype(data_ft.dtype)
     weight += sum_w.reshape(weight.shape).astype(weight.dtype)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_array_module, is_cupy, to_device
+from .backend import device_constant, get_array_module, is_cupy, to_device
 from .fourier import phase_factors, shell_index_2d
 from .geometry import axis_angle_to_matrix, euler_to_matrix, so3_grid
 from .projector import DEFAULT_PADDING, FrequencyPoints, extract_slices, frequency_points
@@ -121,14 +121,14 @@ def rotation_children(rotations, step_rad: float):
     ``rotations`` (..., 3, 3) → (..., 8, 3, 3), same array module.
     """
     xp = get_array_module(rotations)
-    deltas = to_device(axis_angle_to_matrix(_CHILD_SIGNS * (step_rad / 4)).astype(np.float32), xp)
+    deltas = device_constant(axis_angle_to_matrix(_CHILD_SIGNS * (step_rad / 4)).astype(np.float32), xp)
     return xp.matmul(deltas, rotations[..., None, :, :])
 
 
 def shift_children(shifts, step_px: float):
     """4 children of each shift cell: ``t + {±step/4}²``; (..., 2) → (..., 4, 2)."""
     xp = get_array_module(shifts)
-    return shifts[..., None, :] + xp.asarray(_SHIFT_SIGNS * (step_px / 4))
+    return shifts[..., None, :] + device_constant(_SHIFT_SIGNS * np.float32(step_px / 4), xp)
 
 
 def point_weights(points: FrequencyPoints, noise_var_shell):
@@ -240,20 +240,20 @@ def score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts_px
         if 0 < t <= kernels.POSE_SCORE_MAX_SHIFTS:
             return kernels.score_poses_gpu(volume_ft, rotations, shifts_px, points.kx, points.ky, terms.data,
                                            terms.ctf2, padding, n)
-    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding)
+    slices = extract_slices(volume_ft, rotations.reshape(-1, 3, 3), points, padding, for_scores=fused)
     slices = slices.reshape(b, 1, r, -1)                                                # (B, 1, R, M)
     return score_children(terms, slices, shift_phases(points, shifts_px)[:, None])[:, 0]
 
 
 def _top_k(scores, k: int):
     """Indices (B, k) of the k largest entries of each row of (B, L), best first (float32 on a GPU:
-    :func:`cryocv.kernels.top_k_gpu`, ties to the lower index)."""
+    :func:`cryocv.top_k_kernel.top_k_gpu`, ties to the lower index)."""
     xp = get_array_module(scores)
     k = min(k, scores.shape[1])
     if xp is not np and 0 < k and scores.dtype == xp.float32:
-        from . import kernels
-        if scores.shape[1] <= kernels.TOP_K_MAX_LENGTH:
-            return kernels.top_k_gpu(scores, k)
+        from . import top_k_kernel
+        if scores.shape[1] <= top_k_kernel.TOP_K_MAX_LENGTH:
+            return top_k_kernel.top_k_gpu(scores, k)
     if k < scores.shape[1]:
         idx = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
     else:

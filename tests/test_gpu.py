@@ -15,6 +15,13 @@ from .conftest import blob_volume, needs_gpu
 pytestmark = needs_gpu
 
 
+@pytest.fixture
+def memory_sampling(monkeypatch):
+    """The search samples the reference in software (the exact twin of the CPU's arithmetic)."""
+    from cryocv import kernels
+    monkeypatch.setattr(kernels, "SAMPLING", "memory")
+
+
 @pytest.mark.parametrize("n", [32, 33, 64])
 def test_extract_kernel_matches_numpy(n):
     import cupy as cp
@@ -23,6 +30,24 @@ def test_extract_kernel_matches_numpy(n):
     cpu = extract_slices(prepare_volume(vol), rot, frequency_points(n))
     gpu = extract_slices(prepare_volume(cp.asarray(vol)), cp.asarray(rot), frequency_points(n, xp=cp))
     np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-4, atol=1e-4 * np.abs(cpu).max())
+
+
+@pytest.mark.parametrize("n", [32, 33, 64])
+def test_texture_extraction_matches_numpy(n):
+    """Slices for scores (``for_scores``: the texture units' trilinear filter) agree with numpy's
+    to 0.5 % of the largest value; without ``for_scores`` they are the exact twin."""
+    import cupy as cp
+    from cryocv import kernels
+    vol = blob_volume(n, seed=2)
+    rot = random_rotations(40, np.random.default_rng(1)).astype(np.float32)
+    cpu = extract_slices(prepare_volume(vol), rot, frequency_points(n))
+    volume = prepare_volume(cp.asarray(vol))
+    textured = to_numpy(extract_slices(volume, cp.asarray(rot), frequency_points(n, xp=cp), for_scores=True))
+    exact = to_numpy(extract_slices(volume, cp.asarray(rot), frequency_points(n, xp=cp)))
+    np.testing.assert_allclose(textured, cpu, atol=5e-3 * np.abs(cpu).max())
+    np.testing.assert_allclose(exact, cpu, rtol=1e-4, atol=1e-4 * np.abs(cpu).max())
+    assert kernels.SAMPLING == "memory" or np.abs(textured - exact).max() > 0      # the texture path ran
+    kernels.release_texture()
 
 
 @pytest.mark.parametrize("n", [32, 33])
@@ -42,7 +67,7 @@ def test_insert_kernel_matches_numpy(n):
 
 
 @pytest.mark.parametrize("n", [32, 33, 64])
-def test_fused_subdivision_scores_match_numpy(n):
+def test_fused_subdivision_scores_match_numpy(n, memory_sampling):
     """The fused kernel (slices sampled and scored in one pass) gives numpy's extract-then-score
     children scores, with CTF and whitening, at a cutoff below Nyquist and at Nyquist."""
     import cupy as cp
@@ -70,12 +95,47 @@ def test_fused_subdivision_scores_match_numpy(n):
         np.testing.assert_allclose(fused_gpu, unfused_gpu, rtol=2e-4, atol=2e-4 * np.abs(cpu).max())
 
 
-@pytest.mark.parametrize("n_shifts", [1, 13, 16, 30])
-def test_fused_pose_scores_match_numpy(n_shifts):
-    """score_poses (per-image rotations × shifts, e.g. a narrowed local start) on the GPU — fused up
-    to 16 shifts, extract-then-score beyond — gives numpy's scores, rotations not a multiple of 4."""
+@pytest.mark.parametrize("n", [32, 33, 64])
+def test_texture_sampled_scores_match_numpy(n):
+    """The fused scores with the reference sampled by the texture units' trilinear filter (8-bit
+    weights) give numpy's extract-then-score children scores to 0.5 % of the largest; a second
+    volume gets a texture of its own (the cached one is not reused)."""
     import cupy as cp
+    from cryocv import kernels
+    from cryocv.search import image_terms, point_weights, rotation_children, shift_children, subdivision_scores
+    rng = np.random.default_rng(5)
+    b, k = 6, 5
+    parents = random_rotations(b * k, rng).astype(np.float32).reshape(b, k, 3, 3)
+    shifts = rng.normal(0, 2, (b, k, 2)).astype(np.float32)
+    images = (rng.normal(size=(b, n, n // 2 + 1)) + 1j * rng.normal(size=(b, n, n // 2 + 1))).astype(np.complex64)
+    ctf = rng.uniform(-1, 1, (b, n, n // 2 + 1)).astype(np.float32)
+    noise = rng.uniform(0.5, 2, n // 2 + 1).astype(np.float32)
+    for seed in (6, 7):
+        vol = blob_volume(n, seed=seed)
+        for cutoff in (n / 5, n / 2):
+            points_cpu, points_gpu = frequency_points(n, cutoff), frequency_points(n, cutoff, cp)
+            cpu = subdivision_scores(prepare_volume(vol), image_terms(images, ctf, points_cpu, point_weights(points_cpu, noise)),
+                                     points_cpu, rotation_children(parents, np.radians(3.0)),
+                                     shift_children(shifts, 0.5), fused=False)
+            terms = image_terms(cp.asarray(images), cp.asarray(ctf), points_gpu, point_weights(points_gpu, cp.asarray(noise)))
+            rot = rotation_children(cp.asarray(parents), np.radians(3.0)).reshape(b, k, 8, 3, 3)
+            gpu = to_numpy(kernels.score_groups_gpu(prepare_volume(cp.asarray(vol)), rot,
+                                                    shift_children(cp.asarray(shifts), 0.5), points_gpu.kx,
+                                                    points_gpu.ky, terms.data, terms.ctf2, 2, n, sampling="texture"))
+            np.testing.assert_allclose(gpu, cpu, atol=5e-3 * np.abs(cpu).max())
+    kernels.release_texture()
+
+
+@pytest.mark.parametrize("sampling", ["memory", "texture"])
+@pytest.mark.parametrize("n_shifts", [1, 13, 16, 30])
+def test_fused_pose_scores_match_numpy(n_shifts, sampling, monkeypatch):
+    """score_poses (per-image rotations × shifts, e.g. a narrowed local start) on the GPU — fused up
+    to 16 shifts, extract-then-score beyond — gives numpy's scores, rotations not a multiple of 4
+    (to float rounding sampling memory, to 0.5 % of the largest score through the texture units)."""
+    import cupy as cp
+    from cryocv import kernels
     from cryocv.search import score_poses
+    monkeypatch.setattr(kernels, "SAMPLING", sampling)
     n, b, r = 40, 3, 33
     rng = np.random.default_rng(8)
     vol = blob_volume(n, seed=9)
@@ -88,7 +148,11 @@ def test_fused_pose_scores_match_numpy(n_shifts):
     gpu = to_numpy(score_poses(prepare_volume(cp.asarray(vol)), cp.asarray(images), cp.asarray(ctf),
                                cp.asarray(noise), cp.asarray(rotations), cp.asarray(shifts), 13.0))
     assert cpu.shape == gpu.shape == (b, n_shifts, r)
-    np.testing.assert_allclose(gpu, cpu, rtol=2e-4, atol=2e-4 * np.abs(cpu).max())
+    if sampling == "memory":
+        np.testing.assert_allclose(gpu, cpu, rtol=2e-4, atol=2e-4 * np.abs(cpu).max())
+    else:
+        np.testing.assert_allclose(gpu, cpu, atol=5e-3 * np.abs(cpu).max())
+    kernels.release_texture()
 
 
 def test_reconstruction_gpu_equals_cpu():
@@ -203,10 +267,10 @@ def test_subtract_job_on_gpu_writes_what_the_cpu_writes(tmp_path):
 
 @pytest.mark.parametrize("shape", [(300, 4608, 32), (257, 256, 16), (64, 33, 32), (5, 7, 3), (3, 12000, 8)])
 def test_top_k_kernel_matches_numpy(shape):
-    """kernels.top_k_gpu picks the same indices as numpy's argpartition + argsort (distinct values),
+    """top_k_kernel.top_k_gpu picks the same indices as numpy's argpartition + argsort (distinct values),
     best first; with −∞ and NaN in the rows it picks the same values, ties to the lower index."""
     import cupy as cp
-    from cryocv.kernels import top_k_gpu
+    from cryocv.top_k_kernel import top_k_gpu
     from cryocv.search import _top_k
     b, length, k = shape
     rng = np.random.default_rng(length)
@@ -354,7 +418,7 @@ def test_relaxed_poses_on_gpu_match_numpy():
     assert np.median(angular_distance_deg(out[1][0], out[0][0])) < 0.1
 
 
-def test_mode_spread_on_gpu_matches_numpy():
+def test_mode_spread_on_gpu_matches_numpy(memory_sampling):
     """cryocv.relax.mode_spread (marginalization inside the chosen mode) gives the same weighted
     poses on both devices."""
     import cupy as cp

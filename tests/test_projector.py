@@ -149,3 +149,21 @@ def test_slab_shell_helpers_match_full_grid_formulas(xp):
     zero_beyond_radius(ft, p / 2, slab_elements=300)
     kept = to_numpy(radius) <= p / 2
     assert np.array_equal(to_numpy(ft)[kept], to_numpy(values)[kept]) and not to_numpy(ft)[~kept].any()
+
+
+def test_frequency_points_are_made_once_and_hold_the_disc(xp):
+    """frequency_points is cached per (box, radius, device): the same object again, holding exactly
+    the half-plane points within the radius; device constants are cached by value."""
+    from cryocv.backend import device_constant
+    from cryocv.fourier import half_plane_frequencies
+    points = frequency_points(20, 6.5, xp)
+    assert frequency_points(20, 6.5, xp) is points and frequency_points(20, 7.0, xp) is not points
+    kx, ky = half_plane_frequencies(20)
+    inside = (kx ** 2 + ky ** 2 <= 6.5 ** 2).ravel()
+    np.testing.assert_array_equal(to_numpy(points.flat_index), np.nonzero(inside)[0])
+    np.testing.assert_array_equal(to_numpy(points.kx), kx.ravel()[inside])
+    np.testing.assert_array_equal(to_numpy(points.ky), ky.ravel()[inside])
+    offsets = np.arange(6, dtype=np.float32).reshape(3, 2)
+    constant = device_constant(offsets, xp)
+    np.testing.assert_array_equal(to_numpy(constant), offsets)
+    assert (device_constant(offsets.copy(), xp) is constant) == (xp is not np)
