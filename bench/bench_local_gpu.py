@@ -34,6 +34,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=50000)
     parser.add_argument("--snr", type=float, default=0.05)
     parser.add_argument("--max-iterations", type=int, default=3)
+    parser.add_argument("--tag", default="", help="appended to the job's folder name (runs side by side)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True)
     parser.add_argument("--local-args", default="", help="extra `cryocv local-refine` options, quoted")
@@ -60,7 +61,8 @@ def main(argv=None):
     mask_path = os.path.join(args.out, "mask.mrc")
     write_map(mask_path, threshold_mask(volume, 0.1 * float(volume.max()), 3.0, 6.0).astype(np.float32), px)
     halves = [os.path.join(args.out, "consensus", f"half_map_{h}.mrc") for h in (1, 2)]
-    job = os.path.join(args.out, "local_" + ("_".join(shlex.split(args.local_args)).replace("-", "") or "default"))
+    job = os.path.join(args.out, "local_" + ("_".join(shlex.split(args.local_args)).replace("-", "") or "default")
+                       + args.tag)
     t0 = time.time()
     cli = build_parser().parse_args(["local-refine", "--max-iterations", str(args.max_iterations)]
                                     + shlex.split(args.local_args))

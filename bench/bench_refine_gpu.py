@@ -42,6 +42,8 @@ def main(argv=None):
     parser.add_argument("--warmup", action="store_true",
                         help="first run a short job on 2000 of the particles (compiles the GPU kernels, as any "
                              "earlier job on the machine would have), then time the job")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: from memory)")
+    parser.add_argument("--tag", default="", help="appended to the job's folder name (runs side by side)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True)
     parser.add_argument("--truth-sym", default=None,
@@ -86,10 +88,9 @@ def main(argv=None):
     t0 = time.time()
     params = RefineParams(regularizer=args.regularizer, symmetry=args.sym, max_iterations=args.max_iterations,
                           base_step_deg=args.base_step_deg, n_candidates=args.candidates,
-                          n_base_candidates=args.base_candidates)
-    job = os.path.join(args.out, f"refine_base{args.base_step_deg:g}_b{args.base_candidates}_c{args.candidates}")
-    report = run_refine(sim_star, args.map, job,
-                        params, device="auto", progress=False)
+                          n_base_candidates=args.base_candidates, batch_size=args.batch_size)
+    job = os.path.join(args.out, f"refine_base{args.base_step_deg:g}_b{args.base_candidates}_c{args.candidates}{args.tag}")
+    report = run_refine(sim_star, args.map, job, params, device="auto", progress=False, overwrite=True)
     refine_s = time.time() - t0
     peak_bytes = int(xp.get_default_memory_pool().total_bytes()) if xp is not np else 0
     truth_p = load_particles(os.path.join(args.out, "sim", "particles.star"))

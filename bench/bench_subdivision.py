@@ -3,7 +3,8 @@
 ``search.score_children``), at the level sizes a box-128 / box-256 search uses: seconds per call,
 trilinear samples per second, and how often the best child differs (float rounding only).
 ``--poses``: the same for ``search.score_poses`` (per-image rotations × at most 16 shifts, a
-narrowed local start), fused in groups of 4 rotations against extract-then-score.
+narrowed local start), fused in groups of 4 rotations against extract-then-score. Each also with
+the reference sampled by the texture units (``kernels.SAMPLING = "texture"``).
 
     python bench/bench_subdivision.py --out bench/results/subdivision_gpu.json
 """
@@ -48,6 +49,16 @@ def timed(fn, repeats: int = 3) -> tuple:
     return out, (time.perf_counter() - start) / repeats
 
 
+def with_sampling(sampling: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the fused scores sampling the reference by ``sampling``."""
+    from cryocv import kernels
+    saved, kernels.SAMPLING = kernels.SAMPLING, sampling
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        kernels.SAMPLING = saved
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
@@ -71,16 +82,23 @@ def main():
         images = ctf = None
         fused, t_fused = timed(lambda: subdivision_scores(volume, terms, points, rot, sh, fused=True))
         plain, t_plain = timed(lambda: subdivision_scores(volume, terms, points, rot, sh, fused=False))
+        textured, t_texture = timed(lambda: with_sampling("texture", subdivision_scores, volume, terms, points,
+                                                          rot, sh, fused=True))
         best_f = cp.argmax(fused.reshape(b, -1), axis=1)
         best_p = cp.argmax(plain.reshape(b, -1), axis=1)
+        best_t = cp.argmax(textured.reshape(b, -1), axis=1)
         samples = b * k * 8 * points.kx.size
         rows.append({"box": n, "cutoff_px": cutoff, "images": b, "candidates": k, "points": int(points.kx.size),
                      "fused_s": round(t_fused, 4), "extract_then_score_s": round(t_plain, 4),
-                     "speedup": round(t_plain / t_fused, 2),
+                     "texture_s": round(t_texture, 4),
+                     "speedup": round(t_plain / t_fused, 2), "texture_speedup_vs_fused": round(t_fused / t_texture, 2),
                      "fused_G_samples_per_s": round(samples / t_fused / 1e9, 2),
+                     "texture_G_samples_per_s": round(samples / t_texture / 1e9, 2),
                      "extract_then_score_G_samples_per_s": round(samples / t_plain / 1e9, 2),
                      "max_rel_difference": float(cp.abs(fused - plain).max() / cp.abs(plain).max()),
-                     "best_child_differs_fraction": float(cp.mean(best_f != best_p))})
+                     "texture_max_rel_difference": float(cp.abs(textured - plain).max() / cp.abs(plain).max()),
+                     "best_child_differs_fraction": float(cp.mean(best_f != best_p)),
+                     "texture_best_child_differs_fraction": float(cp.mean(best_t != best_p))})
         print(json.dumps(rows[-1]), flush=True)
         volume = terms = rot = sh = fused = plain = None
         cp.get_default_memory_pool().free_all_blocks()
@@ -103,13 +121,19 @@ def poses(out_path: str):
         sh = cp.asarray(rng.normal(0, 2, (b, t, 2)).astype(np.float32))
         fused, t_fused = timed(lambda: score_poses(volume, images, ctf, noise, rot, sh, cutoff, fused=True))
         plain, t_plain = timed(lambda: score_poses(volume, images, ctf, noise, rot, sh, cutoff, fused=False))
+        textured, t_texture = timed(lambda: with_sampling("texture", score_poses, volume, images, ctf, noise, rot,
+                                                          sh, cutoff, fused=True))
         best_f = cp.argmax(fused.reshape(b, -1), axis=1)
         best_p = cp.argmax(plain.reshape(b, -1), axis=1)
+        best_t = cp.argmax(textured.reshape(b, -1), axis=1)
         rows.append({"box": n, "cutoff_px": cutoff, "images": b, "rotations": r, "shifts": t,
                      "fused_s": round(t_fused, 4), "extract_then_score_s": round(t_plain, 4),
-                     "speedup": round(t_plain / t_fused, 2),
+                     "texture_s": round(t_texture, 4),
+                     "speedup": round(t_plain / t_fused, 2), "texture_speedup_vs_fused": round(t_fused / t_texture, 2),
                      "max_rel_difference": float(cp.abs(fused - plain).max() / cp.abs(plain).max()),
-                     "best_pose_differs_fraction": float(cp.mean(best_f != best_p))})
+                     "texture_max_rel_difference": float(cp.abs(textured - plain).max() / cp.abs(plain).max()),
+                     "best_pose_differs_fraction": float(cp.mean(best_f != best_p)),
+                     "texture_best_pose_differs_fraction": float(cp.mean(best_t != best_p))})
         print(json.dumps(rows[-1]), flush=True)
         volume = images = ctf = fused = plain = None
         cp.get_default_memory_pool().free_all_blocks()

@@ -1,6 +1,6 @@
 """Top-k selection per row on the GPU at the shapes the branch-and-bound search uses: the search's
 former ``_top_k`` (CuPy's argpartition, which sorts whole rows with Thrust, then a sort of the k
-kept), one full row sort (argsort), and the fused kernel ``kernels.top_k_gpu`` that ``_top_k``
+kept), one full row sort (argsort), and the fused kernel ``top_k_kernel.top_k_gpu`` that ``_top_k``
 now uses (issue 12/17: a device profile of local refinement put most of the search's host time
 in CuPy's argpartition).
 
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from cryocv.kernels import top_k_gpu  # noqa: E402
+from cryocv.top_k_kernel import top_k_gpu  # noqa: E402
 
 SHAPES = [(4096, 4608, 32), (4096, 256, 32), (4096, 256, 16), (4096, 128, 8), (4096, 64, 4), (4096, 33, 32),
           (1024, 256, 32)]
