@@ -84,6 +84,27 @@ def to_device(array, xp):
     return xp.asarray(array)
 
 
+def empty_pinned(shape, dtype, xp):
+    """An uninitialized numpy array in page-locked host memory when ``xp`` is CuPy (copies from it
+    to the device run asynchronously, without CuPy's staging copy), plain numpy otherwise."""
+    if xp is np:
+        return np.empty(shape, dtype=dtype)
+    import cupyx  # noqa: PLC0415 - only with CuPy
+    return cupyx.empty_pinned(shape, dtype=dtype)
+
+
+def upload_async(host: np.ndarray, xp):
+    """``host`` copied to ``xp``'s device, queued on the current stream → (device array, event
+    recorded after the copy, or None on the CPU). From page-locked memory (:func:`empty_pinned`)
+    the call returns at once: ``host`` must stay unchanged until the event has completed."""
+    if xp is np:
+        return host, None
+    device = xp.empty(host.shape, dtype=host.dtype)
+    stream = xp.cuda.get_current_stream()
+    device.set(host, stream=stream)
+    return device, stream.record()
+
+
 def to_numpy(array):
     """Return ``array`` as a numpy array (copies from the GPU when needed)."""
     if _cupy is not None and isinstance(array, _cupy.ndarray):

@@ -77,8 +77,11 @@ def evaluate_ctf(params_matrix, kx_per_A, ky_per_A):
 
 def ctf_half_plane(params_matrix, box_size: int, pixel_size_A: float):
     """CTFs on the centered half-plane grid of :func:`cryocv.fourier.ft2_centered`:
-    (n, 9) → (n, N, N//2+1) float32."""
+    (n, 9) → (n, N, N//2+1) float32. On the GPU one kernel (:mod:`cryocv.ctf_kernel`)."""
     xp = get_array_module(params_matrix)
+    if xp is not np:
+        from .ctf_kernel import ctf_half_plane_gpu
+        return ctf_half_plane_gpu(params_matrix, box_size, pixel_size_A)
     kx, ky = half_plane_frequencies(box_size, xp)
     scale = 1.0 / (box_size * pixel_size_A)
     return evaluate_ctf(params_matrix, kx * scale, ky * scale)

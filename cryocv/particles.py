@@ -100,11 +100,16 @@ class Particles:
                 raise CryocvError(f"{self.source} asks for image {bad + 1} of {path}, "
                                   f"which holds images 1–{stack.shape[0]}")
 
-    def read_images(self, index=None, check_finite: bool = True) -> np.ndarray:
-        """Images (k, N, N) float32 for ``index`` (default all), in that order. Large requests are
-        read in parts by a few threads at once (positioned reads and numpy release the GIL)."""
+    def read_images(self, index=None, check_finite: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        """Images (k, N, N) float32 for ``index`` (default all), in that order, into ``out`` when
+        given (k, N, N) float32 C-contiguous. Large requests are read in parts by a few threads at
+        once (positioned reads and numpy release the GIL)."""
         positions = np.arange(len(self)) if index is None else np.arange(len(self))[index]
-        out = np.empty((len(positions), self.box_size, self.box_size), dtype=np.float32)
+        shape = (len(positions), self.box_size, self.box_size)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"read_images: out must be C-contiguous float32 {shape}, not {out.dtype} {out.shape}")
         part = max(1, READ_PART_BYTES // max(out[:1].nbytes, 1))
         starts = range(0, len(positions), part)
         if len(starts) > 1:

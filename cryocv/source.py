@@ -5,7 +5,9 @@ A :class:`ParticleSource` hands out :class:`Batch` es of one half-set: raw
 device of ``xp``. Image FTs are cached on the device when they fit the given
 budget, else read from the stacks for every batch (streamed); :meth:`ParticleSource.prefetch`
 reads the next batch's images in a background thread while the device works on this one, and
-the host holds no more than those two batches of images. ``shard``
+the host holds no more than those two batches of images. On the GPU they are read into two
+page-locked buffers in turn, so their copy to the device needs no staging copy on the host and
+does not hold up the thread that queues the device's work. ``shard``
 ``(rank, n_ranks)`` restricts the source to a balanced share of each half-set,
 so that several processes can split the particles between them.
 """
@@ -20,7 +22,7 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
-from .backend import free_device_memory, to_device
+from .backend import empty_pinned, free_device_memory, to_device, upload_async
 from .ctf import ctf_half_plane
 from .fourier import ft2_centered, phase_shift_images
 from .geometry import euler_to_matrix
@@ -68,7 +70,8 @@ class ParticleSource:
                       if 0 < self.ft_bytes <= cache_budget_bytes else None)
         self.filled = np.zeros(len(particles), dtype=bool)
         self._reader = None      # one background thread reading images ahead
-        self._pending = None     # (index, future) of the read under way
+        self._pending = None     # (index, future, pinned slot or None) of the read under way
+        self._pinned = _PinnedSlots(xp, (n, n)) if xp is not np else None
         self._ctf_matrix = particles.ctf.as_matrix() if particles.ctf is not None else None
 
     @property
@@ -100,44 +103,96 @@ class ParticleSource:
         if self._reader is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="cryocv-read")
         self._take_pending(None)
-        self._pending = (unread.copy(), self._reader.submit(self.particles.read_images, unread))
+        slot, out = self._pinned.claim(unread.size) if self._pinned is not None else (None, None)
+        self._pending = (unread.copy(), self._reader.submit(self.particles.read_images, unread, out=out), slot)
 
     def _take_pending(self, index):
-        """The prefetched images if they are those of ``index``; otherwise wait for the read under
-        way (it may raise) and return None. Reads never run two at a time."""
+        """(images, pinned slot) prefetched if they are those of ``index``; otherwise wait for the
+        read under way (it may raise) and return None. Reads never run two at a time."""
         if self._pending is None:
             return None
-        pending_index, future = self._pending
+        pending_index, future, slot = self._pending
         self._pending = None
         images = future.result()
-        return images if index is not None and np.array_equal(pending_index, index) else None
+        return (images, slot) if index is not None and np.array_equal(pending_index, index) else None
 
-    def _read(self, index: np.ndarray):
-        images = self._take_pending(index)
-        return self.particles.read_images(index) if images is None else images
+    def _device_images(self, index: np.ndarray):
+        """Images (B, N, N) float32 of ``index`` on the device, the prefetched ones if they are these."""
+        pending = self._take_pending(index)
+        if pending is None:
+            return to_device(self.particles.read_images(index), self.xp)
+        images, slot = pending
+        if slot is None:
+            return to_device(images, self.xp)
+        return self._pinned.upload(slot, images)
 
     def images_ft(self, index: np.ndarray):
         """Raw half-plane FTs (B, N, N//2+1) complex64 of particles ``index``, from the cache
         when there is one (filled on first use)."""
         xp = self.xp
         if self.cache is None:
-            return ft2_centered(to_device(self._read(index), xp)).astype(xp.complex64)
+            return ft2_centered(self._device_images(index)).astype(xp.complex64, copy=False)
         missing = self._unread(index)
         if missing.size:
-            self.cache[to_device(missing, xp)] = ft2_centered(to_device(self._read(missing), xp)).astype(xp.complex64)
+            self.cache[to_device(missing, xp)] = ft2_centered(self._device_images(missing)).astype(xp.complex64,
+                                                                                                   copy=False)
             self.filled[missing] = True
+            if self._pinned is not None and self.filled.all():     # every image on the device: no more reads
+                self._pinned.release()
         return self.cache[to_device(index, xp)]
 
     def load(self, index: np.ndarray, half: int = 0, images: bool = True) -> Batch:
         """The :class:`Batch` of particles ``index`` (all of half-set ``half``); ``images=False``
         gives metadata only (CTF, poses, origins)."""
         xp, p = self.xp, self.particles
+        columns = [p.origin_px[index]]                       # one copy to the device: origins, poses, CTF
+        if p.has_alignment:
+            columns.append(euler_to_matrix(p.euler_deg[index]).reshape(-1, 9))
+        if self._ctf_matrix is not None:
+            columns.append(self._ctf_matrix[index])
+        metadata = to_device(np.concatenate(columns, axis=1).astype(np.float64, copy=False), xp)
+        rotations = metadata[:, 2:11].astype(xp.float32).reshape(-1, 3, 3) if p.has_alignment else None
         ctf = (None if self._ctf_matrix is None
-               else ctf_half_plane(to_device(self._ctf_matrix[index], xp), p.box_size, p.pixel_size_A))
-        rotations = (to_device(euler_to_matrix(p.euler_deg[index]).astype(np.float32), xp) if p.has_alignment
-                     else None)
+               else ctf_half_plane(xp.ascontiguousarray(metadata[:, -9:]), p.box_size, p.pixel_size_A))
         return Batch(index=index, half=half, images_ft=self.images_ft(index) if images else None, ctf=ctf,
-                     rotations=rotations, origin_px=to_device(p.origin_px[index].astype(np.float32), xp))
+                     rotations=rotations, origin_px=metadata[:, :2].astype(xp.float32))
+
+
+class _PinnedSlots:
+    """Two page-locked host buffers of images that the reader fills in turn (GPU only). Each
+    upload from a buffer records an event; the buffer is handed out again only once that copy
+    has completed. Buffers grow to the largest batch asked for."""
+
+    def __init__(self, xp, image_shape: tuple):
+        self.xp, self.image_shape = xp, image_shape
+        self.buffers = [None, None]
+        self.copied = [None, None]      # event after the last upload from each buffer
+        self.turn = 0
+
+    def claim(self, count: int):
+        """(slot, view (count, N, N) float32) of the next buffer, free to be written."""
+        slot, self.turn = self.turn, 1 - self.turn
+        self._wait(slot)
+        if self.buffers[slot] is None or self.buffers[slot].shape[0] < count:
+            self.buffers[slot] = None
+            self.buffers[slot] = empty_pinned((count,) + self.image_shape, np.float32, self.xp)
+        return slot, self.buffers[slot][:count]
+
+    def upload(self, slot: int, images: np.ndarray):
+        """``images`` (a view of buffer ``slot``) copied to the device (queued; returns at once)."""
+        device, self.copied[slot] = upload_async(images, self.xp)
+        return device
+
+    def _wait(self, slot: int):
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+            self.copied[slot] = None
+
+    def release(self):
+        """Drop both buffers once their copies have completed."""
+        for slot in (0, 1):
+            self._wait(slot)
+        self.buffers = [None, None]
 
 
 def for_each_batch(source: ParticleSource, batch_size: int, work: Callable, done: Callable, progress: bool = True,

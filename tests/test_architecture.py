@@ -14,7 +14,7 @@ CORE = os.path.join(ROOT, "cryocv")
 # a module may import modules of its own layer or of layers before it
 LAYERS = [
     {"errors", "backend", "bibtex"},
-    {"fourier", "geometry", "symmetry", "ctf", "masks", "kernels", "top_k_kernel", "projector", "fsc", "models"},
+    {"fourier", "geometry", "symmetry", "ctf", "masks", "kernels", "top_k_kernel", "ctf_kernel", "projector", "fsc", "models"},
     {"io.mrc", "particles", "io.star", "io.cs", "io.particle_files"},
     {"source", "subtraction", "noise", "search", "local_search", "accumulate", "em_pass", "nonuniform", "regularize",
      "reconstruct", "simulate", "plotting", "plot_worker", "register", "sgd", "relax"},

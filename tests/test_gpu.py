@@ -481,3 +481,24 @@ def test_nu_filter_on_gpu_matches_numpy():
     (filtered_cpu, cutoff_cpu), (filtered_gpu, cutoff_gpu) = out
     np.testing.assert_allclose(filtered_gpu, filtered_cpu, atol=1e-3 * np.abs(filtered_cpu).max())
     assert np.mean(np.abs(cutoff_gpu - cutoff_cpu) < 1e-3) > 0.99       # ties may break either way
+
+
+@pytest.mark.parametrize("box_size, pixel_size_A", [(128, 1.2), (65, 2.1)])
+def test_ctf_kernel_matches_numpy(box_size, pixel_size_A):
+    """ctf_kernel.ctf_half_plane_gpu (one kernel) against evaluate_ctf's array expression on the CPU:
+    astigmatic, phase-plate, B-factor and scaled CTFs agree to float32 rounding."""
+    import cupy as cp
+    from cryocv.ctf import CTFParams, ctf_half_plane
+    from cryocv.ctf_kernel import ctf_half_plane_gpu
+    rng = np.random.default_rng(box_size)
+    b = 37
+    params = CTFParams(defocus_u_A=rng.uniform(5e3, 3e4, b), defocus_v_A=rng.uniform(5e3, 3e4, b),
+                       defocus_angle_deg=rng.uniform(-180, 180, b), voltage_kV=rng.choice([200.0, 300.0], b),
+                       cs_mm=rng.uniform(0, 2.7, b), amplitude_contrast=rng.uniform(0.0, 0.2, b),
+                       phase_shift_deg=rng.uniform(0, 90, b), bfactor_A2=rng.uniform(-50, 100, b),
+                       scale=rng.uniform(0.5, 1.0, b)).as_matrix()
+    expected = ctf_half_plane(params, box_size, pixel_size_A)
+    got = ctf_half_plane_gpu(cp.asarray(params), box_size, pixel_size_A)
+    assert got.dtype == cp.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(to_numpy(got), expected, rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(to_numpy(ctf_half_plane(cp.asarray(params), box_size, pixel_size_A)), to_numpy(got))

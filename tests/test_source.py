@@ -62,20 +62,28 @@ def test_streamed_batches_with_read_ahead_equal_cached_ones(simulated, xp):
     particles = load_particles(simulated.source)
     cached = ParticleSource(particles, xp, cache_budget_bytes=1 << 30)
     streamed = ParticleSource(load_particles(simulated.source), xp)
+    filled_ahead = ParticleSource(load_particles(simulated.source), xp, cache_budget_bytes=1 << 30)
     assert cached.cached and not streamed.cached
     members = streamed.members(1)
     batches = [members[i:i + 7] for i in range(0, members.size, 7)]
     for i, index in enumerate(batches):
         got = streamed.load(index, 1)
-        if i + 1 < len(batches):                         # read ahead, as em_pass does
-            streamed.prefetch(batches[i + 1] if i % 3 else batches[i + 1][:3])  # sometimes a different set
+        got_filled = filled_ahead.load(index, 1)
+        if i + 1 < len(batches):                         # read ahead, as em_pass does (on the GPU into
+            streamed.prefetch(batches[i + 1] if i % 3 else batches[i + 1][:3])  # page-locked buffers in turn);
+            filled_ahead.prefetch(batches[i + 1])                               # sometimes a different set
         expected = cached.load(index, 1)
         np.testing.assert_array_equal(to_numpy(got.images_ft), to_numpy(expected.images_ft))
+        np.testing.assert_array_equal(to_numpy(got_filled.images_ft), to_numpy(expected.images_ft))
         np.testing.assert_array_equal(to_numpy(got.images_ft),
                                       to_numpy(ft2_centered(xp.asarray(particles.read_images(index)))
                                                .astype(xp.complex64)))
         np.testing.assert_allclose(to_numpy(got.rotations), particles.rotations[index], atol=1e-6)
         np.testing.assert_allclose(to_numpy(got.origin_px), particles.origin_px[index], atol=1e-6)
+    other_half = filled_ahead.members(2)                 # the last unread images: the read-ahead buffers go
+    filled_ahead.prefetch(other_half)
+    np.testing.assert_array_equal(to_numpy(filled_ahead.load(other_half, 2).images_ft),
+                                  to_numpy(cached.load(other_half, 2).images_ft))
 
 
 def test_shards_split_each_half_set(simulated, xp):
