@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 
@@ -38,6 +39,11 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True)
     parser.add_argument("--local-args", default="", help="extra `cryocv local-refine` options, quoted")
+    parser.add_argument("--warmup", action="store_true",
+                        help="first run a one-iteration job on 2000 of the particles in its own process (compiles "
+                             "the GPU kernels, as any earlier job on the machine would have), then time the job")
+    parser.add_argument("--pageable-reads", action="store_true",
+                        help="A/B only: read images into ordinary host memory, not the page-locked read-ahead buffers")
     args = parser.parse_args(argv)
     xp = resolve_xp("auto")
     volume, px = read_map(args.map)
@@ -63,6 +69,19 @@ def main(argv=None):
     halves = [os.path.join(args.out, "consensus", f"half_map_{h}.mrc") for h in (1, 2)]
     job = os.path.join(args.out, "local_" + ("_".join(shlex.split(args.local_args)).replace("-", "") or "default")
                        + args.tag)
+    warmup_s = None
+    if args.warmup:
+        t0 = time.time()
+        warm_star = os.path.join(args.out, "warmup", "particles.star")
+        os.makedirs(os.path.dirname(warm_star), exist_ok=True)
+        save_particles(start.subset(np.arange(min(2000, len(start)))), warm_star)
+        subprocess.run([sys.executable, "-m", "cryocv", "local-refine", "--particles", warm_star, "--half-maps", *halves,
+                        "--mask", mask_path, "--out", os.path.join(args.out, "warmup", "job"), "--max-iterations", "1",
+                        "--quiet", "--overwrite"] + shlex.split(args.local_args), check=True)
+        warmup_s = round(time.time() - t0, 1)
+    if args.pageable_reads:
+        import cryocv.source
+        cryocv.source._PinnedSlots = lambda xp, image_shape: None
     t0 = time.time()
     cli = build_parser().parse_args(["local-refine", "--max-iterations", str(args.max_iterations)]
                                     + shlex.split(args.local_args))
@@ -75,6 +94,7 @@ def main(argv=None):
     passes = [it["pass_seconds"] for it in report["iterations"]]
     result = {"local_args": args.local_args, "box": volume.shape[0], "pixel_size_A": px, "n_particles": args.n, "snr": args.snr,
               "simulate_s": round(simulate_s, 1), "local_refine_wall_s": round(wall, 1),
+              "warmup_job_s": warmup_s, "pageable_reads": args.pageable_reads,
               "iterations": len(passes), "seconds_per_pass": passes,
               "particle_iterations_per_s_passes": round(args.n * len(passes) / sum(passes), 0),
               "particle_iterations_per_s_end_to_end": round(args.n * len(passes) / wall, 0),

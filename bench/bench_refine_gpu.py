@@ -42,6 +42,8 @@ def main(argv=None):
     parser.add_argument("--warmup", action="store_true",
                         help="first run a short job on 2000 of the particles (compiles the GPU kernels, as any "
                              "earlier job on the machine would have), then time the job")
+    parser.add_argument("--pageable-reads", action="store_true",
+                        help="A/B only: read images into ordinary host memory, not the page-locked read-ahead buffers")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: from memory)")
     parser.add_argument("--tag", default="", help="appended to the job's folder name (runs side by side)")
     parser.add_argument("--out", required=True)
@@ -85,6 +87,9 @@ def main(argv=None):
                         "--out", os.path.join(args.out, "warmup", "job"), "--regularizer", args.regularizer,
                         "--sym", args.sym, "--max-iterations", "1", "--quiet", "--overwrite"], check=True)
         warmup_s = round(time.time() - t0, 1)
+    if args.pageable_reads:
+        import cryocv.source
+        cryocv.source._PinnedSlots = lambda xp, image_shape: None
     t0 = time.time()
     params = RefineParams(regularizer=args.regularizer, symmetry=args.sym, max_iterations=args.max_iterations,
                           base_step_deg=args.base_step_deg, n_candidates=args.candidates,
@@ -103,7 +108,7 @@ def main(argv=None):
         "device": _device_name(xp), "box": n_box, "pixel_size_A": px, "n_particles": args.n, "snr": args.snr,
         "symmetry": args.sym, "regularizer": args.regularizer, "base_step_deg": args.base_step_deg,
         "n_candidates": args.candidates, "n_base_candidates": args.base_candidates, "simulate_s": round(simulate_s, 1),
-        "refine_wall_s": round(refine_s, 1), "warmup_job_s": warmup_s, "iterations": len(iterations),
+        "refine_wall_s": round(refine_s, 1), "warmup_job_s": warmup_s, "pageable_reads": args.pageable_reads, "iterations": len(iterations),
         "seconds_per_iteration": [round(s, 2) for s in pass_s],
         "particle_iterations_per_s_passes": round(args.n * len(pass_s) / sum(pass_s), 0),
         "particle_iterations_per_s_end_to_end": round(args.n * len(pass_s) / refine_s, 0),
