@@ -7,6 +7,10 @@ one's pose error against the truth, with the search's time.
 
     python bench/sampling_agreement.py --particles sim/particles.star --map truth.mrc --n 20000 \
         --resolution-A 4 --out bench/results/sampling_agreement.json
+
+``--compare products`` compares the search's matrix products instead: float32 ("memory" in the
+keys below stands for it) against TF32 on the tensor cores ("texture" for it), both sampling
+through the texture units.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cupy as cp  # noqa: E402
 
-from cryocv import kernels  # noqa: E402
+from cryocv import backend, kernels  # noqa: E402
 from cryocv.fourier import lowpass_map  # noqa: E402
 from cryocv.geometry import angular_distance_deg  # noqa: E402
 from cryocv.io.mrc import read_map  # noqa: E402
@@ -58,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--resolution-A", type=float, default=4.0, help="reference low-pass and alignment limit")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--sym", default="C1", help="the true map's symmetry: pose errors modulo it")
+    parser.add_argument("--compare", choices=("sampling", "products"), default="sampling",
+                        help="memory vs texture sampling, or float32 vs TF32 products (texture sampling)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     truth = load_particles(args.particles)
@@ -72,16 +78,20 @@ def main(argv=None):
     levels = search_schedule(n_box, alignment_cutoff_px(n_box, px, args.resolution_A, 3), params)
     picks, seconds = {}, {}
     for sampling in ("memory", "texture", "memory"):          # the second memory pass: same picks (determinism)
-        kernels.SAMPLING = sampling
+        if args.compare == "sampling":
+            kernels.SAMPLING = sampling
+        else:
+            kernels.SAMPLING, backend.SCORE_PRODUCTS = "texture", {"memory": "fp32", "texture": "tf32"}[sampling]
         key = sampling if sampling not in picks else "memory_again"
         rot, shift, seconds[key] = one_pass(source, members, volume, noise, levels, params, args.batch)
         picks[key] = (rot, shift)
     true_rot = particles.rotations
     angle = angular_distance_deg(picks["memory"][0], picks["texture"][0])
     shift = np.linalg.norm(picks["memory"][1] - picks["texture"][1], axis=1)
+    angle_mod_sym = pose_distance_deg(picks["memory"][0], picks["texture"][0], args.sym)   # a symmetry mate: a tie
     error = {k: pose_distance_deg(v[0], true_rot, args.sym) for k, v in picks.items()}
     fine_step = float(np.degrees(levels[-1].rotation_step_rad))
-    result = {"particles": len(particles), "symmetry_of_errors": args.sym, "box": n_box, "pixel_size_A": px, "resolution_A": args.resolution_A,
+    result = {"compare": args.compare, "particles": len(particles), "symmetry_of_errors": args.sym, "box": n_box, "pixel_size_A": px, "resolution_A": args.resolution_A,
               "levels": len(levels), "fine_step_deg": fine_step,
               "search_s": {k: round(v, 3) for k, v in seconds.items()},
               "memory_repeat_identical_fraction": float(np.mean(
@@ -89,6 +99,9 @@ def main(argv=None):
               "pose_changed_fraction": float(np.mean((angle > 1e-3) | (shift > 1e-3))),
               "pose_changed_by_more_than_fine_step_fraction": float(np.mean(angle > fine_step * 1.01)),
               "angle_between_median_deg": float(np.median(angle)), "angle_between_p99_deg": float(np.percentile(angle, 99)),
+              "modulo_sym": {"pose_changed_by_more_than_fine_step_fraction": float(np.mean(angle_mod_sym > fine_step * 1.01)),
+                             "changed_by_more_than_2_deg_fraction": float(np.mean(angle_mod_sym > 2.0)),
+                             "angle_between_p99_deg": float(np.percentile(angle_mod_sym, 99))},
               "pose_error_median_deg": {k: float(np.median(v)) for k, v in error.items()},
               "pose_error_p90_deg": {k: float(np.percentile(v, 90)) for k, v in error.items()},
               "far_off_fraction_10deg": {k: float(np.mean(v > 10)) for k, v in error.items()}}

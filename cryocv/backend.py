@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -110,6 +111,28 @@ def to_numpy(array):
     if _cupy is not None and isinstance(array, _cupy.ndarray):
         return _cupy.asnumpy(array)
     return np.asarray(array)
+
+
+# the pose search's image × slice products on a GPU: "fp32", or "tf32" (tensor cores;
+# bench/results/search_roofline.md)
+SCORE_PRODUCTS = os.environ.get("CRYOCV_GPU_PRODUCTS", "fp32")
+
+
+@contextmanager
+def score_products(xp):
+    """Inside the block, float32 matrix products on ``xp``'s GPU run as :data:`SCORE_PRODUCTS`
+    says: "tf32" on the tensor cores (inputs rounded to 10-bit mantissas, float32 accumulation).
+    No effect on the CPU."""
+    if xp is np or SCORE_PRODUCTS != "tf32":
+        yield
+        return
+    from cupy._core import _routines_linalg as linalg  # noqa: PLC0415 - CuPy's compute-type switch
+    previous = linalg.get_compute_type(np.float32)
+    linalg.set_compute_type(np.float32, getattr(linalg, "COMPUTE_TYPE_TF32", 7))
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(np.float32, previous)
 
 
 def is_cupy(array) -> bool:

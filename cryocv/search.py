@@ -35,10 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import device_constant, get_array_module, is_cupy, to_device
+from .backend import device_constant, get_array_module, is_cupy, score_products, to_device
 from .fourier import phase_factors, shell_index_2d
 from .geometry import axis_angle_to_matrix, euler_to_matrix, so3_grid
 from .projector import DEFAULT_PADDING, FrequencyPoints, extract_slices, frequency_points
+
+
 
 @dataclass
 class SearchParams:
@@ -180,7 +182,8 @@ def _complex_cross(a, p, p_stacked=None):
     in numpy.)"""
     xp = get_array_module(a)
     p_stacked = stack_real_imag(p) if p_stacked is None else p_stacked
-    return xp.matmul(stack_real_imag(a), xp.swapaxes(p_stacked, -1, -2))
+    with score_products(xp):
+        return xp.matmul(stack_real_imag(a), xp.swapaxes(p_stacked, -1, -2))
 
 
 def score_base(terms: ImageTerms, slices, phases, slices_stacked=None, slices_power=None):
