@@ -11,7 +11,7 @@ import weakref
 
 import numpy as np
 
-from .backend import free_device_memory, get_array_module, gpu_memory_bytes, is_cupy, to_device
+from .backend import empty_pinned, free_device_memory, get_array_module, gpu_memory_bytes, is_cupy, to_device
 from .projector import (DEFAULT_PADDING, FrequencyPoints, accumulators_to_map, divided_to_map, empty_accumulators,
                         insert_slices, weight_floor)
 
@@ -148,24 +148,12 @@ def _to_host(array):
         free = _FREE_HOST_BUFFERS.get(_buffer_key(array, pinned))
         host = free.pop() if free else None
     if host is None:
-        host = _page_locked_empty(array.shape, array.dtype) if pinned else np.empty(array.shape, array.dtype)
+        host = empty_pinned(array.shape, array.dtype, get_array_module(array))
     if pinned:
         array.get(out=host)
     else:
         host[...] = array
     return host
-
-
-def _page_locked_empty(shape, dtype) -> np.ndarray:
-    """An uninitialized numpy array in page-locked memory of exactly its size (outside CuPy's pool);
-    ordinary memory where the system refuses to lock that much (slower copies, same results)."""
-    import cupy
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    try:
-        memory = cupy.cuda.PinnedMemoryPointer(cupy.cuda.PinnedMemory(nbytes, cupy.cuda.runtime.hostAllocPortable), 0)
-    except cupy.cuda.runtime.CUDARuntimeError:
-        return np.empty(shape, dtype)
-    return np.ndarray(shape, dtype=dtype, buffer=memory)
 
 
 def _release_host_buffers(host: dict, pinned: bool):

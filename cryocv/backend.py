@@ -86,12 +86,18 @@ def to_device(array, xp):
 
 
 def empty_pinned(shape, dtype, xp):
-    """An uninitialized numpy array in page-locked host memory when ``xp`` is CuPy (copies from it
-    to the device run asynchronously, without CuPy's staging copy), plain numpy otherwise."""
+    """An uninitialized numpy array in page-locked host memory of exactly its size when ``xp`` is
+    CuPy (outside CuPy's pinned pool, which rounds sizes up and never gives memory back; copies
+    from it to the device run asynchronously, without a staging copy). Ordinary memory on the CPU,
+    or where the system refuses to lock that much (slower copies, same results)."""
     if xp is np:
         return np.empty(shape, dtype=dtype)
-    import cupyx  # noqa: PLC0415 - only with CuPy
-    return cupyx.empty_pinned(shape, dtype=dtype)
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        memory = xp.cuda.PinnedMemoryPointer(xp.cuda.PinnedMemory(nbytes, xp.cuda.runtime.hostAllocPortable), 0)
+    except xp.cuda.runtime.CUDARuntimeError:
+        return np.empty(shape, dtype=dtype)
+    return np.ndarray(shape, dtype=dtype, buffer=memory)
 
 
 def upload_async(host: np.ndarray, xp):
@@ -120,9 +126,9 @@ SCORE_PRODUCTS = os.environ.get("CRYOCV_GPU_PRODUCTS", "fp32")
 
 @contextmanager
 def score_products(xp):
-    """Inside the block, float32 matrix products on ``xp``'s GPU run as :data:`SCORE_PRODUCTS`
+    """Inside the block, float32 2-D matrix products on ``xp``'s GPU run as :data:`SCORE_PRODUCTS`
     says: "tf32" on the tensor cores (inputs rounded to 10-bit mantissas, float32 accumulation).
-    No effect on the CPU."""
+    CuPy's batched (> 2-D) products stay float32 either way. No effect on the CPU."""
     if xp is np or SCORE_PRODUCTS != "tf32":
         yield
         return

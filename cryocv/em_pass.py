@@ -38,10 +38,19 @@ class HalfReferences:
         if half != self.half:
             self.volume = None
             xp = get_array_module(self.maps[half])
+            release_search_texture(xp)                              # it holds the other half-set's reference
             if large_grids(self.maps[half].shape[0], xp):          # the other half-set's prepared grid goes first
                 free_device_memory(xp)
             self.volume, self.half = self.prepare(self.maps[half]), half
         return self.volume
+
+
+def release_search_texture(xp):
+    """Free the texture the GPU search samples the last reference through
+    (:func:`cryocv.kernels.volume_texture`), with that reference."""
+    if xp is not np:
+        from .kernels import release_texture
+        release_texture()
 
 
 @dataclass
@@ -121,6 +130,7 @@ def em_pass(source: ParticleSource, find_poses: Callable[[Batch], SearchResult],
 
     batch_size = for_each_batch(source, batch_size, work, done, progress, desc, log,
                                 read_stage=lambda: timer("read + FT"))
+    release_search_texture(xp)
     noise = None
     if references is not None:
         noise = to_numpy(shell_mean(noise_sums, noise_counts))

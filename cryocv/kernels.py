@@ -237,7 +237,7 @@ POSE_SCORE_MAX_SHIFTS = 16                           # score_poses_gpu: shifts p
 SAMPLING = os.environ.get("CRYOCV_GPU_SAMPLING", "texture")
 TEXTURE_MAX_BYTES = 2 << 30                          # larger volumes are sampled from memory
 _compiled = {}
-_texture = {}                                        # the last volume's texture (one entry)
+_texture = {}                                        # {device id: the last volume's texture there}
 
 
 def _score_kernel(rc: int, sc: int, texture: bool = False):
@@ -251,12 +251,14 @@ def _score_kernel(rc: int, sc: int, texture: bool = False):
 
 def volume_texture(volume_ft):
     """A 3D texture object (float2 texels, trilinear filter, zero border, unnormalized coordinates)
-    holding ``volume_ft`` (P, P, P//2+1) complex64. The last one made is kept with its volume (so
-    its identity stays unique): a volume must not change in place after its first use here."""
+    holding ``volume_ft`` (P, P, P//2+1) complex64. The last one made on each device is kept with
+    its volume (so its identity stays unique): a volume must not change in place after its first
+    use here. The CUDA array lies outside CuPy's pool: :func:`release_texture` frees it."""
+    device = volume_ft.device.id
     key = (id(volume_ft), volume_ft.data.ptr, volume_ft.shape)
-    if _texture.get("key") != key:
+    if _texture.get(device, {}).get("key") != key:
         from cupy.cuda import runtime, texture
-        _texture.clear()
+        release_texture(device)
         nz, ny, nx = volume_ft.shape
         channels = texture.ChannelFormatDescriptor(32, 32, 0, 0, runtime.cudaChannelFormatKindFloat)
         array = texture.CUDAarray(channels, nx, ny, nz)
@@ -264,13 +266,18 @@ def volume_texture(volume_ft):
         resource = texture.ResourceDescriptor(runtime.cudaResourceTypeArray, cuArr=array)
         sampler = texture.TextureDescriptor((runtime.cudaAddressModeBorder,) * 3, runtime.cudaFilterModeLinear,
                                             runtime.cudaReadModeElementType)
-        _texture.update(key=key, volume=volume_ft, array=array, object=texture.TextureObject(resource, sampler))
-    return _texture["object"]
+        _texture[device] = dict(key=key, volume=volume_ft, array=array,
+                                object=texture.TextureObject(resource, sampler))
+    return _texture[device]["object"]
 
 
-def release_texture():
-    """Free the cached texture (and the reference held with it)."""
-    _texture.clear()
+def release_texture(device: int | None = None):
+    """Free the cached texture of ``device`` (default: every device) and the reference held with
+    it, once the kernels queued there have run."""
+    for found in [device] if device is not None else list(_texture):
+        if found in _texture:
+            cp.cuda.Device(found).synchronize()
+            del _texture[found]
 
 
 def _volume_argument(volume_ft, sampling: str | None):
@@ -279,7 +286,11 @@ def _volume_argument(volume_ft, sampling: str | None):
     if sampling not in ("memory", "texture"):
         raise ValueError(f"sampling must be 'memory' or 'texture', got {sampling!r}")
     if sampling == "texture" and volume_ft.size * 8 <= TEXTURE_MAX_BYTES:
-        return volume_texture(volume_ft), True
+        try:
+            return volume_texture(volume_ft), True
+        except cp.cuda.runtime.CUDARuntimeError:     # no room for the CUDA array: sample memory this time
+            release_texture(volume_ft.device.id)
+            cp.get_default_memory_pool().free_all_blocks()
     return cp.ascontiguousarray(volume_ft, dtype=cp.complex64), False
 
 
