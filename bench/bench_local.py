@@ -50,7 +50,7 @@ def register_to_truth(star: str, truth: dict, symmetry: str, out_star: str) -> s
 def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: int, xp, device: str,
              box_size: int = 128, model: str | None = None, args_body_sym: str = "C4",
              regularizer: str = "nu", base_candidates: int | None = None, narrow_steps: int = 0,
-             with_priors: bool = True) -> dict:
+             with_priors: bool = True, marginalize_step_deg: float | None = None) -> dict:
     data = os.path.join(out, f"data_{kDa:g}")
     started = time.time()
     if not os.path.isfile(os.path.join(data, "dataset.json")):
@@ -66,7 +66,8 @@ def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: i
     ref = os.path.join(out, f"ref30_{kDa:g}.mrc")
     write_map(ref, lowpass_map(full, px, 30.0).astype(np.float32), px)
     jobs = {name: os.path.join(out, f"{name}_{kDa:g}") for name in ("consensus", "local", "oracle")}
-    search = {"narrow_steps": narrow_steps, **({} if base_candidates is None else {"n_base_candidates": base_candidates})}
+    search = {"narrow_steps": narrow_steps, "marginalize_step_deg": marginalize_step_deg,
+              **({} if base_candidates is None else {"n_base_candidates": base_candidates})}
     timings = {}
     t0 = time.time()
     if not os.path.isfile(os.path.join(jobs["consensus"], "particles.star")):      # a finished consensus is reused
@@ -97,7 +98,7 @@ def one_mass(kDa: float, n: int, out: str, snr: float, sigma_deg: float, seed: i
                          device=device, progress=False, overwrite=True)
     reconstruct.run(os.path.join(data, "particles_domain.star"), jobs["oracle"], device=device, progress=False,
                     overwrite=True)
-    result = {"local_regularizer": regularizer, "local_base_candidates": base_candidates, "narrow_steps": narrow_steps, "domain_kDa": info["mass_kDa"]["domain"], "body_kDa": info["mass_kDa"]["body"], "n": n, "snr": snr,
+    result = {"local_regularizer": regularizer, "marginalize_step_deg": marginalize_step_deg, "local_base_candidates": base_candidates, "narrow_steps": narrow_steps, "domain_kDa": info["mass_kDa"]["domain"], "body_kDa": info["mass_kDa"]["body"], "n": n, "snr": snr,
               "hinge_sigma_deg": sigma_deg, "pixel_size_A": px, "build_s": round(build_s, 1),
               **{k: round(v, 1) for k, v in timings.items()},
               "mask_mass_kDa": local["local"]["mask_mass_kDa"]}
@@ -157,6 +158,8 @@ def main(argv=None):
                         help="--base-candidates of the local refinements (default: local-refine's)")
     parser.add_argument("--narrow-steps", type=int, default=0, help="--narrow-steps of the local refinements")
     parser.add_argument("--no-priors", action="store_true", help="skip the local refinement with Gaussian priors")
+    parser.add_argument("--marginalize-step-deg", type=float, default=None,
+                        help="--marginalize-step-deg of the local refinements (default: best pose only)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
@@ -164,7 +167,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     xp = resolve_xp(args.device)
     results = [one_mass(k, args.n, args.out, args.snr, args.sigma_deg, args.seed, xp, args.device, args.box, args.model, args.body_sym,
-                        args.regularizer, args.base_candidates, args.narrow_steps, not args.no_priors) for k in args.kDa]
+                        args.regularizer, args.base_candidates, args.narrow_steps, not args.no_priors,
+                        args.marginalize_step_deg) for k in args.kDa]
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results + ".json", "w") as handle:
         json.dump(results, handle, indent=1)
