@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module, to_device, to_numpy
+from .backend import device_constant, get_array_module, to_device, to_numpy
 from .fourier import lowpass_map
 from .fsc import fsc_curve
 from .geometry import angular_distance_deg, euler_to_matrix
@@ -79,9 +79,9 @@ def mode_spread(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult, 
     xp = get_array_module(images_ft)
     b = images_ft.shape[0]
     step, shift_step = level.rotation_step_rad, level.shift_step_px
-    deltas = to_device(rotation_offsets(math.sqrt(3) * step, step), xp)            # the 3 × 3 × 3 cube
+    deltas = device_constant(rotation_offsets(math.sqrt(3) * step, step), xp)      # the 3 × 3 × 3 cube
     rotations = xp.matmul(best.rotations[:, None], deltas[None])                   # (B, 27, 3, 3)
-    shifts = best.shifts_px[:, None, :] + to_device(shift_grid(math.sqrt(2) * shift_step, shift_step), xp)  # (B, 9, 2)
+    shifts = best.shifts_px[:, None, :] + device_constant(shift_grid(math.sqrt(2) * shift_step, shift_step), xp)  # (B, 9, 2)
     r = deltas.shape[0]
     scores = score_poses(volume_ft, images_ft, ctf, noise_var_shell, rotations, shifts, level.cutoff_px,
                          padding)                                                  # (B, 9, 27)
