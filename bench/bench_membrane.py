@@ -68,7 +68,8 @@ def plot(results: dict, path: str):
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
     colors = {"nu": "tab:red", "uniform": "tab:blue"}
     counts = sorted({int(k) for k in results["runs"]})
-    for reg in ("uniform", "nu"):
+    shown = [r for r in ("uniform", "nu") if all(r in rows for rows in results["runs"].values())]
+    for reg in shown:
         rows = [results["runs"][str(c)][reg] for c in counts]
         axes[0].plot(counts, [1 / r["core_vs_truth_0.5_A"] for r in rows], "o-", color=colors[reg],
                      label=f"{reg.upper()}: rigid core vs truth (0.5)")
@@ -92,7 +93,7 @@ def plot(results: dict, path: str):
     px = results["pixel_size_A"]
     n = results["box_size"]
     freq = np.arange(n // 2 + 1) / (n * px)
-    for reg in ("uniform", "nu"):
+    for reg in shown:
         axes[2].plot(freq, results["runs"][largest][reg]["fsc_vs_truth"], color=colors[reg],
                      label=f"{reg.upper()} whole map")
         axes[2].plot(freq, results["runs"][largest][reg]["fsc_core_vs_truth"], "--", color=colors[reg],
@@ -115,15 +116,21 @@ def main(argv=None):
     parser.add_argument("--wobble-sigma-deg", type=float, default=6.0)
     parser.add_argument("--model", help="TRPV1 model (default: ../shared/data/models/3j5p_trpv1_c4.pdb)")
     parser.add_argument("--max-iterations", type=int, default=8)
+    parser.add_argument("--dataset-size", type=int, default=None,
+                        help="particles to simulate (default the largest --n); the counts take the first ones")
+    parser.add_argument("--regularizers", nargs="+", default=["uniform", "nu"],
+                        help="variants: a regularizer, optionally with RefineParams fields, e.g. "
+                             "nu:nu_max_window_fraction=0.125 (the plot shows uniform and nu)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="path prefix for .json, .md and .png")
     args = parser.parse_args(argv)
     from membrane_dataset import build_dataset
+    from bench_small_membrane import variant
     model = args.model or os.path.join(HERE, "..", "..", "shared", "data", "models", "3j5p_trpv1_c4.pdb")
     xp = resolve_xp("auto")
     data_dir = os.path.join(args.out, "dataset")
     started = time.time()
-    info = build_dataset(data_dir, max(args.n), box_size=args.box_size, pixel_size_A=args.pixel_size_A, snr=args.snr,
+    info = build_dataset(data_dir, args.dataset_size or max(args.n), box_size=args.box_size, pixel_size_A=args.pixel_size_A, snr=args.snr,
                          seed=0, wobble_sigma_deg=args.wobble_sigma_deg, xp=xp, progress=False, model_path=model)
     all_particles = load_particles(os.path.join(data_dir, "particles.star"))
     kept = ("box_size", "pixel_size_A", "snr", "n", "wobble_sigma_deg")
@@ -136,12 +143,13 @@ def main(argv=None):
         star = os.path.join(subset_dir, "particles.star")
         save_particles(all_particles.subset(np.arange(count)), star)
         results["runs"][str(count)] = {}
-        for reg in ("uniform", "nu"):
-            job = os.path.join(subset_dir, reg)
+        for reg in args.regularizers:
+            regularizer, options = variant(reg)
+            job = os.path.join(subset_dir, reg.replace(":", "_").replace(",", "_").replace("=", ""))
             t0 = time.time()
             run_refine(star, os.path.join(data_dir, "initial_reference.mrc"), job,
-                       RefineParams(regularizer=reg, symmetry="C4", max_iterations=args.max_iterations),
-                       device="auto", progress=False)
+                       RefineParams(regularizer=regularizer, symmetry="C4", max_iterations=args.max_iterations,
+                                    **options), device="auto", progress=False)
             row = evaluate(job, data_dir, all_particles, "C4")
             row["wall_s"] = round(time.time() - t0, 1)
             results["runs"][str(count)][reg] = row
@@ -155,9 +163,9 @@ def main(argv=None):
     lines = ["| particles | regularizer | rigid core vs truth (FSC 0.5) | whole map vs truth (0.5) | gold-standard (0.143) "
              "| median pose error | iterations | wall |", "|---|---|---|---|---|---|---|---|"]
     for count in sorted(args.n):
-        for reg in ("uniform", "nu"):
+        for reg in args.regularizers:
             r = results["runs"][str(count)][reg]
-            lines.append(f"| {count} | {reg.upper()} | {r['core_vs_truth_0.5_A']:.2f} Å | {r['vs_truth_0.5_A']:.2f} Å | "
+            lines.append(f"| {count} | {reg} | {r['core_vs_truth_0.5_A']:.2f} Å | {r['vs_truth_0.5_A']:.2f} Å | "
                          f"{r['resolution_gold_standard_A']:.2f} Å | {r['pose_error_median_deg']:.2f}° | "
                          f"{r['iterations']} | {r['wall_s']} s |")
     with open(args.results + ".md", "w") as handle:

@@ -45,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--pageable-reads", action="store_true",
                         help="A/B only: read images into ordinary host memory, not the page-locked read-ahead buffers")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: from memory)")
+    parser.add_argument("--nu-max-window-fraction", type=float, default=RefineParams.nu_max_window_fraction,
+                        help="NU: cap of the cross-validation window's radius (fraction of the box)")
     parser.add_argument("--tag", default="", help="appended to the job's folder name (runs side by side)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True)
@@ -93,7 +95,8 @@ def main(argv=None):
     t0 = time.time()
     params = RefineParams(regularizer=args.regularizer, symmetry=args.sym, max_iterations=args.max_iterations,
                           base_step_deg=args.base_step_deg, n_candidates=args.candidates,
-                          n_base_candidates=args.base_candidates, batch_size=args.batch_size)
+                          n_base_candidates=args.base_candidates, batch_size=args.batch_size,
+                          nu_max_window_fraction=args.nu_max_window_fraction)
     job = os.path.join(args.out, f"refine_base{args.base_step_deg:g}_b{args.base_candidates}_c{args.candidates}{args.tag}")
     report = run_refine(sim_star, args.map, job, params, device="auto", progress=False, overwrite=True)
     refine_s = time.time() - t0
