@@ -11,8 +11,12 @@ residual, and the half-map becomes ``(B_θ*(x) m)(x)``. The two half-maps are
 filtered independently; they are the Wiener-regularized half-maps (the same
 σ²/τ² as the uniform regularizer), so NU only adds local low-passing.
 
-Two refinements of the paper's recipe, both measured on simulated data against
-the true map (see ``bench/``): (1) the quarter-maps carry twice the noise of the
+Three refinements of the paper's recipe, all measured on simulated data against
+the true map (see ``bench/``): (0) the window's radius is capped at
+``max_window_fraction`` (1/8) of the box: a window larger than a small particle
+averages the loss over solvent, where leaving out the particle's signal costs
+nothing, and picks coarse cutoffs inside the particle (bench/results/small_membrane.md);
+(1) the quarter-maps carry twice the noise of the
 half-map the filter is applied to, so plain CV picks cutoffs that are too low
 for it; with ``half_map_noise`` the windowed loss subtracts half of the filtered
 noise, estimated from the quarter-map difference (an unbiased risk estimate
@@ -40,7 +44,7 @@ class NUParams:
     awf: float = 3.0                    # adaptive window factor: window radius in wavelengths of the cutoff
     half_map_noise: bool = True         # correct the CV loss for the quarter-maps' extra noise
     smoothing_px: float = 1.0           # Gaussian smoothing of the chosen cutoff field
-    max_window_fraction: float | None = None   # window radius never above this fraction of the box
+    max_window_fraction: float | None = 0.125  # window radius never above this fraction of the box (0/None: no cap)
 
 
 def butterworth_lowpass(radius_cycles_per_px, cutoff_cycles_per_px: float, order: int = NUParams.order):
@@ -167,7 +171,8 @@ def nu_filter(half_map, quarter_a, quarter_b, n_cutoffs: int = NUParams.n_cutoff
     """Space-varying low-pass of one half-map chosen by quarter-map cross-validation.
 
     All maps (N, N, N) on one device. For each candidate cutoff the CV residual
-    of the quarter-maps is averaged over a ball of radius ``awf`` wavelengths and
+    of the quarter-maps is averaged over a ball of radius ``awf`` wavelengths (at most
+    ``max_window_fraction`` of the box; None or 0: no cap) and
     each voxel takes the cutoff of least residual. The chosen cutoff field is
     then smoothed (Gaussian, ``smoothing_px``) and the half-map is filtered by
     blending the two candidate filters nearest to the smoothed cutoff: a hard

@@ -91,8 +91,8 @@ class RefineParams:
                   (self.relax_max_align_res_A is None or self.relax_max_align_res_A > 0,
                    "--relax-max-align-res-A must be positive"),
                   (self.extra_final_passes >= 0, "--extra-final-passes must be >= 0"),
-                  (self.nu_max_window_fraction is None or self.nu_max_window_fraction > 0,
-                   "--nu-max-window-fraction must be positive"),
+                  (self.nu_max_window_fraction is None or 0 <= self.nu_max_window_fraction <= 0.5,
+                   "--nu-max-window-fraction must be between 0 (no cap) and 0.5"),
                   (self.join_halves_A is None or self.join_halves_A > 0, "--join-halves-A must be positive")]
         for ok, message in checks:
             if not ok:
@@ -177,8 +177,9 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
                 "extra noise")
     p.add_argument("--nu-max-window-fraction", dest="nu_max_window_fraction", type=float,
                    default=params_class.nu_max_window_fraction,
-                   help="NU: the cross-validation window's radius never exceeds this fraction of the box "
-                        "(default: no cap; 0.125 helped a small protein in a 64 px box, bench/results/small_membrane.md)")
+                   help="NU: the cross-validation window's radius never exceeds this fraction of the box; 0: no cap, "
+                        "the paper's window (bench/results/small_membrane.md: the cap keeps NU from blurring a small "
+                        "particle, and from doing worse than uniform on TRPV1 at 500 particles)")
     p.add_argument("--join-halves-A", dest="join_halves_A", type=float, default=params_class.join_halves_A,
                    help="the two half-references share their Fourier components at this resolution and coarser "
                         "(as RELION's --low_resol_join_halves; default: never)")
