@@ -442,11 +442,14 @@ def test_local_refine_form_mirrors_the_cli():
     for name, value in dict(fulcrum=2, fulcrumX=10.0, fulcrumY=20.5, fulcrumZ=3.0, priorSigmaRot=15.0,
                             priorSigmaShift=7.0, coarseStep=3.0, fineStep=1.0, rotationExtent=8.0, shiftExtent=3.0,
                             recenter=True, subtractOutside=True, fitScale=False, maskMode=1, regularizer=1,
-                            symmetryGroup="C2", initialLowpass=9.0, maxIterations=3, narrowSteps=2).items():
+                            symmetryGroup="C2", initialLowpass=9.0, maxIterations=3, narrowSteps=2,
+                            marginalizeStep=1.5).items():
         getattr(protocol, name).set(value)
     changed = protocol._localParams()
     assert parsed(protocol) == changed and changed.fulcrum == "10,20.5,3" and changed.subtract and not changed.fit_scale
-    assert changed.narrow_steps == 2
+    assert changed.narrow_steps == 2 and changed.marginalize_step_deg == 1.5
+    protocol.marginalizeStep.set(None)          # it excludes symmetry relaxation, set below
+    changed = protocol._localParams()
     assert {f: getattr(changed, f) for f in ("prior_sigma_deg", "prior_sigma_A", "mask_mode", "regularizer")} == \
         {"prior_sigma_deg": 15.0, "prior_sigma_A": 7.0, "mask_mode": "dynamic", "regularizer": "uniform"}
     # symmetry relaxation: the refinement's section (same parameters, choices and defaults)
