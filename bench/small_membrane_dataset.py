@@ -374,7 +374,8 @@ def main(argv=None) -> int:
             ("--belt-mass-ratio", float, 1.25, "belt mass / protein mass"),
             ("--belt-density-fraction", float, 0.5, "detergent/lipid density / the protein's mean density"),
             ("--thickness-A", float, SLAB_THICKNESS_A, "belt height along the normal"),
-            ("--blob-sigma-A", float, 5.0, "detergent/lipid blob width"), ("--seed", int, 0, "random seed"),
+            ("--blob-sigma-A", float, 5.0, "detergent/lipid blob width"),
+            ("--blob-volume-A3", float, 800.0, "belt volume per blob (sets their number)"), ("--seed", int, 0, "random seed"),
             ("--shift-range-A", float, 2.0, "origins uniform in ± this"), ("--batch-size", int, 256, "batch"),
             ("--lowpass-A", float, 30.0, "initial reference low-pass")):
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
