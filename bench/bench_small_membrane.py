@@ -12,8 +12,8 @@ raw, after that global rotation and after each half-set's own; fraction > 6°). 
 the poses of one alignment to the truth itself (protein + mean belt): the error the data allow.
 The belt is atomic-grained by default (``--belt-grain``).
 
-    python bench/bench_small_membrane.py --snr 0.03 0.02 --n 2000 4000 8000 16000 --floor --out /tmp/sm \
-        --results bench/results/small_membrane
+    python bench/bench_small_membrane.py --snr 0.03 0.02 --n 2000 4000 8000 16000 --floor --max-iterations 20 \
+        --out /tmp/sm --results bench/results/small_membrane
 writes RESULTS.json and RESULTS.md. Extra arguments after ``--`` go to small_membrane_dataset's
 build_dataset as ``key=value`` (e.g. ``belt=nanodisc chains=R``).
 """
@@ -79,7 +79,8 @@ def registered_pose_error_deg(refined: np.ndarray, true: np.ndarray, half_set: n
 
 def judge_job(job_dir: str, truth, mask, px: float, true_particles) -> dict:
     """A refinement against the truth: masked FSC of its map (and of its NU-filtered map when there
-    is one), pose errors (median, p90, fraction > FAR_OFF_DEG), gold-standard resolution."""
+    is one; and of its map turned by the poses' global rotation), pose errors (median raw, after one
+    global rotation, after each half-set's; p90; fraction > FAR_OFF_DEG), gold-standard resolution."""
     result = judge_map(os.path.join(job_dir, "map.mrc"), truth, mask, px)
     filtered = os.path.join(job_dir, "map_nu_filtered.mrc")
     if os.path.isfile(filtered):

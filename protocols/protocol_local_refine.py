@@ -20,7 +20,8 @@ FORM_LABELS = {"--rotation-extent-deg": "Rotation extent", "--shift-extent-A": "
                "--coarse-step-deg": "Coarse step", "--fine-step-deg": "Fine step",
                "--prior-sigma-deg": "Rotation prior sigma", "--prior-sigma-A": "Shift prior sigma",
                "--fulcrum": "Fulcrum", "--initial-lowpass-A": "Initial low-pass",
-               "--max-iterations": "Maximum iterations", **RELAX_FORM_LABELS}
+               "--max-iterations": "Maximum iterations", "--marginalize-step-deg": "Marginalize over poses: step",
+               **RELAX_FORM_LABELS}
 
 
 class ProtCryocvLocalRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefine3D):

@@ -250,6 +250,32 @@ def test_resume_of_a_run_from_before_the_base_candidate_schedule_keeps_its_searc
     assert refine_params_from_config(asdict(RefineParams())) == RefineParams()
 
 
+def test_continued_job_keeps_the_nu_window_it_started_with(tmp_path):
+    """The NU window cap became a default (0.125) on 2026-12-04: a job whose refine_config.json
+    predates the setting continues uncapped, as it started; a recorded value (null or a number) is kept."""
+    import json
+    from dataclasses import asdict
+    from cryocv.jobs import jobdir
+    from cryocv.jobs.local_refine import LocalRefineParams
+    from cryocv.jobs.loop import open_refinement
+    from cryocv.jobs.refine import RefineParams, refine_params_from_config
+    for params_class, make in ((RefineParams, refine_params_from_config), (LocalRefineParams, None)):
+        for recorded, expected in (("absent", None), (None, None), (0.25, 0.25)):
+            parameters = asdict(params_class())
+            if recorded == "absent":
+                del parameters["nu_max_window_fraction"]
+            else:
+                parameters["nu_max_window_fraction"] = recorded
+            job = tmp_path / f"{params_class.__name__}_{recorded}"
+            job.mkdir()
+            config = {"particles": "p.star", "reference": "r.mrc", "datadir": None, "device": "cpu", "gpu": None,
+                      "parameters": parameters}
+            (job / jobdir.REFINE_CONFIG).write_text(json.dumps(config))
+            _, params, _ = open_refinement(str(job), True, None, params_class, ("particles",), make)
+            assert params.nu_max_window_fraction == expected, (params_class, recorded)
+    assert RefineParams().nu_max_window_fraction == 0.125
+
+
 def test_refine_resumes_after_kill(refine_case, monkeypatch):
     from cryocv.jobs import checkpoints as refine_module
     from cryocv.jobs.refine import RefineParams, run as run_refine

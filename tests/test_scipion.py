@@ -450,6 +450,10 @@ def test_local_refine_form_mirrors_the_cli():
     assert changed.narrow_steps == 2 and changed.marginalize_step_deg == 1.5
     protocol.marginalizeStep.set(None)          # it excludes symmetry relaxation, set below
     changed = protocol._localParams()
+    from cryocv.protocols.protocol_local_refine import FORM_LABELS
+    bad = ProtCryocvLocalRefine()
+    bad.marginalizeStep.set(0.0)
+    assert any("Marginalize over poses: step" in e for e in bad._paramsErrors(bad._localParams(), FORM_LABELS))
     assert {f: getattr(changed, f) for f in ("prior_sigma_deg", "prior_sigma_A", "mask_mode", "regularizer")} == \
         {"prior_sigma_deg": 15.0, "prior_sigma_A": 7.0, "mask_mode": "dynamic", "regularizer": "uniform"}
     # symmetry relaxation: the refinement's section (same parameters, choices and defaults)

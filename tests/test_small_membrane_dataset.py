@@ -133,8 +133,8 @@ def test_registered_pose_error_removes_each_half_sets_rigid_drift():
 def test_judging_turns_a_map_back_by_the_poses_global_rotation(smd, cxcr4, tmp_path):
     """bench_small_membrane.judge_job: a reconstruction from poses that are the true ones turned by one
     global rotation G (a refinement settled in a frame 12° off the truth's) is far from the truth in
-    the protein's mask, and close to it once turned by the rotation found from the poses: the pose
-    and map conventions agree."""
+    the protein's mask, and at Nyquist once turned by the rotation found from the poses: the pose
+    and map conventions agree (the transpose would give 17.6 Å)."""
     from cryocv.geometry import axis_angle_to_matrix, matrix_to_euler
     from cryocv.io.particle_files import save_particles
     from cryocv.jobs import reconstruct
@@ -153,4 +153,4 @@ def test_judging_turns_a_map_back_by_the_poses_global_rotation(smd, cxcr4, tmp_p
     mask, _ = read_map(os.path.join(data, "protein_mask.mrc"))
     result = bsm.judge_job(job, truth, mask, px, particles)
     assert result["pose_error_joint_registered_median_deg"] < 0.1 and result["pose_error_median_deg"] > 11
-    assert result["after_global_rotation"]["fsc05_A"] < 0.7 * result["fsc05_A"]
+    assert result["fsc05_A"] > 8.0 and result["after_global_rotation"]["fsc05_A"] <= 1.05 * 2 * px   # Nyquist

@@ -39,6 +39,9 @@ from . import jobdir
 from .common import check_result, symmetry_arg
 from .checkpoints import CheckpointStore, RefineState
 
+# settings whose default changed, with the value a job recorded before the change took: a job
+# continued with --continue keeps the settings it started with
+DEFAULTS_BEFORE_CHANGE = {"nu_max_window_fraction": None}      # 0.125 since 2026-12-04 (issue 15)
 NOISE_SAMPLE = 1000   # images of box <= 128 whose power spectrum is the first iteration's noise model
 
 
@@ -68,8 +71,9 @@ def open_refinement(out_dir: str, resume: bool, params, params_class, input_keys
     ``params_class()``) validated with its symmetry normalised, and ``out_dir`` checked."""
     store = CheckpointStore(out_dir)
     if resume:
+        make = make_params or (lambda parameters: params_class(**parameters))
         config, params = jobdir.read_job_config(out_dir, tuple(input_keys) + ("datadir", "device", "gpu"),
-                                                make_params or (lambda parameters: params_class(**parameters)))
+                                                lambda parameters: make({**DEFAULTS_BEFORE_CHANGE, **parameters}))
     else:
         config = None
         params = params or params_class()

@@ -177,7 +177,8 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
                 "extra noise")
     p.add_argument("--nu-max-window-fraction", dest="nu_max_window_fraction", type=float,
                    default=params_class.nu_max_window_fraction,
-                   help="NU: the cross-validation window's radius never exceeds this fraction of the box; 0: no cap, "
+                   help="NU: the cross-validation window's radius never exceeds this fraction of the box (default "
+                        f"{params_class.nu_max_window_fraction}); 0: no cap, "
                         "the paper's window (bench/results/small_membrane.md: the cap keeps NU from blurring a small "
                         "particle, and from doing worse than uniform on TRPV1 at 500 particles)")
     p.add_argument("--join-halves-A", dest="join_halves_A", type=float, default=params_class.join_halves_A,
