@@ -141,7 +141,8 @@ class ProtCryocvLocalRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefin
             shift_extent_A=self.shiftExtent.get(), coarse_step_deg=self.coarseStep.get(),
             prior_sigma_deg=self.priorSigmaRot.get(), prior_sigma_A=self.priorSigmaShift.get(),
             fulcrum=self._fulcrumSpec(), recenter_each_iteration=bool(self.recenter.get()),
-            narrow_steps=self.narrowSteps.get(), marginalize_step_deg=self.marginalizeStep.get(), mask_mode=MASK_MODES[self.maskMode.get()], subtract=bool(self.subtractOutside.get()),
+            narrow_steps=self.narrowSteps.get(), marginalize_step_deg=self.marginalizeStep.get(),
+            mask_mode=MASK_MODES[self.maskMode.get()], subtract=bool(self.subtractOutside.get()),
             fit_scale=bool(self.fitScale.get()), **self._relaxationFields(LocalRefineParams))
 
     def _localRefineArgs(self):
