@@ -65,6 +65,9 @@ def frequency_points(box_size: int, r_max: float | None = None, xp=np) -> Freque
         kx, ky = half_plane_frequencies(box_size)
         flat = np.nonzero(((kx ** 2 + ky ** 2) <= r_max ** 2).ravel())[0]
         points = [to_device(a, xp) for a in (kx.ravel()[flat], ky.ravel()[flat], flat)]
+        if xp is np:          # shared by every caller: a write into them would corrupt later searches
+            for a in points:
+                a.flags.writeable = False
         if len(_POINTS) >= 64:
             _POINTS.pop(next(iter(_POINTS)))
         _POINTS[key] = FrequencyPoints(box_size, r_max, *points)
