@@ -125,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--results", required=True, help="path prefix for .json, .md and .png")
     args = parser.parse_args(argv)
     from membrane_dataset import build_dataset
-    from bench_small_membrane import variant
+    from bench_small_membrane import variant, variant_folder
     model = args.model or os.path.join(HERE, "..", "..", "shared", "data", "models", "3j5p_trpv1_c4.pdb")
     xp = resolve_xp("auto")
     data_dir = os.path.join(args.out, "dataset")
@@ -145,7 +145,7 @@ def main(argv=None):
         results["runs"][str(count)] = {}
         for reg in args.regularizers:
             regularizer, options = variant(reg)
-            job = os.path.join(subset_dir, reg.replace(":", "_").replace(",", "_").replace("=", ""))
+            job = os.path.join(subset_dir, variant_folder(reg))
             t0 = time.time()
             run_refine(star, os.path.join(data_dir, "initial_reference.mrc"), job,
                        RefineParams(regularizer=regularizer, symmetry="C4", max_iterations=args.max_iterations,

@@ -49,9 +49,9 @@ BELT_GRAINS = {"atomic": {"blob_sigma_A": 1.0, "blob_volume_A3": 30.0}, "smooth"
 FAR_OFF_DEG = 6.0          # the paper's measure: particles whose poses differ by more than this
 
 
-def judge_map(path: str, truth, mask, px: float) -> dict:
-    """FSC 0.5 / 0.143 (Å) of the map at ``path`` against ``truth`` inside ``mask``."""
-    volume, _ = read_map(path)
+def judge_map(path_or_volume, truth, mask, px: float) -> dict:
+    """FSC 0.5 / 0.143 (Å) of a map (its path, or the volume) against ``truth`` inside ``mask``."""
+    volume = read_map(path_or_volume)[0] if isinstance(path_or_volume, str) else path_or_volume
     curve = fsc_curve(volume, truth, mask)
     n = truth.shape[0]
     return {"fsc05_A": resolution_at(curve, 0.5, n, px), "fsc0143_A": resolution_at(curve, 0.143, n, px)}
@@ -81,7 +81,8 @@ def judge_job(job_dir: str, truth, mask, px: float, true_particles) -> dict:
     """A refinement against the truth: masked FSC of its map (and of its NU-filtered map when there
     is one; and of its map turned by the poses' global rotation), pose errors (median raw, after one
     global rotation, after each half-set's; p90; fraction > FAR_OFF_DEG), gold-standard resolution."""
-    result = judge_map(os.path.join(job_dir, "map.mrc"), truth, mask, px)
+    volume, _ = read_map(os.path.join(job_dir, "map.mrc"))
+    result = judge_map(volume, truth, mask, px)
     filtered = os.path.join(job_dir, "map_nu_filtered.mrc")
     if os.path.isfile(filtered):
         result["nu_filtered"] = judge_map(filtered, truth, mask, px)
@@ -94,11 +95,8 @@ def judge_job(job_dir: str, truth, mask, px: float, true_particles) -> dict:
     g = best_rotation(true, refined.rotations)
     joint = angular_distance_deg(refined.rotations, true @ g)
     # the map in the truth's frame: poses A·G belong to V(G·x), so V turned by Gᵀ has the true poses
-    volume, _ = read_map(os.path.join(job_dir, "map.mrc"))
-    turned = transform_volume(volume, MapTransform(g.T, np.zeros(3)))
-    curve = fsc_curve(turned, truth, mask)
-    result["after_global_rotation"] = {"fsc05_A": resolution_at(curve, 0.5, truth.shape[0], px),
-                                       "fsc0143_A": resolution_at(curve, 0.143, truth.shape[0], px)}
+    result["after_global_rotation"] = judge_map(transform_volume(volume, MapTransform(g.T, np.zeros(3))),
+                                                truth, mask, px)
     return {**result, "gold_standard_A": report["resolution_A"], "iterations": len(report.get("iterations", [])),
             "pose_error_registered_median_deg": float(np.median(registered)), "half_set_offsets_deg": offsets,
             "pose_error_joint_registered_median_deg": float(np.median(joint)),
@@ -114,6 +112,11 @@ def variant(spec: str) -> tuple[str, dict]:
         key, value = item.split("=", 1)
         options[key] = float(value)
     return regularizer, options
+
+
+def variant_folder(spec: str) -> str:
+    """A variant's job folder name: 'nu:nu_awf=2' → 'nu_nu_awf2'."""
+    return spec.replace(":", "_").replace(",", "_").replace("=", "")
 
 
 def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterations: int, device: str,
@@ -149,7 +152,7 @@ def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterati
         print(f"  {count}: aligned to the truth, {np.median(error):.2f}° median pose error", flush=True)
     for spec in regularizers:
         regularizer, options = variant(spec)
-        job = os.path.join(out_dir, spec.replace(":", "_").replace(",", "_").replace("=", ""))
+        job = os.path.join(out_dir, variant_folder(spec))
         t0 = time.time()
         run_refine(star, os.path.join(data_dir, "initial_reference.mrc"), job,
                    RefineParams(regularizer=regularizer, max_iterations=max_iterations, **options), device=device,
