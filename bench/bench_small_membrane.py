@@ -110,7 +110,7 @@ def variant(spec: str) -> tuple[str, dict]:
     options = {}
     for item in filter(None, rest.split(",")):
         key, value = item.split("=", 1)
-        options[key] = float(value)
+        options[key] = int(value) if value.lstrip("-").isdigit() else float(value)
     return regularizer, options
 
 
@@ -120,9 +120,11 @@ def variant_folder(spec: str) -> str:
 
 
 def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterations: int, device: str,
-              floor: bool = False) -> dict:
+              floor: bool = False, truth_start: bool = False) -> dict:
     """The regularizers and the oracle on the first ``count`` particles of the dataset; with ``floor``
-    also the poses of one alignment to the true protein + mean belt (then a final pass to Nyquist)."""
+    also the poses of one alignment to the true protein + mean belt (then a final pass to Nyquist);
+    with ``truth_start`` each regularizer also refines from that truth at Nyquist (rows '<spec> from
+    the truth'): where the refinement settles when its start is perfect."""
     truth, px = read_map(os.path.join(data_dir, "truth_protein.mrc"))
     mask, _ = read_map(os.path.join(data_dir, "protein_mask.mrc"))
     everyone = load_particles(os.path.join(data_dir, "particles.star"))
@@ -134,10 +136,11 @@ def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterati
     reconstruct.run(star, os.path.join(out_dir, "oracle"), device=device, progress=False, overwrite=True)
     rows["oracle"] = {**judge_map(os.path.join(out_dir, "oracle", "map.mrc"), truth, mask, px),
                       "wall_s": round(time.time() - t0, 1)}
+    belt, _ = read_map(os.path.join(data_dir, "belt_mean.mrc"))
+    truth_reference = os.path.join(out_dir, "truth_protein_and_mean_belt.mrc")
+    write_map(truth_reference, truth + belt, px)
     if floor:        # the best the data allow: one alignment to the truth (protein + mean belt) at Nyquist
-        belt, _ = read_map(os.path.join(data_dir, "belt_mean.mrc"))
-        reference = os.path.join(out_dir, "truth_protein_and_mean_belt.mrc")
-        write_map(reference, truth + belt, px)
+        reference = truth_reference
         job = os.path.join(out_dir, "truth_reference")
         t0 = time.time()
         run_refine(star, reference, job, RefineParams(regularizer="uniform", max_iterations=1,
@@ -150,16 +153,20 @@ def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterati
         error = angular_distance_deg(euler_to_matrix(poses["euler_deg"]), true)
         rows["aligned to the truth"]["first_pass_pose_error_median_deg"] = float(np.median(error))
         print(f"  {count}: aligned to the truth, {np.median(error):.2f}° median pose error", flush=True)
-    for spec in regularizers:
+    starts = [("", os.path.join(data_dir, "initial_reference.mrc"), {})]
+    if truth_start:
+        starts.append((" from the truth", truth_reference, {"initial_lowpass_A": 2 * px}))
+    for (suffix, start, start_options), spec in ((s, v) for s in starts for v in regularizers):
         regularizer, options = variant(spec)
-        job = os.path.join(out_dir, variant_folder(spec))
+        name = spec + suffix
+        job = os.path.join(out_dir, variant_folder(spec) + suffix.replace(" ", "_"))
         t0 = time.time()
-        run_refine(star, os.path.join(data_dir, "initial_reference.mrc"), job,
-                   RefineParams(regularizer=regularizer, max_iterations=max_iterations, **options), device=device,
-                   progress=False, overwrite=True)
-        rows[spec] = {**judge_job(job, truth, mask, px, everyone), "wall_s": round(time.time() - t0, 1)}
-        r = rows[spec]
-        print(f"  {count} {spec}: {r['fsc05_A']:.2f} Å in the mask (oracle {rows['oracle']['fsc05_A']:.2f}), "
+        run_refine(star, start, job, RefineParams(regularizer=regularizer, max_iterations=max_iterations,
+                                                  **{**start_options, **options}),
+                   device=device, progress=False, overwrite=True)
+        rows[name] = {**judge_job(job, truth, mask, px, everyone), "wall_s": round(time.time() - t0, 1)}
+        r = rows[name]
+        print(f"  {count} {name}: {r['fsc05_A']:.2f} Å in the mask (oracle {rows['oracle']['fsc05_A']:.2f}), "
               f"pose {r['pose_error_median_deg']:.2f}°, {100 * r['fraction_over_6_deg']:.0f}% > 6°, "
               f"gold {r['gold_standard_A']:.2f} Å, {r['wall_s']} s", flush=True)
     return rows
@@ -202,6 +209,8 @@ def main(argv=None):
     parser.add_argument("--max-iterations", type=int, default=8)
     parser.add_argument("--floor", action="store_true",
                         help="also align once to the truth (protein + mean belt): the pose error the data allow")
+    parser.add_argument("--truth-start", action="store_true",
+                        help="also refine from the truth (protein + mean belt, Nyquist): where each settles")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="path prefix for .json and .md")
@@ -233,7 +242,7 @@ def main(argv=None):
               flush=True)
         results["runs"][f"{snr:g}"] = {str(count): run_count(data_dir, count, os.path.join(data_dir, f"n{count}"),
                                                              args.regularizers, args.max_iterations, args.device,
-                                                             args.floor)
+                                                             args.floor, args.truth_start)
                                        for count in sorted(args.n)}
         os.makedirs(os.path.dirname(os.path.abspath(args.results)) or ".", exist_ok=True)
         with open(args.results + ".json", "w") as handle:       # after every SNR: a cut run keeps what it did
