@@ -69,6 +69,17 @@ def relaxed_poses(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult
                         xp.maximum(polished.scores, chosen_scores)), choice
 
 
+def marginalization_level(levels: list, step_deg: float | None) -> SearchLevel | None:
+    """The level :func:`mode_spread` scores at for marginalization over ± ``step_deg`` (None: off):
+    that rotation step, the shift step of the search level whose rotation step is nearest it, and
+    the finest level's cutoff."""
+    if not step_deg:
+        return None
+    step = math.radians(step_deg)
+    nearest = min(levels, key=lambda level: abs(level.rotation_step_rad - step))
+    return SearchLevel(step, nearest.shift_step_px, levels[-1].cutoff_px)
+
+
 def mode_spread(volume_ft, images_ft, ctf, noise_var_shell, best: SearchResult, level: SearchLevel,
                 n_kept: int = SPREAD_KEPT, padding: int = DEFAULT_PADDING) -> PoseSpread:
     """Marginalization inside the mode of ``best``: the 27 rotations ``A·Δ`` (axis-angle Δ ∈

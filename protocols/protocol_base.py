@@ -21,6 +21,7 @@ PARTICLES_STAR = "input_particles.star"
 INPUT_HALF_MAPS = ("input_half_map_1.mrc", "input_half_map_2.mrc")   # the input half-maps, in extra/
 ARGS_JSON = "refine_args.json"         # the arguments a refinement was started with, in extra/
 REGULARIZERS = ["nu", "uniform"]
+MARGINALIZE_LABEL = "Marginalize over poses: step (°)"      # the form's label of --marginalize-step-deg
 
 
 class CryocvProtocolBase:
@@ -56,6 +57,16 @@ class CryocvProtocolBase:
                       label="Maximum iterations",
                       help="Refinement stops earlier when resolution and pose changes stop improving; a final "
                            "pass to Nyquist follows either way.")
+
+    @staticmethod
+    def _defineMarginalizationParam(form, paramsClass, evidence: str):
+        """``marginalizeStep`` (``--marginalize-step-deg``), default from ``paramsClass``; ``evidence``: what
+        it did in the benchmarks, for the help."""
+        form.addParam("marginalizeStep", params.FloatParam, default=paramsClass.marginalize_step_deg, allowsNull=True,
+                      expertLevel=params.LEVEL_ADVANCED, label=MARGINALIZE_LABEL,
+                      help="Insert each particle at the 27 rotations (± this step) × 9 shifts around its best pose, "
+                           f"weighted by their likelihood, as RELION does ({evidence}; 16 insertions per particle); "
+                           "empty: the best pose only. Not with symmetry relaxation.")
 
     @staticmethod
     def _defineComputeParams(form):

@@ -9,7 +9,7 @@ from pwem.protocols import ProtRefine3D
 from cryocv.jobs import jobdir
 from cryocv.jobs.local_refine import FULCRUM_NAMES, MASK_MODES, LocalRefineParams
 
-from .protocol_base import REGULARIZERS, CryocvProtocolBase
+from .protocol_base import MARGINALIZE_LABEL, REGULARIZERS, CryocvProtocolBase
 from .protocol_relaxation import RELAX_FORM_LABELS, RELAX_OUTPUTS, CryocvRelaxationMixin
 
 FULCRUMS = list(FULCRUM_NAMES)               # the CLI's named fulcrums; the form's third choice is a point
@@ -20,7 +20,7 @@ FORM_LABELS = {"--rotation-extent-deg": "Rotation extent", "--shift-extent-A": "
                "--coarse-step-deg": "Coarse step", "--fine-step-deg": "Fine step",
                "--prior-sigma-deg": "Rotation prior sigma", "--prior-sigma-A": "Shift prior sigma",
                "--fulcrum": "Fulcrum", "--initial-lowpass-A": "Initial low-pass",
-               "--max-iterations": "Maximum iterations", "--marginalize-step-deg": "Marginalize over poses: step",
+               "--max-iterations": "Maximum iterations", "--marginalize-step-deg": MARGINALIZE_LABEL,
                **RELAX_FORM_LABELS}
 
 
@@ -107,12 +107,7 @@ class ProtCryocvLocalRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefin
                       help="After the first iteration, search each particle within this many steps of the second "
                            "search level (2.5° with the default extents) around its last pose, still inside the "
                            "extents: a faster search; 0: the whole extents every iteration.")
-        form.addParam("marginalizeStep", params.FloatParam, default=defaults.marginalize_step_deg, allowsNull=True,
-                      expertLevel=params.LEVEL_ADVANCED, label="Marginalize over poses: step (°)",
-                      help="Insert each particle at the 27 rotations (± this step) × 9 shifts around its best pose, "
-                           "weighted by their likelihood, as RELION's local searches do (1° helped a 25 kDa domain, "
-                           "bench/results/local_vs_relion.md; 16 insertions per particle); empty: the best pose only. "
-                           "Not with symmetry relaxation.")
+        self._defineMarginalizationParam(form, defaults, "1° helped a 25 kDa domain, bench/results/local_vs_relion.md")
         form.addParam("maskMode", params.EnumParam, choices=list(MASK_MODES), default=MASK_MODES.index(defaults.mask_mode),
                       display=params.EnumParam.DISPLAY_HLIST, label="Mask",
                       help="static: the mask as given, for alignment and FSC; dynamic: the thresholded map inside it.")

@@ -240,6 +240,32 @@ def test_refine_recovers_poses_and_map(refine_case, regularizer):
         assert cutoff.min() >= 4.0 - 1e-3 and cutoff.max() <= 80.0 + 1e-3 and cutoff.std() > 0
 
 
+def test_marginalized_refine_recovers_poses_and_map(refine_case):
+    """--marginalize-step-deg in a global refinement: each particle is inserted at the likelihood-weighted
+    poses around its best one; poses and map are as good as with the best pose alone (the map
+    differs: the option is used), and it excludes symmetry relaxation."""
+    from cryocv.errors import CryocvError
+    from cryocv.jobs.refine import RefineParams, run as run_refine
+    root, truth = refine_case
+    truth_particles = load_particles(str(root / "sim" / "particles.star"))
+    maps, vs_truth = {}, {}
+    for name, step in (("best", None), ("spread", 3.0)):
+        out = str(root / f"marginalize_{name}")
+        run_refine(str(root / "sim" / "particles.star"), str(root / "truth.mrc"), out,
+                   RefineParams(regularizer="uniform", initial_lowpass_A=20.0, max_iterations=2,
+                                marginalize_step_deg=step), device="cpu", progress=False)
+        err = angular_distance_deg(load_particles(os.path.join(out, "particles.star")).rotations,
+                                   truth_particles.rotations)
+        maps[name], _ = read_map(os.path.join(out, "map.mrc"))
+        vs_truth[name] = resolution_at(fsc_curve(maps[name], truth), 0.5, 32, 2.0)
+        print(f"{name}: median pose error {np.median(err):.2f}°, {vs_truth[name]:.2f} Å vs truth")
+        assert np.median(err) < 5.5, (name, np.median(err))
+    assert vs_truth["spread"] < 1.1 * vs_truth["best"] and vs_truth["spread"] < 8.0
+    assert not np.allclose(maps["spread"], maps["best"])
+    with pytest.raises(CryocvError, match="exclude each other"):
+        RefineParams(marginalize_step_deg=1.0, relax="marginalize", symmetry="C2").validate()
+
+
 def test_resume_of_a_run_from_before_the_base_candidate_schedule_keeps_its_search():
     from dataclasses import asdict
     from cryocv.jobs.refine import RefineParams, refine_params_from_config

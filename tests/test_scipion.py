@@ -420,6 +420,15 @@ def test_refine_form_mirrors_the_cli():
                                                                           RefineParams.extra_final_passes)
     assert not {"--relax", "--break-symmetry", "--relax-max-align-res-A", "--extra-final-passes"} & set(
         protocol._refineArgs())
+    # likelihood-weighted poses: passed only when set; its error names the form's label
+    assert "--marginalize-step-deg" not in protocol._refineArgs()
+    protocol.marginalizeStep.set(1.5)
+    changed = protocol._refineParams()
+    assert parsed(protocol) == changed and changed.marginalize_step_deg == 1.5
+    from cryocv.protocols.protocol_refine import FORM_LABELS
+    protocol.marginalizeStep.set(0.0)
+    assert any("Marginalize over poses: step" in e for e in protocol._paramsErrors(protocol._refineParams(),
+                                                                                  FORM_LABELS))
 
 
 def test_local_refine_form_mirrors_the_cli():

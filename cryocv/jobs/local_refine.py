@@ -28,8 +28,8 @@ from ..local_search import LocalPrior, from_fulcrum_frame, local_batch_size, loc
 from ..masks import auto_threshold_mask, mask_report
 from ..plot_worker import BackgroundPlotter
 from ..projector import prepare_volume
-from ..relax import mode_spread, pose_change, prior_in_mode
-from ..search import SearchLevel, SearchParams, SearchResult, search_schedule, shift_grid, subdivide
+from ..relax import marginalization_level, mode_spread, pose_change, prior_in_mode
+from ..search import SearchParams, SearchResult, search_schedule, shift_grid, subdivide
 from ..source import ParticleSource
 from ..subtraction import center_of_mass, scale_fit_radius_px, subtract_source
 from ..symmetry import symmetry_operators
@@ -38,7 +38,7 @@ from .common import (device_args, load_checked_particles, option, output_args, p
 from .checkpoints import RefineState, finishes_writes_on_error
 from .jobdir import JobLog
 from .loop import PoseSearch, iterate, open_refinement, start_reference
-from .refine import RefineParams, add_relaxation_args, add_search_and_regularizer_args
+from .refine import RefineParams, add_marginalization_args, add_relaxation_args, add_search_and_regularizer_args
 from .subtract import read_maps, subtracted_particles
 
 HELP = "local refinement of a masked region from prior poses (optionally after signal subtraction)"
@@ -64,7 +64,6 @@ class LocalRefineParams(RefineParams):
     # around each particle's last pose (the extents around the input still bound it); 0: every
     # iteration starts from the whole extents
     narrow_steps: int = 2               # bench/results/local_throughput.md: same accuracy, ~2x faster
-    marginalize_step_deg: float | None = None   # likelihood-weighted poses ± this step around the best (RELION-like)
     mask_mode: str = "static"                # static: the mask is used as given; dynamic: thresholded inside it
     subtract: bool = False                   # subtract the signal outside the mask first
     fit_scale: bool = True                   # --subtract: per-particle scale of the subtracted signal
@@ -78,10 +77,7 @@ class LocalRefineParams(RefineParams):
                   (self.prior_sigma_deg is None or self.prior_sigma_deg > 0, "--prior-sigma-deg must be positive"),
                   (self.prior_sigma_A is None or self.prior_sigma_A > 0, "--prior-sigma-A must be positive"),
                   (self.mask_mode in MASK_MODES, "--mask-mode must be static or dynamic"),
-                  (self.narrow_steps >= 0, "--narrow-steps must be >= 0"),
-                  (self.marginalize_step_deg is None or self.marginalize_step_deg > 0,
-                   "--marginalize-step-deg must be positive"),
-                  (not (self.marginalize_step_deg and self.relax), "--marginalize-step-deg and --relax exclude each other")]
+                  (self.narrow_steps >= 0, "--narrow-steps must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise CryocvError(message)
@@ -146,9 +142,7 @@ def local_search(params: LocalRefineParams, box_size: int, pixel_size_A: float, 
         batch_size = params.batch_size or local_batch_size(box_size, levels[0], whole.offsets.shape[0], n_shifts,
                                                            memory_budget_bytes(xp), cpu=xp is np)
         recentre = params.recenter_each_iteration and state.euler_deg is not None
-        step = math.radians(params.marginalize_step_deg or 0)      # marginalization: a ± step cube at the final cutoff
-        nearest = min(levels, key=lambda level: abs(level.rotation_step_rad - step))         # with this level's shifts
-        spread_level = SearchLevel(step, nearest.shift_step_px, levels[-1].cutoff_px) if step else None
+        spread_level = marginalization_level(levels, params.marginalize_step_deg)
 
         def find_poses(batch) -> SearchResult:
             rotations, origins = batch.rotations, batch.origin_px
@@ -208,15 +202,13 @@ def add_args(p):
     option(p, "--narrow-steps", LocalRefineParams, "narrow_steps",
            help="after the first iteration, search within this many second-level steps (2.5° with the default "
                 "extents) of each particle's last pose, still inside the extents; 0: the whole extents every iteration")
-    p.add_argument("--marginalize-step-deg", dest="marginalize_step_deg", type=float, default=None,
-                   help="insert each particle at the 27 rotations (± this step) × 9 shifts around its best pose, "
-                        "weighted by their likelihood, as RELION's local searches do (default: the best pose only)")
     option(p, "--mask-mode", LocalRefineParams, "mask_mode", choices=list(MASK_MODES),
            help="static: the mask as given for alignment and FSC; dynamic: thresholded map inside it")
     option(p, "--no-scale", LocalRefineParams, "fit_scale", action="store_false",
            help="--subtract: no per-particle scale of the subtracted signal (as RELION)")
     add_search_and_regularizer_args(p, LocalRefineParams)
     add_relaxation_args(p, LocalRefineParams)
+    add_marginalization_args(p, LocalRefineParams)
     output_args(p)
     device_args(p, gpu=True)
 

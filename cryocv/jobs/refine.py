@@ -17,6 +17,7 @@ from ..errors import CryocvError
 from ..io.particle_files import load_particles
 from ..nonuniform import NUParams
 from ..plot_worker import BackgroundPlotter
+from ..relax import marginalization_level, mode_spread
 from ..search import BaseGrid, SearchParams, search_batch_size, search_poses, search_schedule
 from ..symmetry import DEFAULT_SYMMETRY, pose_distance_deg
 from . import jobdir, relaxation
@@ -65,6 +66,7 @@ class RefineParams:
     relax_max_align_res_A: float | None = None  # relaxation: the mate choice never aligns finer than this (Å)
     extra_final_passes: int = 0         # passes at Nyquist after the final one
     join_halves_A: float | None = None  # the half-references share their components at this resolution and coarser
+    marginalize_step_deg: float | None = None   # likelihood-weighted poses ± this step around the best (RELION-like)
 
     def reconstruction_symmetry(self) -> str:
         """The symmetry the maps are reconstructed with: C1 when relaxing, else ``symmetry``."""
@@ -91,6 +93,9 @@ class RefineParams:
                   (self.relax_max_align_res_A is None or self.relax_max_align_res_A > 0,
                    "--relax-max-align-res-A must be positive"),
                   (self.extra_final_passes >= 0, "--extra-final-passes must be >= 0"),
+                  (self.marginalize_step_deg is None or self.marginalize_step_deg > 0,
+                   "--marginalize-step-deg must be positive"),
+                  (not (self.marginalize_step_deg and self.relax), "--marginalize-step-deg and --relax exclude each other"),
                   (self.nu_max_window_fraction is None or 0 <= self.nu_max_window_fraction <= 0.5,
                    "--nu-max-window-fraction must be between 0 (no cap) and 0.5"),
                   (self.join_halves_A is None or self.join_halves_A > 0, "--join-halves-A must be positive")]
@@ -127,12 +132,17 @@ def global_search(params: RefineParams, box_size: int, pixel_size_A: float, xp):
         batch_size = params.batch_size or search_batch_size(box_size, levels, search, bases[1],
                                                             memory_budget_bytes(xp), cpu=xp is np)
 
+        spread_level = marginalization_level(levels, params.marginalize_step_deg)
+
         def find_poses(batch):
             if batch.half not in bases:
                 bases.clear()
                 bases[batch.half] = BaseGrid(volumes[batch.half], box_size, levels[0], search)
-            return search_poses(volumes[batch.half], batch.images_ft, batch.ctf, noise, levels, search,
-                                bases[batch.half])
+            found = search_poses(volumes[batch.half], batch.images_ft, batch.ctf, noise, levels, search,
+                                 bases[batch.half])
+            if spread_level is not None:
+                found.spread = mode_spread(volumes[batch.half], batch.images_ft, batch.ctf, noise, found, spread_level)
+            return found
         return PoseSearch(find_poses, levels, batch_size)
 
     return make_search
@@ -149,6 +159,7 @@ def add_args(p):
     option(p, "--base-step-deg", RefineParams, "base_step_deg", help="base angular grid of the search")
     add_search_and_regularizer_args(p, RefineParams)
     add_relaxation_args(p, RefineParams)
+    add_marginalization_args(p, RefineParams)
     output_args(p)
     device_args(p, gpu=True)
 
@@ -211,6 +222,14 @@ def add_relaxation_args(p, params_class):
     p.add_argument("--relax-max-align-res-A", dest="relax_max_align_res_A", type=float,
                    default=params_class.relax_max_align_res_A,
                    help="with --relax: the mate choice never aligns finer than this (Å; default: as the alignment)")
+
+
+def add_marginalization_args(p, params_class):
+    """``--marginalize-step-deg`` (refine, local-refine)."""
+    p.add_argument("--marginalize-step-deg", dest="marginalize_step_deg", type=float,
+                   default=params_class.marginalize_step_deg,
+                   help="insert each particle at the 27 rotations (± this step) × 9 shifts around its best pose, "
+                        "weighted by their likelihood, as RELION does (default: the best pose only)")
 
 
 def main(args) -> int:
