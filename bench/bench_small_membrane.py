@@ -105,7 +105,8 @@ def judge_job(job_dir: str, truth, mask, px: float, true_particles) -> dict:
 
 
 def variant(spec: str) -> tuple[str, dict]:
-    """'nu' or 'nu:nu_max_window_fraction=0.125,join_halves_A=20' → (regularizer, RefineParams fields)."""
+    """'nu' or 'nu:nu_max_window_fraction=0.125,join_halves_A=20' → (regularizer, RefineParams fields);
+    integer values stay integers (``n_candidates=16``), others become floats."""
     regularizer, _, rest = spec.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):

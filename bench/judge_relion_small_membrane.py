@@ -46,7 +46,9 @@ def judge_iteration(relion_dir: str, k: int, truth, mask, px: float, true_partic
     halves = [read_map(os.path.join(relion_dir, f"{root}_it{k:03d}_half{h}_class001.mrc"))[0] for h in (1, 2)]
     volume = 0.5 * (halves[0] + halves[1])
     data = starfile.read(os.path.join(relion_dir, f"{root}_it{k:03d}_data.star"), always_dict=True)["particles"]
-    # RELION keeps the input's row order; its image names point at its normalised copy of the stack
+    # RELION keeps the input's row order; its image names point at its normalised copy of the one stack
+    # the dataset has, so the image number is the row of the dataset's particles.star (a run continued
+    # with --continue writes run_ct*_it* files: pass that root)
     index = np.array([int(name.split("@")[0]) - 1 for name in data["rlnImageName"]])
     true = true_particles.rotations[index]
     refined = euler_to_matrix(data[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(dtype=float))
@@ -69,14 +71,15 @@ def main(argv=None):
     parser.add_argument("relion_dir", help="RELION's output folder (run_it*_half*_class001.mrc, run_it*_data.star)")
     parser.add_argument("data_dir", help="the dataset (truth_protein.mrc, protein_mask.mrc, particles.star)")
     parser.add_argument("--results", required=True, help="path prefix for .json and .md")
+    parser.add_argument("--root", default="run", help="RELION's output root (run; run_ct<N> after --continue)")
     args = parser.parse_args(argv)
     truth, px = read_map(os.path.join(args.data_dir, "truth_protein.mrc"))
     mask, _ = read_map(os.path.join(args.data_dir, "protein_mask.mrc"))
     true_particles = load_particles(os.path.join(args.data_dir, "particles.star"))
-    iterations = finished_iterations(args.relion_dir)
+    iterations = finished_iterations(args.relion_dir, args.root)
     if not iterations:
         raise SystemExit(f"{args.relion_dir}: no finished RELION iteration")
-    rows = [judge_iteration(args.relion_dir, k, truth, mask, px, true_particles) for k in iterations]
+    rows = [judge_iteration(args.relion_dir, k, truth, mask, px, true_particles, args.root) for k in iterations]
     with open(args.results + ".json", "w") as handle:
         json.dump({"relion_dir": os.path.abspath(args.relion_dir), "iterations": rows}, handle, indent=1)
     lines = ["| RELION iteration | protein FSC 0.5 vs truth (in its mask) | after one global rotation | FSC 0.143 "

@@ -65,7 +65,8 @@ class CryocvProtocolBase:
         form.addParam("marginalizeStep", params.FloatParam, default=paramsClass.marginalize_step_deg, allowsNull=True,
                       expertLevel=params.LEVEL_ADVANCED, label=MARGINALIZE_LABEL,
                       help="Insert each particle at the 27 rotations (± this step) × 9 shifts around its best pose, "
-                           f"weighted by their likelihood, as RELION does ({evidence}; 16 insertions per particle); "
+                           "weighted by their likelihood: RELION's marginalization over poses, restricted to this "
+                           f"neighbourhood ({evidence}; 16 insertions per particle); "
                            "empty: the best pose only. Not with symmetry relaxation.")
 
     @staticmethod

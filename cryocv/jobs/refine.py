@@ -229,7 +229,8 @@ def add_marginalization_args(p, params_class):
     p.add_argument("--marginalize-step-deg", dest="marginalize_step_deg", type=float,
                    default=params_class.marginalize_step_deg,
                    help="insert each particle at the 27 rotations (± this step) × 9 shifts around its best pose, "
-                        "weighted by their likelihood, as RELION does (default: the best pose only)")
+                        "weighted by their likelihood (RELION's marginalization over poses, restricted to this "
+                        "neighbourhood; default: the best pose only)")
 
 
 def main(args) -> int:
