@@ -43,7 +43,6 @@ from cryocv.geometry import angular_distance_deg, euler_to_matrix  # noqa: E402
 from cryocv.jobs import jobdir  # noqa: E402
 from cryocv.register import MapTransform, transform_volume  # noqa: E402
 from cryocv.jobs.checkpoints import CheckpointStore  # noqa: E402
-from cryocv.symmetry import pose_distance_deg  # noqa: E402
 
 BELT_GRAINS = {"atomic": {"blob_sigma_A": 1.0, "blob_volume_A3": 30.0}, "smooth": {}}   # build_belt's keywords
 FAR_OFF_DEG = 6.0          # the paper's measure: particles whose poses differ by more than this
@@ -77,31 +76,38 @@ def registered_pose_error_deg(refined: np.ndarray, true: np.ndarray, half_set: n
     return errors, offsets
 
 
-def judge_job(job_dir: str, truth, mask, px: float, true_particles) -> dict:
-    """A refinement against the truth: masked FSC of its map (and of its NU-filtered map when there
-    is one; and of its map turned by the poses' global rotation), pose errors (median raw, after one
-    global rotation, after each half-set's; p90; fraction > FAR_OFF_DEG), gold-standard resolution."""
-    volume, _ = read_map(os.path.join(job_dir, "map.mrc"))
+def judge_map_and_poses(volume, refined: np.ndarray, true: np.ndarray, half_set: np.ndarray, truth, mask,
+                        px: float) -> dict:
+    """A map (N, N, N) and its poses (n, 3, 3) against the truth: masked FSC of the map, and of the map
+    turned by the poses' global rotation; pose errors (median raw, after one global rotation, after
+    each half-set's; p90; fraction > FAR_OFF_DEG). cryocv's jobs and RELION's iterations alike."""
+    error = angular_distance_deg(refined, true)
+    registered, offsets = registered_pose_error_deg(refined, true, half_set)
+    g = best_rotation(true, refined)
+    joint = angular_distance_deg(refined, true @ g)
     result = judge_map(volume, truth, mask, px)
+    # the map in the truth's frame: poses A·G belong to V(G·x), so V turned by Gᵀ has the true poses
+    result["after_global_rotation"] = judge_map(transform_volume(volume, MapTransform(g.T, np.zeros(3))),
+                                                truth, mask, px)
+    return {**result, "pose_error_registered_median_deg": float(np.median(registered)),
+            "half_set_offsets_deg": offsets, "pose_error_joint_registered_median_deg": float(np.median(joint)),
+            "pose_error_median_deg": float(np.median(error)), "pose_error_p90_deg": float(np.percentile(error, 90)),
+            "fraction_over_6_deg": float(np.mean(error > FAR_OFF_DEG))}
+
+
+def judge_job(job_dir: str, truth, mask, px: float, true_particles) -> dict:
+    """A refinement against the truth: :func:`judge_map_and_poses` of its map and poses, the masked FSC
+    of its NU-filtered map when there is one, and its gold-standard resolution."""
+    volume, _ = read_map(os.path.join(job_dir, "map.mrc"))
+    refined = load_particles(os.path.join(job_dir, "particles.star"))
+    true = true_particles.subset(np.arange(len(refined))).rotations
+    result = judge_map_and_poses(volume, refined.rotations, true, refined.half_set, truth, mask, px)
     filtered = os.path.join(job_dir, "map_nu_filtered.mrc")
     if os.path.isfile(filtered):
         result["nu_filtered"] = judge_map(filtered, truth, mask, px)
     with open(os.path.join(job_dir, "fsc.json")) as handle:
         report = json.load(handle)
-    refined = load_particles(os.path.join(job_dir, "particles.star"))
-    true = true_particles.subset(np.arange(len(refined))).rotations
-    error = pose_distance_deg(refined.rotations, true, "C1")
-    registered, offsets = registered_pose_error_deg(refined.rotations, true, refined.half_set)
-    g = best_rotation(true, refined.rotations)
-    joint = angular_distance_deg(refined.rotations, true @ g)
-    # the map in the truth's frame: poses A·G belong to V(G·x), so V turned by Gᵀ has the true poses
-    result["after_global_rotation"] = judge_map(transform_volume(volume, MapTransform(g.T, np.zeros(3))),
-                                                truth, mask, px)
-    return {**result, "gold_standard_A": report["resolution_A"], "iterations": len(report.get("iterations", [])),
-            "pose_error_registered_median_deg": float(np.median(registered)), "half_set_offsets_deg": offsets,
-            "pose_error_joint_registered_median_deg": float(np.median(joint)),
-            "pose_error_median_deg": float(np.median(error)), "pose_error_p90_deg": float(np.percentile(error, 90)),
-            "fraction_over_6_deg": float(np.mean(error > FAR_OFF_DEG))}
+    return {**result, "gold_standard_A": report["resolution_A"], "iterations": len(report.get("iterations", []))}
 
 
 def variant(spec: str) -> tuple[str, dict]:
@@ -137,14 +143,14 @@ def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterati
     reconstruct.run(star, os.path.join(out_dir, "oracle"), device=device, progress=False, overwrite=True)
     rows["oracle"] = {**judge_map(os.path.join(out_dir, "oracle", "map.mrc"), truth, mask, px),
                       "wall_s": round(time.time() - t0, 1)}
-    belt, _ = read_map(os.path.join(data_dir, "belt_mean.mrc"))
     truth_reference = os.path.join(out_dir, "truth_protein_and_mean_belt.mrc")
-    write_map(truth_reference, truth + belt, px)
+    if floor or truth_start:
+        belt, _ = read_map(os.path.join(data_dir, "belt_mean.mrc"))
+        write_map(truth_reference, truth + belt, px)
     if floor:        # the best the data allow: one alignment to the truth (protein + mean belt) at Nyquist
-        reference = truth_reference
         job = os.path.join(out_dir, "truth_reference")
         t0 = time.time()
-        run_refine(star, reference, job, RefineParams(regularizer="uniform", max_iterations=1,
+        run_refine(star, truth_reference, job, RefineParams(regularizer="uniform", max_iterations=1,
                                                       initial_lowpass_A=2 * px), device=device, progress=False,
                    overwrite=True)
         rows["aligned to the truth"] = {**judge_job(job, truth, mask, px, everyone), "wall_s": round(time.time() - t0, 1)}

@@ -23,12 +23,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from bench_small_membrane import FAR_OFF_DEG, best_rotation, judge_map, registered_pose_error_deg  # noqa: E402
+from bench_small_membrane import judge_map_and_poses  # noqa: E402
 
-from cryocv.geometry import angular_distance_deg, euler_to_matrix  # noqa: E402
+from cryocv.geometry import euler_to_matrix  # noqa: E402
 from cryocv.io.mrc import read_map  # noqa: E402
 from cryocv.io.particle_files import load_particles  # noqa: E402
-from cryocv.register import MapTransform, transform_volume  # noqa: E402
 
 
 def finished_iterations(relion_dir: str, root: str = "run") -> list:
@@ -52,18 +51,8 @@ def judge_iteration(relion_dir: str, k: int, truth, mask, px: float, true_partic
     index = np.array([int(name.split("@")[0]) - 1 for name in data["rlnImageName"]])
     true = true_particles.rotations[index]
     refined = euler_to_matrix(data[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(dtype=float))
-    error = angular_distance_deg(refined, true)
-    g = best_rotation(true, refined)
-    registered, offsets = registered_pose_error_deg(refined, true, data["rlnRandomSubset"].to_numpy())
-    result = judge_map(volume, truth, mask, px)
-    result["after_global_rotation"] = judge_map(transform_volume(volume, MapTransform(g.T, np.zeros(3))),
-                                                truth, mask, px)
-    return {**result, "iteration": k, "n_particles": int(len(data)),
-            "pose_error_median_deg": float(np.median(error)),
-            "pose_error_joint_registered_median_deg": float(np.median(angular_distance_deg(refined, true @ g))),
-            "pose_error_registered_median_deg": float(np.median(registered)), "half_set_offsets_deg": offsets,
-            "pose_error_p90_deg": float(np.percentile(error, 90)),
-            "fraction_over_6_deg": float(np.mean(error > FAR_OFF_DEG))}
+    return {**judge_map_and_poses(volume, refined, true, data["rlnRandomSubset"].to_numpy(), truth, mask, px),
+            "iteration": k, "n_particles": int(len(data))}
 
 
 def main(argv=None):
