@@ -47,6 +47,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: from memory)")
     parser.add_argument("--nu-max-window-fraction", type=float, default=RefineParams.nu_max_window_fraction,
                         help="NU: cap of the cross-validation window's radius (fraction of the box)")
+    parser.add_argument("--marginalize-step-deg", type=float, default=RefineParams.marginalize_step_deg,
+                        help="likelihood-weighted poses ± this step around the best (default off)")
     parser.add_argument("--tag", default="", help="appended to the job's folder name (runs side by side)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True)
@@ -96,7 +98,8 @@ def main(argv=None):
     params = RefineParams(regularizer=args.regularizer, symmetry=args.sym, max_iterations=args.max_iterations,
                           base_step_deg=args.base_step_deg, n_candidates=args.candidates,
                           n_base_candidates=args.base_candidates, batch_size=args.batch_size,
-                          nu_max_window_fraction=args.nu_max_window_fraction)
+                          nu_max_window_fraction=args.nu_max_window_fraction,
+                          marginalize_step_deg=args.marginalize_step_deg)
     job = os.path.join(args.out, f"refine_base{args.base_step_deg:g}_b{args.base_candidates}_c{args.candidates}{args.tag}")
     report = run_refine(sim_star, args.map, job, params, device="auto", progress=False, overwrite=True)
     refine_s = time.time() - t0
@@ -110,7 +113,8 @@ def main(argv=None):
     result = {
         "device": _device_name(xp), "box": n_box, "pixel_size_A": px, "n_particles": args.n, "snr": args.snr,
         "symmetry": args.sym, "regularizer": args.regularizer, "base_step_deg": args.base_step_deg,
-        "n_candidates": args.candidates, "n_base_candidates": args.base_candidates, "simulate_s": round(simulate_s, 1),
+        "n_candidates": args.candidates, "n_base_candidates": args.base_candidates,
+        "marginalize_step_deg": args.marginalize_step_deg, "simulate_s": round(simulate_s, 1),
         "refine_wall_s": round(refine_s, 1), "warmup_job_s": warmup_s, "pageable_reads": args.pageable_reads, "iterations": len(iterations),
         "seconds_per_iteration": [round(s, 2) for s in pass_s],
         "particle_iterations_per_s_passes": round(args.n * len(pass_s) / sum(pass_s), 0),

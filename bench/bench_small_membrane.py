@@ -9,13 +9,18 @@ against the protein-only truth (FSC 0.5 and 0.143, Å; also after turning the ma
 global rotation that best maps the true poses onto the refined ones: a refinement may settle in a
 frame a few degrees off the start's), each refinement's poses against the true ones (median error
 raw, after that global rotation and after each half-set's own; fraction > 6°). ``--floor`` adds
-the poses of one alignment to the truth itself (protein + mean belt): the error the data allow.
+the poses of one alignment to the truth itself (protein + mean belt): the error the data allow;
+``--truth-start [LOWPASS_A ...]`` refines from that truth (at Nyquist, or low-passed to each resolution
+given) as well: where each refinement settles from a perfect start, or from an ideal start at X Å. A
+variant option ``stage_align_res_A=X`` refines twice: aligning no finer than X Å until converged, then
+from that map low-passed to X Å without the cap (a staged start).
 The belt is atomic-grained by default (``--belt-grain``).
 
     python bench/bench_small_membrane.py --snr 0.03 0.02 --n 2000 4000 8000 16000 --floor --max-iterations 20 \
         --out /tmp/sm --results bench/results/small_membrane
 writes RESULTS.json and RESULTS.md. Extra arguments after ``--`` go to small_membrane_dataset's
-build_dataset as ``key=value`` (e.g. ``belt=nanodisc chains=R``).
+build_dataset as ``key=value`` (e.g. ``belt=nanodisc``, or ``flexible_chains=N wobble_sigma_deg=10`` with
+``--chains R,N``: a wobbling nanobody; the receptor is judged).
 """
 from __future__ import annotations
 
@@ -127,11 +132,14 @@ def variant_folder(spec: str) -> str:
 
 
 def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterations: int, device: str,
-              floor: bool = False, truth_start: bool = False) -> dict:
+              floor: bool = False, truth_start=None) -> dict:
     """The regularizers and the oracle on the first ``count`` particles of the dataset; with ``floor``
     also the poses of one alignment to the true protein + mean belt (then a final pass to Nyquist);
-    with ``truth_start`` each regularizer also refines from that truth at Nyquist (rows '<spec> from
-    the truth'): where the refinement settles when its start is perfect."""
+    with ``truth_start`` (a list of low-pass resolutions, Å; None in it = Nyquist) each regularizer also
+    refines from that truth low-passed to each (rows '<spec> from the truth [at X Å]'): where the
+    refinement settles when its start is perfect, or as good as a start at X Å can be.
+    A variant option ``stage_align_res_A=X`` runs the refinement twice: first never aligning finer than
+    X Å, then from that run's map low-passed to X Å without the cap (a slower resolution ramp)."""
     truth, px = read_map(os.path.join(data_dir, "truth_protein.mrc"))
     mask, _ = read_map(os.path.join(data_dir, "protein_mask.mrc"))
     everyone = load_particles(os.path.join(data_dir, "particles.star"))
@@ -161,13 +169,20 @@ def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterati
         rows["aligned to the truth"]["first_pass_pose_error_median_deg"] = float(np.median(error))
         print(f"  {count}: aligned to the truth, {np.median(error):.2f}° median pose error", flush=True)
     starts = [("", os.path.join(data_dir, "initial_reference.mrc"), {})]
-    if truth_start:
-        starts.append((" from the truth", truth_reference, {"initial_lowpass_A": 2 * px}))
+    for lowpass in truth_start or []:
+        starts.append((" from the truth" + ("" if lowpass is None else f" at {lowpass:g} Å"), truth_reference,
+                       {"initial_lowpass_A": lowpass or 2 * px}))
     for (suffix, start, start_options), spec in ((s, v) for s in starts for v in regularizers):
         regularizer, options = variant(spec)
+        stage_res = options.pop("stage_align_res_A", None)
         name = spec + suffix
         job = os.path.join(out_dir, variant_folder(spec) + suffix.replace(" ", "_"))
         t0 = time.time()
+        if stage_res:      # first stage: never aligned finer than stage_res; the second starts from its map
+            run_refine(star, start, job + "_stage1", RefineParams(
+                regularizer=regularizer, max_iterations=max_iterations, max_align_res_A=stage_res,
+                **{**start_options, **options}), device=device, progress=False, overwrite=True)
+            start, start_options = os.path.join(job + "_stage1", "map.mrc"), {"initial_lowpass_A": stage_res}
         run_refine(star, start, job, RefineParams(regularizer=regularizer, max_iterations=max_iterations,
                                                   **{**start_options, **options}),
                    device=device, progress=False, overwrite=True)
@@ -216,8 +231,9 @@ def main(argv=None):
     parser.add_argument("--max-iterations", type=int, default=8)
     parser.add_argument("--floor", action="store_true",
                         help="also align once to the truth (protein + mean belt): the pose error the data allow")
-    parser.add_argument("--truth-start", action="store_true",
-                        help="also refine from the truth (protein + mean belt, Nyquist): where each settles")
+    parser.add_argument("--truth-start", nargs="*", type=float, default=None, metavar="LOWPASS_A",
+                        help="also refine from the truth (protein + mean belt) at Nyquist, or low-passed to each "
+                             "LOWPASS_A given")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="path prefix for .json and .md")
@@ -249,7 +265,8 @@ def main(argv=None):
               flush=True)
         results["runs"][f"{snr:g}"] = {str(count): run_count(data_dir, count, os.path.join(data_dir, f"n{count}"),
                                                              args.regularizers, args.max_iterations, args.device,
-                                                             args.floor, args.truth_start)
+                                                             args.floor, None if args.truth_start is None
+                                                             else args.truth_start or [None])
                                        for count in sorted(args.n)}
         os.makedirs(os.path.dirname(os.path.abspath(args.results)) or ".", exist_ok=True)
         with open(args.results + ".json", "w") as handle:       # after every SNR: a cut run keeps what it did

@@ -18,12 +18,19 @@ chains' centre of mass; points ``(x, y, z)`` Å from it; the belt is built in a 
   give volume = mass / density. Per particle: U(0.75, 1.25) × volume / ``blob_volume_A3`` Gaussian
   blobs, uniform positions, masses U(0.5, 1.5) rescaled to the exact mass (voxel sums like the maps).
 
-``image = IFT(CTF · shift_{−o/p}[P_A(protein) + Σ_blobs analytic 2D Gaussians]) + noise``: pose A
+Optional **flexible periphery** (``flexible_chains``, e.g. CXCR4's nanobody ``N``): those chains are
+left out of the judged protein and turned per particle about their hinge (centroid of their atoms within
+4.5 Å of the rigid chains) by N(0, ``wobble_sigma_deg``) about a random axis; ``belt_mean.mrc`` then holds
+the belt's and the periphery's expectation (mean of 48 wobbles).
+
+``image = IFT(CTF · shift_{−o/p}[P_A(protein) + P_{AW}(periphery, hinge shift) + Σ_blobs analytic 2D
+Gaussians]) + noise``: pose A
 Haar-uniform, origin o uniform in ±2 Å, CTF :func:`cryocv.simulate.random_ctf` (0.8–2.5 µm, 300 kV),
 white noise of variance mean signal variance (belt included) / ``snr``.
 Defaults box 128 at 1.1 Å (Nyquist 2.2 Å, beyond what aligning ~40 kDa reaches) hold CXCR4 + Nb
 (radius 63 Å); the receptor alone (``--chains R``, 48 Å with its micelle) fits box 96 at 1.2 Å.
-``python bench/small_membrane_dataset.py --out DIR --n 2000 [--chains R] [--belt nanodisc] [--check]``
+``python bench/small_membrane_dataset.py --out DIR --n 2000 [--chains R] [--belt nanodisc]
+[--chains R,N --flexible-chains N --wobble-sigma-deg 10] [--check]``
 writes ``particles.star``/``.mrcs``, ``truth_protein.mrc``, ``protein_mask.mrc``, ``belt_mean.mrc``,
 ``initial_reference.mrc`` (protein + mean belt, 30 Å low-pass) and ``dataset.json``.
 """
@@ -55,8 +62,9 @@ from cryocv.projector import prepare_volume, project  # noqa: E402
 from cryocv.simulate import DEFAULT_DEFOCUS_RANGE_A, clean_projections, random_ctf  # noqa: E402
 from cryocv.source import ParticleSource  # noqa: E402
 from membrane_dataset import (PROTEIN_A3_PER_DALTON, MicelleBelt, core_mask, density_map,  # noqa: E402
-                              initial_reference, load_model, micelle_projection_ft, pack_micelles,
-                              refmac_blur_A2, save_montage, select_residues)
+                              domain_poses, initial_reference, load_model, micelle_projection_ft, pack_micelles,
+                              refmac_blur_A2, save_montage, select_residues, wobble_rotations)
+from two_body_dataset import hinge_point, rotate_map_about_point  # noqa: E402
 
 SHARED_DATA = os.environ.get("CRYOCV_SHARED_DATA", os.path.join(HERE, os.pardir, os.pardir, "shared", "data"))
 DEFAULT_MODEL = os.path.abspath(os.path.join(SHARED_DATA, "models", "8zpm_cxcr4.cif"))
@@ -64,6 +72,8 @@ DEFAULT_BOX_SIZE, DEFAULT_PIXEL_SIZE_A = 128, 1.1
 SLAB_THICKNESS_A = 32.0      # belt height along the normal: hydrophobic ~30 Å + part of the head groups
 MIN_HELIX_RESIDUES = 14
 _BELT_STREAM = 11            # belt of particle i: np.random.default_rng([seed, _BELT_STREAM, i])
+_WOBBLE_STREAM = 12          # periphery wobble of particle i: np.random.default_rng([seed, _WOBBLE_STREAM, i])
+PERIPHERY_MEAN_SAMPLES = 48  # wobbles averaged into periphery_mean.mrc
 
 
 def ca_trace(structure):
@@ -168,6 +178,23 @@ class SmallMembraneTruth:
     frame: tuple                     # (origin (3,) Å, rotation (3, 3) columns e1, e2, normal): p → o + R p
     components: list                 # [BeltComponent]
     info: dict                       # JSON-ready
+    periphery_map: np.ndarray | None = None  # (N, N, N) float32: flexible chains at rest, or None
+    hinge_A: np.ndarray | None = None        # (3,) x, y, z Å from the box centre: the periphery's pivot
+    wobble_sigma_deg: float = 0.0            # periphery rotation about the hinge ~ N(0, σ) about a random axis
+
+    def particle_wobble(self, seed: int, index: int) -> np.ndarray:
+        """The periphery's rotation W (3, 3) about the hinge in particle ``index``; depends on (seed, index) only."""
+        rng = np.random.default_rng([seed, _WOBBLE_STREAM, index])
+        return wobble_rotations(rng, 1, 1, self.wobble_sigma_deg)[0][0, 0]
+
+    def periphery_mean_map(self, samples: int = PERIPHERY_MEAN_SAMPLES) -> np.ndarray:
+        """Expected periphery (N, N, N) float32: the mean of ``samples`` wobbles (fixed draw) of the
+        periphery about its hinge (linear interpolation); zeros without a periphery."""
+        if self.periphery_map is None:
+            return np.zeros((self.box_size,) * 3, np.float32)
+        wobbles = wobble_rotations(np.random.default_rng(_WOBBLE_STREAM), samples, 1, self.wobble_sigma_deg)[0][:, 0]
+        return (sum(rotate_map_about_point(self.periphery_map, w, self.hinge_A, self.pixel_size_A, order=1)
+                    for w in wobbles) / samples).astype(np.float32)
 
     def particle_belt(self, seed: int, index: int) -> list:
         """[(centres (J, 3) Å, masses (J,)) per component] of particle ``index``; depends on (seed, index) only."""
@@ -191,18 +218,33 @@ class SmallMembraneTruth:
 def build_truth(model_path: str = DEFAULT_MODEL, chains=None, box_size: int = DEFAULT_BOX_SIZE,
                 pixel_size_A: float = DEFAULT_PIXEL_SIZE_A, belt: str = "micelle", belt_axis: str = "helices",
                 belt_mass_ratio: float = 1.25, bfactor_A2: float | None = 50.0, oversampling: int = 2,
-                **belt_options) -> SmallMembraneTruth:
+                flexible_chains=None, wobble_sigma_deg: float = 10.0, **belt_options) -> SmallMembraneTruth:
     """Map of ``chains`` (None: all) centred on their centre of mass, membrane frame and belt
-    (``belt_options``: :func:`build_belt`'s keywords)."""
+    (``belt_options``: :func:`build_belt`'s keywords). ``flexible_chains`` (e.g. ``"N"``: a nanobody) form
+    a **flexible periphery**: left out of ``protein_map`` (the rigid part, the one judged) and kept as
+    ``periphery_map``, turned per particle about its hinge (centroid of its atoms within 4.5 Å of the
+    rigid chains) by ``wobble_sigma_deg``; the belt's mass counts all chains."""
     structure = load_model(model_path, bfactor_A2)
     if set(chains or []) - {ch.name for ch in structure[0]}:
         raise ValueError(f"chains {chains}: not all in {model_path} ({[ch.name for ch in structure[0]]})")
     structure = select_residues(structure, lambda c, r: c in chains) if chains else structure
+    flexible = set(flexible_chains.split(",") if isinstance(flexible_chains, str) else flexible_chains or [])
+    if flexible and (flexible - {ch.name for ch in structure[0]} or flexible == {ch.name for ch in structure[0]}):
+        raise ValueError(f"flexible chains {sorted(flexible)}: must be some, not all, of {[ch.name for ch in structure[0]]}")
     atoms = [a for ch in structure[0] for res in ch for a in res]
     xyz, mass = np.array([a.pos.tolist() for a in atoms]), np.array([a.element.weight for a in atoms])
     com = mass @ xyz / mass.sum()
     blur = refmac_blur_A2(structure, pixel_size_A, oversampling)
-    protein = density_map(structure, box_size, pixel_size_A, com, blur, oversampling)
+    rigid = select_residues(structure, lambda c, r: c not in flexible) if flexible else structure
+    protein = density_map(rigid, box_size, pixel_size_A, com, blur, oversampling)
+    periphery = hinge = None
+    if flexible:
+        periphery = density_map(select_residues(structure, lambda c, r: c in flexible), box_size, pixel_size_A, com,
+                                blur, oversampling)
+        in_flexible = np.array([ch.name in flexible for ch in structure[0] for res in ch for a in res])
+        hinge, n_contact = hinge_point(xyz[in_flexible], xyz[~in_flexible], mass[~in_flexible] @ xyz[~in_flexible]
+                                       / mass[~in_flexible].sum())
+        hinge = hinge - com
     normal, normal_note = membrane_normal(structure, xyz, mass, belt_axis)
     thickness = belt_options.get("thickness_A", SLAB_THICKNESS_A)
     offset, rel = slab_centre_A(structure, normal, com, thickness), xyz - com
@@ -211,7 +253,7 @@ def build_truth(model_path: str = DEFAULT_MODEL, chains=None, box_size: int = DE
     e1 = np.cross(normal, np.eye(3)[np.argmin(np.abs(normal))])
     e1 /= np.linalg.norm(e1)
     frame = (axis_point + (offset - axis_point @ normal) * normal, np.stack([e1, np.cross(normal, e1), normal], 1))
-    protein_sum = float(protein.sum(dtype=np.float64))
+    protein_sum = float(protein.sum(dtype=np.float64)) + (0.0 if periphery is None else float(periphery.sum(dtype=np.float64)))
     protein_density = protein_sum * pixel_size_A ** 3 / (mass.sum() * PROTEIN_A3_PER_DALTON)
     components = build_belt(belt, (rel[in_slab] - frame[0]) @ frame[1], belt_mass_ratio * protein_sum, protein_density,
                             pixel_size_A ** 3, **belt_options)
@@ -219,8 +261,11 @@ def build_truth(model_path: str = DEFAULT_MODEL, chains=None, box_size: int = DE
               + 2 * c.blob_sigma_A for c in components)
     info = {"model": os.path.abspath(model_path), "chains": [ch.name for ch in structure[0]], "n_atoms": len(atoms),
             "center_of_mass_model_A": com.round(3).tolist(), "bfactor_A2": bfactor_A2,
-            "mass_kDa": {"protein": mass.sum() / 1e3, "belt": belt_mass_ratio * mass.sum() / 1e3, "belt_mass_ratio":
-                         belt_mass_ratio, "note": "modelled heavy atoms (no H); belt: voxel-sum ratio × protein"},
+            "mass_kDa": {"protein": mass[~in_flexible].sum() / 1e3 if flexible else mass.sum() / 1e3,
+                         **({"periphery": mass[in_flexible].sum() / 1e3} if flexible else {}),
+                         "belt": belt_mass_ratio * mass.sum() / 1e3, "belt_mass_ratio": belt_mass_ratio,
+                         "note": "modelled heavy atoms (no H); protein = the rigid chains (judged); belt: voxel-sum "
+                                 "ratio × all chains"},
             "density": {"gemmi_blur_A2": blur, "protein_voxel_sum": protein_sum, "protein_mean_voxel": protein_density},
             "normal_xyz": normal.round(5).tolist(), "normal_estimate": normal_note,
             "slab": {"thickness_A": thickness, "centre_along_normal_A": offset, "n_atoms": int(in_slab.sum()),
@@ -233,17 +278,27 @@ def build_truth(model_path: str = DEFAULT_MODEL, chains=None, box_size: int = DE
             "extent": {"protein_max_radius_A": float(np.linalg.norm(rel, axis=1).max()),
                        "belt_max_radius_plus_2sigma_A": float(far),
                        "reconstruction_window_radius_A": (box_size / 2 - 3) * pixel_size_A}}
-    return SmallMembraneTruth(box_size, float(pixel_size_A), protein, frame, components, info)
+    if flexible:
+        info["periphery"] = {"chains": sorted(flexible), "wobble_sigma_deg": wobble_sigma_deg,
+                             "hinge_A_xyz_from_box_centre": hinge.round(3).tolist(), "hinge_contact_atoms": n_contact,
+                             "max_radius_from_hinge_A": float(np.linalg.norm(xyz[in_flexible] - com - hinge, axis=1).max())}
+    return SmallMembraneTruth(box_size, float(pixel_size_A), protein, frame, components, info, periphery, hinge,
+                              float(wobble_sigma_deg) if flexible else 0.0)
 
 
-def render(truth: SmallMembraneTruth, protein_ft, rotations, origin_A, belts=None, ctf_matrix=None, xp=np):
+def render(truth: SmallMembraneTruth, protein_ft, rotations, origin_A, belts=None, ctf_matrix=None, xp=np,
+           periphery_ft=None, wobbles=None):
     """Noise-free images (B, N, N) float32 numpy: the protein (``prepare_volume``'d) + ``belts`` (B
-    :meth:`SmallMembraneTruth.particle_belt` lists, or None) at poses (B, 3, 3), origins (B, 2) Å,
+    :meth:`SmallMembraneTruth.particle_belt` lists, or None) + the periphery (``prepare_volume``'d, or
+    None) turned by ``wobbles`` (B, 3, 3) about the hinge, at poses (B, 3, 3), origins (B, 2) Å,
     times the CTFs ``ctf_matrix`` (B, 9) unless None."""
     n, p = truth.box_size, truth.pixel_size_A
     dev = lambda a: to_device(np.ascontiguousarray(a, dtype=np.float32), xp)  # noqa: E731
     origin_px = np.asarray(origin_A, dtype=np.float64) / p
     slices = project(protein_ft, dev(rotations), n, shifts_px=dev(-origin_px))
+    if periphery_ft is not None:      # domain D'(x) = D(Wᵀ(x − h) + h): pose A·W, content moved by (A(h − W h))_xy
+        poses, shifts = domain_poses(rotations, np.asarray(wobbles)[:, None], truth.hinge_A[None], p)
+        slices += project(periphery_ft, dev(poses[:, 0]), n, shifts_px=dev(shifts[:, 0] - origin_px))
     for k, component in enumerate(truth.components if belts is not None else []):
         centres, masses = pack_micelles([b[k] for b in belts])
         xy_px = np.einsum("bij,bkj->bki", np.asarray(rotations)[:, :2], centres) / p - origin_px[:, None]
@@ -285,6 +340,20 @@ def check_protein_projection(truth: SmallMembraneTruth, out_dir: str, count: int
     return {"protein_rel_error_vs_cryocv_projection": float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))}
 
 
+def check_periphery_projection(truth: SmallMembraneTruth, seed: int, rotations, origin_A) -> dict:
+    """The periphery rendered by its pose A·W and hinge shift vs the projection of the periphery map
+    turned by W about the hinge in real space (cubic), particles 0 … len(rotations) − 1 of ``seed``."""
+    errors = []
+    for i in range(len(rotations)):
+        w = truth.particle_wobble(seed, i)
+        ours = render(truth, prepare_volume(0 * truth.protein_map), rotations[i:i + 1], origin_A[i:i + 1],
+                      periphery_ft=prepare_volume(truth.periphery_map), wobbles=[w])[0]
+        turned = rotate_map_about_point(truth.periphery_map, w, truth.hinge_A, truth.pixel_size_A).astype(np.float32)
+        theirs = render(truth, prepare_volume(turned), rotations[i:i + 1], origin_A[i:i + 1])[0]
+        errors.append(float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)))
+    return {"periphery_rel_error_vs_turned_map": errors}
+
+
 def build_dataset(out_dir: str, n: int, model_path: str = DEFAULT_MODEL, chains=None,
                   box_size: int = DEFAULT_BOX_SIZE, pixel_size_A: float = DEFAULT_PIXEL_SIZE_A, snr: float = 0.05,
                   belt: str = "micelle", belt_axis: str = "helices", belt_mass_ratio: float = 1.25, seed: int = 0,
@@ -292,7 +361,7 @@ def build_dataset(out_dir: str, n: int, model_path: str = DEFAULT_MODEL, chains=
                   with_ctf: bool = True, lowpass_A: float = 30.0, batch_size: int = 256, xp=np, checks: bool = False,
                   montage: str | None = None, **belt_options) -> dict:
     """Simulate ``n`` particles into ``out_dir`` (files in the module docstring); returns dataset.json.
-    ``montage``: a PNG of 4 particles in rows: protein, + belt, + CTF, + noise."""
+    ``montage``: a PNG of 4 particles in rows: protein (+ periphery), + belt, + CTF, + noise."""
     if n <= 0 or not snr > 0:
         raise ValueError("need n > 0 and snr > 0 (inf: noise-free)")
     started = time.perf_counter()
@@ -308,13 +377,15 @@ def build_dataset(out_dir: str, n: int, model_path: str = DEFAULT_MODEL, chains=
     ctf = random_ctf(n, rng, defocus_range_A, voltage_kV=voltage_kV)
     ctf_matrix = ctf.as_matrix() if with_ctf else None
     t0, protein_ft = time.perf_counter(), prepare_volume(to_device(truth.protein_map, xp))
+    periphery_ft = None if truth.periphery_map is None else prepare_volume(to_device(truth.periphery_map, xp))
     images, belt_mass = np.empty((n, box_size, box_size), np.float32), np.empty(n)
     for s in range(0, n, batch_size):
         sl = slice(s, min(s + batch_size, n))
         belts = [truth.particle_belt(seed, i) for i in range(sl.start, sl.stop)]
         belt_mass[sl] = [sum(m.sum() for _, m in b) for b in belts]
+        wobbles = None if periphery_ft is None else [truth.particle_wobble(seed, i) for i in range(sl.start, sl.stop)]
         images[sl] = render(truth, protein_ft, rotations[sl], origin_A[sl], belts,
-                            None if ctf_matrix is None else ctf_matrix[sl], xp)
+                            None if ctf_matrix is None else ctf_matrix[sl], xp, periphery_ft, wobbles)
     times["particles_s"] = time.perf_counter() - t0
     signal_var, clean = float(images.var(axis=(1, 2)).mean()), images[:4].copy()
     noise_sigma = math.sqrt(signal_var / snr) if np.isfinite(snr) else 0.0
@@ -331,6 +402,8 @@ def build_dataset(out_dir: str, n: int, model_path: str = DEFAULT_MODEL, chains=
     mass_kDa, protein_sum = truth.info["mass_kDa"], truth.info["density"]["protein_voxel_sum"]
     mask, threshold = core_mask(truth.protein_map, mass_kDa["protein"] * 1e3 * PROTEIN_A3_PER_DALTON, pixel_size_A)
     belt_mean = truth.belt_mean_map()
+    if truth.periphery_map is not None:     # judged: the rigid protein; the belt's expectation carries the periphery's
+        belt_mean = belt_mean + truth.periphery_mean_map()
     maps = {"truth_protein.mrc": truth.protein_map, "protein_mask.mrc": mask, "belt_mean.mrc": belt_mean,
             "initial_reference.mrc": initial_reference(truth.protein_map + belt_mean, pixel_size_A, lowpass_A)}
     for name, volume in maps.items():
@@ -342,6 +415,7 @@ def build_dataset(out_dir: str, n: int, model_path: str = DEFAULT_MODEL, chains=
                "ctf": {"defocus_range_A": list(defocus_range_A), "voltage_kV": voltage_kV} if with_ctf else None,
                "belt_mass_ratio_realised": {"per_particle_mean_min_max": [float(f(belt_mass) / protein_sum) for f in (
                    np.mean, np.min, np.max)], "belt_mean_map": float(belt_mean.sum(dtype=np.float64) / protein_sum)},
+               "note_belt_mean": "belt_mean.mrc = the belt's expectation (+ the wobbling periphery's, if any)",
                "protein_mask": {"threshold": threshold, "enclosed": "molecular volume", "dilation_A": 3, "edge_A": 6},
                "half_sets": np.bincount(particles.half_set, minlength=3)[1:].tolist(), "truth": truth.info,
                "initial_reference_lowpass_A": lowpass_A, "files": {k[:-4]: k for k in maps}}
@@ -350,10 +424,14 @@ def build_dataset(out_dir: str, n: int, model_path: str = DEFAULT_MODEL, chains=
         dataset["checks"] = {"belt_mass_ratio": dataset["belt_mass_ratio_realised"]["per_particle_mean_min_max"][0],
                              **check_belt_projection(truth, seed, rotations[:2], origin_A[:2]),
                              **check_protein_projection(truth, out_dir)}
+        if truth.periphery_map is not None:
+            dataset["checks"].update(check_periphery_projection(truth, seed, rotations[:2], origin_A[:2]))
         times["checks_s"] = time.perf_counter() - t0
     if montage:
         k, volume_ft = len(clean), prepare_volume(truth.protein_map)
-        rows = [render(truth, volume_ft, rotations[:k], origin_A[:k], b)
+        wobbles = None if periphery_ft is None else [truth.particle_wobble(seed, i) for i in range(k)]
+        periphery_np = None if periphery_ft is None else prepare_volume(truth.periphery_map)
+        rows = [render(truth, volume_ft, rotations[:k], origin_A[:k], b, periphery_ft=periphery_np, wobbles=wobbles)
                 for b in (None, [truth.particle_belt(seed, i) for i in range(k)])]
         save_montage(np.concatenate(rows + [clean, images[:k]]), montage, n_cols=k)
     times["total_s"] = time.perf_counter() - started
@@ -367,6 +445,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--chains", type=lambda s: s.split(","), help="comma-separated chains to keep (default all)")
+    p.add_argument("--flexible-chains", help="comma-separated chains that wobble about their hinge (a flexible "
+                   "periphery, e.g. N: CXCR4's nanobody); judged: the other chains")
+    p.add_argument("--wobble-sigma-deg", type=float, default=10.0, help="periphery wobble (default 10)")
     for flag, kind, default, text in (
             ("--model", str, DEFAULT_MODEL, "PDB/mmCIF model"), ("--n", int, 2000, "particles"),
             ("--box-size", int, DEFAULT_BOX_SIZE, "box"), ("--pixel-size-A", float, DEFAULT_PIXEL_SIZE_A, "pixel"),

@@ -218,15 +218,16 @@ def render(body_ft, domain_ft, rotations, origin_A, poses, origin_domain_A, ctf_
     return to_numpy(images).astype(np.float32)
 
 
-def rotate_map_about_point(volume, rotation, point_A, pixel_size_A: float, translation_A=(0.0, 0.0, 0.0)):
-    """Real-space ``V'(x) = V(Wᵀ(x − h − t) + h)`` of a ``[z, y, x]`` map (cubic spline)."""
+def rotate_map_about_point(volume, rotation, point_A, pixel_size_A: float, translation_A=(0.0, 0.0, 0.0),
+                           order: int = 3):
+    """Real-space ``V'(x) = V(Wᵀ(x − h − t) + h)`` of a ``[z, y, x]`` map (spline of ``order``; cubic)."""
     n = volume.shape[0]
     flip = np.eye(3)[::-1]                                   # (x, y, z) <-> (z, y, x)
     matrix = flip @ rotation.T @ flip
     c = np.full(3, n // 2, dtype=np.float64)
     h = np.asarray(point_A) / pixel_size_A
     offset = c - matrix @ c + flip @ (h - rotation.T @ (h + np.asarray(translation_A) / pixel_size_A))
-    return ndimage.affine_transform(volume.astype(np.float64), matrix, offset=offset, order=3, mode="constant")
+    return ndimage.affine_transform(volume.astype(np.float64), matrix, offset=offset, order=order, mode="constant")
 
 
 def brute_force_check(truth: TwoBodyTruth, rotations, origin_A, domain_rotations, translations_A) -> dict:

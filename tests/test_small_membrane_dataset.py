@@ -154,3 +154,31 @@ def test_judging_turns_a_map_back_by_the_poses_global_rotation(smd, cxcr4, tmp_p
     result = bsm.judge_job(job, truth, mask, px, particles)
     assert result["pose_error_joint_registered_median_deg"] < 0.1 and result["pose_error_median_deg"] > 11
     assert result["fsc05_A"] > 8.0 and result["after_global_rotation"]["fsc05_A"] <= 1.05 * 2 * px   # Nyquist
+
+
+def test_flexible_periphery(smd, cxcr4):
+    """CXCR4 + its nanobody as a flexible periphery: the rigid and flexible maps add up to the whole,
+    the belt's mass counts both, the wobble is the asked-for spread and fixed by (seed, index), and the
+    rendered periphery is the projection of its map turned about the hinge in real space."""
+    truth = smd.build_truth(cxcr4, ["R", "N"], 64, 2.4, belt_mass_ratio=RATIO, flexible_chains="N",
+                            wobble_sigma_deg=10.0)
+    whole = smd.build_truth(cxcr4, ["R", "N"], 64, 2.4, belt_mass_ratio=RATIO)
+    assert np.allclose(truth.protein_map + truth.periphery_map, whole.protein_map, atol=1e-4 * whole.protein_map.max())
+    masses = truth.info["mass_kDa"]
+    assert 25 < masses["protein"] < 35 and 9 < masses["periphery"] < 15
+    assert masses["belt"] == pytest.approx(RATIO * (masses["protein"] + masses["periphery"]))
+    assert sum(c.mass for c in truth.components) == pytest.approx(sum(c.mass for c in whole.components))
+    assert truth.info["periphery"]["hinge_contact_atoms"] > 0
+    angles = [np.degrees(np.arccos(np.clip((np.trace(truth.particle_wobble(3, i)) - 1) / 2, -1, 1)))
+              for i in range(300)]
+    assert 4.5 < np.median(angles) < 9.0                       # |N(0, 10°)|: median 6.7°
+    assert np.array_equal(truth.particle_wobble(3, 7), truth.particle_wobble(3, 7))
+    rng = np.random.default_rng(0)
+    rotations = smd.euler_to_matrix(smd.matrix_to_euler(smd.random_rotations(2, rng)))
+    errors = smd.check_periphery_projection(truth, 3, rotations, rng.uniform(-2, 2, (2, 2)))
+    assert max(errors["periphery_rel_error_vs_turned_map"]) < 0.1
+    mean = truth.periphery_mean_map()
+    assert mean.sum() == pytest.approx(truth.periphery_map.sum(), rel=0.02)
+    for bad in ("Q", "R,N"):
+        with pytest.raises(ValueError):
+            smd.build_truth(cxcr4, ["R", "N"], 64, 2.4, flexible_chains=bad)
