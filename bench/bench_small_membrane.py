@@ -11,9 +11,8 @@ frame a few degrees off the start's), each refinement's poses against the true o
 raw, after that global rotation and after each half-set's own; fraction > 6°). ``--floor`` adds
 the poses of one alignment to the truth itself (protein + mean belt): the error the data allow;
 ``--truth-start [LOWPASS_A ...]`` refines from that truth (at Nyquist, or low-passed to each resolution
-given) as well: where each refinement settles from a perfect start, or from an ideal start at X Å. A
-variant option ``stage_align_res_A=X`` refines twice: aligning no finer than X Å until converged, then
-from that map low-passed to X Å without the cap (a staged start).
+given; 0 = Nyquist) as well: where each refinement settles from a perfect start, or from an ideal
+start at X Å. A staged start is the refinement's own option: ``nu:staged_start_res_A=8``.
 The belt is atomic-grained by default (``--belt-grain``).
 
     python bench/bench_small_membrane.py --snr 0.03 0.02 --n 2000 4000 8000 16000 --floor --max-iterations 20 \
@@ -135,11 +134,9 @@ def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterati
               floor: bool = False, truth_start=None) -> dict:
     """The regularizers and the oracle on the first ``count`` particles of the dataset; with ``floor``
     also the poses of one alignment to the true protein + mean belt (then a final pass to Nyquist);
-    with ``truth_start`` (a list of low-pass resolutions, Å; None in it = Nyquist) each regularizer also
-    refines from that truth low-passed to each (rows '<spec> from the truth [at X Å]'): where the
-    refinement settles when its start is perfect, or as good as a start at X Å can be.
-    A variant option ``stage_align_res_A=X`` runs the refinement twice: first never aligning finer than
-    X Å, then from that run's map low-passed to X Å without the cap (a slower resolution ramp)."""
+    with ``truth_start`` (a list of low-pass resolutions, Å; None or 0 in it = Nyquist) each regularizer
+    also refines from that truth low-passed to each (rows '<spec> from the truth [at X Å]'): where the
+    refinement settles when its start is perfect, or as good as a start at X Å can be."""
     truth, px = read_map(os.path.join(data_dir, "truth_protein.mrc"))
     mask, _ = read_map(os.path.join(data_dir, "protein_mask.mrc"))
     everyone = load_particles(os.path.join(data_dir, "particles.star"))
@@ -170,19 +167,13 @@ def run_count(data_dir: str, count: int, out_dir: str, regularizers, max_iterati
         print(f"  {count}: aligned to the truth, {np.median(error):.2f}° median pose error", flush=True)
     starts = [("", os.path.join(data_dir, "initial_reference.mrc"), {})]
     for lowpass in truth_start or []:
-        starts.append((" from the truth" + ("" if lowpass is None else f" at {lowpass:g} Å"), truth_reference,
+        starts.append((" from the truth" + (f" at {lowpass:g} Å" if lowpass else ""), truth_reference,
                        {"initial_lowpass_A": lowpass or 2 * px}))
     for (suffix, start, start_options), spec in ((s, v) for s in starts for v in regularizers):
         regularizer, options = variant(spec)
-        stage_res = options.pop("stage_align_res_A", None)
         name = spec + suffix
         job = os.path.join(out_dir, variant_folder(spec) + suffix.replace(" ", "_"))
         t0 = time.time()
-        if stage_res:      # first stage: never aligned finer than stage_res; the second starts from its map
-            run_refine(star, start, job + "_stage1", RefineParams(
-                regularizer=regularizer, max_iterations=max_iterations, max_align_res_A=stage_res,
-                **{**start_options, **options}), device=device, progress=False, overwrite=True)
-            start, start_options = os.path.join(job + "_stage1", "map.mrc"), {"initial_lowpass_A": stage_res}
         run_refine(star, start, job, RefineParams(regularizer=regularizer, max_iterations=max_iterations,
                                                   **{**start_options, **options}),
                    device=device, progress=False, overwrite=True)
@@ -233,7 +224,7 @@ def main(argv=None):
                         help="also align once to the truth (protein + mean belt): the pose error the data allow")
     parser.add_argument("--truth-start", nargs="*", type=float, default=None, metavar="LOWPASS_A",
                         help="also refine from the truth (protein + mean belt) at Nyquist, or low-passed to each "
-                             "LOWPASS_A given")
+                             "LOWPASS_A given (0: Nyquist)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
     parser.add_argument("--results", required=True, help="path prefix for .json and .md")

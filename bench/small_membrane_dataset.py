@@ -266,7 +266,8 @@ def build_truth(model_path: str = DEFAULT_MODEL, chains=None, box_size: int = DE
                          "belt": belt_mass_ratio * mass.sum() / 1e3, "belt_mass_ratio": belt_mass_ratio,
                          "note": "modelled heavy atoms (no H); protein = the rigid chains (judged); belt: voxel-sum "
                                  "ratio × all chains"},
-            "density": {"gemmi_blur_A2": blur, "protein_voxel_sum": protein_sum, "protein_mean_voxel": protein_density},
+            "density": {"gemmi_blur_A2": blur, "protein_voxel_sum": protein_sum, "protein_mean_voxel": protein_density,
+                        "note": "all chains (the belt's mass is a ratio of this), flexible ones included"},
             "normal_xyz": normal.round(5).tolist(), "normal_estimate": normal_note,
             "slab": {"thickness_A": thickness, "centre_along_normal_A": offset, "n_atoms": int(in_slab.sum()),
                      "belt_axis_point_A_xyz": frame[0].round(3).tolist()},
@@ -402,6 +403,7 @@ def build_dataset(out_dir: str, n: int, model_path: str = DEFAULT_MODEL, chains=
     mass_kDa, protein_sum = truth.info["mass_kDa"], truth.info["density"]["protein_voxel_sum"]
     mask, threshold = core_mask(truth.protein_map, mass_kDa["protein"] * 1e3 * PROTEIN_A3_PER_DALTON, pixel_size_A)
     belt_mean = truth.belt_mean_map()
+    belt_mean_ratio = float(belt_mean.sum(dtype=np.float64) / protein_sum)
     if truth.periphery_map is not None:     # judged: the rigid protein; the belt's expectation carries the periphery's
         belt_mean = belt_mean + truth.periphery_mean_map()
     maps = {"truth_protein.mrc": truth.protein_map, "protein_mask.mrc": mask, "belt_mean.mrc": belt_mean,
@@ -414,7 +416,7 @@ def build_dataset(out_dir: str, n: int, model_path: str = DEFAULT_MODEL, chains=
                "signal_variance": signal_var, "noise_sigma": noise_sigma, "shift_range_A": shift_range_A,
                "ctf": {"defocus_range_A": list(defocus_range_A), "voltage_kV": voltage_kV} if with_ctf else None,
                "belt_mass_ratio_realised": {"per_particle_mean_min_max": [float(f(belt_mass) / protein_sum) for f in (
-                   np.mean, np.min, np.max)], "belt_mean_map": float(belt_mean.sum(dtype=np.float64) / protein_sum)},
+                   np.mean, np.min, np.max)], "belt_mean_map": belt_mean_ratio},
                "note_belt_mean": "belt_mean.mrc = the belt's expectation (+ the wobbling periphery's, if any)",
                "protein_mask": {"threshold": threshold, "enclosed": "molecular volume", "dilation_A": 3, "edge_A": 6},
                "half_sets": np.bincount(particles.half_set, minlength=3)[1:].tolist(), "truth": truth.info,

@@ -429,6 +429,14 @@ def test_refine_form_mirrors_the_cli():
     protocol.marginalizeStep.set(0.0)
     assert any("Marginalize over poses: step" in e for e in protocol._paramsErrors(protocol._refineParams(),
                                                                                   FORM_LABELS))
+    # staged start: passed only when set; its error names the form's label
+    protocol.marginalizeStep.set(None)
+    assert "--staged-start-res-A" not in protocol._refineArgs()
+    protocol.stagedStart.set(8.0)
+    changed = protocol._refineParams()
+    assert parsed(protocol) == changed and changed.staged_start_res_A == 8.0
+    protocol.stagedStart.set(-1.0)
+    assert any("Staged start" in e for e in protocol._paramsErrors(protocol._refineParams(), FORM_LABELS))
 
 
 def test_local_refine_form_mirrors_the_cli():

@@ -7,6 +7,9 @@ with the job's pose search, inserts them at the poses found, then (see
 dynamic mask and measures the masked, corrected FSC; the next alignment cutoff is that
 resolution plus a few Fourier shells. Refinement stops when resolution and pose changes
 both stop improving (or at ``max_iterations``) and ends with one pass aligned to Nyquist.
+With a staged start (``staged_start_res_A``) a first stage aligns no finer than that
+resolution; when it stops, each half-set restarts from its own half-map low-passed to it,
+and a second stage (its own convergence test and ``max_iterations``) runs uncapped.
 
 The job passes ``make_search(volumes, noise, cutoff_px, state)`` → :class:`PoseSearch`: the
 only thing that differs between a global and a local refinement.
@@ -43,6 +46,7 @@ from .checkpoints import CheckpointStore, RefineState
 # continued with --continue keeps the settings it started with
 DEFAULTS_BEFORE_CHANGE = {"nu_max_window_fraction": None}      # 0.125 since 2026-12-04 (issue 15)
 NOISE_SAMPLE = 1000   # images of box <= 128 whose power spectrum is the first iteration's noise model
+STAGE_RESTART = "staged_start_restart_A"   # history: the iteration after which the staged start restarted
 
 
 def noise_sample_size(box_size: int) -> int:
@@ -119,6 +123,23 @@ def alignment_cutoff_px(box_size: int, pixel_size_A: float, resolution_A: float,
     return float(min(box_size / 2, box_size * pixel_size_A / resolution_A + extra_shells))
 
 
+def current_stage(history: list) -> tuple[list, int]:
+    """The records of the current stage (those after the last staged-start restart; all without one)
+    and the iteration it began after (0 without a restart)."""
+    restarts = [i for i, record in enumerate(history) if STAGE_RESTART in record]
+    return (history[restarts[-1] + 1:], history[restarts[-1]]["iteration"]) if restarts else (history, 0)
+
+
+def restart_from_stage(state: RefineState, pixel_size_A: float, resolution_A: float) -> RefineState:
+    """The end of a staged start's first stage: each half-set's next reference is its own half-map
+    low-passed to ``resolution_A`` (the halves stay independent), the next alignment starts there,
+    and the last record is marked (:data:`STAGE_RESTART`)."""
+    state.references = [start_reference(reference, pixel_size_A, resolution_A) for reference in state.references]
+    state.resolution_A, state.converged = max(resolution_A, 2 * pixel_size_A), False
+    state.history[-1][STAGE_RESTART] = resolution_A
+    return state
+
+
 def convergence(history: list, min_iterations: int, final_step_deg: float) -> tuple[bool, str]:
     """Has refinement stopped improving? Returns (converged, reason for the log)."""
     if len(history) < max(min_iterations, 2):
@@ -192,6 +213,9 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         raise CryocvError(f"--join-halves-A {params.join_halves_A:g} Å is at or beyond Nyquist ({2 * px:.2f} Å): the "
                           f"two half-references would be one map; give a resolution far coarser than the expected "
                           f"one (RELION's default is 40 Å)")
+    if params.staged_start_res_A is not None and params.staged_start_res_A <= 2 * px:
+        raise CryocvError(f"--staged-start-res-A {params.staged_start_res_A:g} Å is at or beyond Nyquist "
+                          f"({2 * px:.2f} Å): the first stage would not be capped; give a coarse resolution (e.g. 8 Å)")
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
     pose_symmetry = params.reconstruction_symmetry()        # C1 when relaxing: a change of mode is a change
@@ -217,11 +241,15 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
     while True:
         timer = StageTimer(xp)
         finals_before = sum(1 for h in state.history if h.get("final"))
-        final = state.converged or state.iteration >= params.max_iterations or finals_before > 0
+        staged = params.staged_start_res_A is not None and not any(STAGE_RESTART in h for h in state.history)
+        stage_iterations = state.iteration - current_stage(state.history)[1]
+        final = state.converged or stage_iterations >= params.max_iterations or finals_before > 0
         iteration = state.iteration + 1
         cutoff = n / 2 if final else alignment_cutoff_px(n, px, state.resolution_A, params.extra_shells)
         if params.max_align_res_A:             # never align beyond this, the final pass included
             cutoff = min(cutoff, n * px / params.max_align_res_A)
+        if staged:                             # the staged start's first stage (never the final pass)
+            cutoff = min(cutoff, n * px / params.staged_start_res_A)
         with timer("references + search setup"):
             if release:
                 free_device_memory(xp)     # the last iteration's grids go before this one's are made
@@ -286,11 +314,17 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
             with timer("half-set registration"):     # before the convergence test: it records the agreement
                 state = register_halves(state)
         if not final:
-            state.converged, reason = convergence(state.history, params.min_iterations,
+            state.converged, reason = convergence(current_stage(state.history)[0], params.min_iterations,
                                                   math.degrees(finest.rotation_step_rad))
-            if state.converged:
+            stage_over = state.converged or stage_iterations + 1 >= params.max_iterations
+            if staged and stage_over:
+                state = restart_from_stage(state, px, params.staged_start_res_A)
+                log(f"  staged start: the first stage (aligned to {params.staged_start_res_A:g} Å at most) "
+                    f"{'converged' if reason else 'reached --max-iterations'}; each half-set restarts from its "
+                    f"half-map low-passed to {params.staged_start_res_A:g} Å")
+            elif state.converged:
                 log(f"  converged: {reason}")
-            elif iteration >= params.max_iterations:
+            elif stage_over:
                 log(f"  stopping at --max-iterations {params.max_iterations} without convergence")
         with timer("checkpoint: previous write"):
             store.wait()

@@ -50,6 +50,7 @@ class RefineParams:
     candidate_decay: int = SearchParams.candidate_decay
     extra_shells: int = 4               # alignment uses the resolution shell + this many
     max_align_res_A: float | None = None  # never align to finer than this (Å), the final pass included
+    staged_start_res_A: float | None = None  # first stage aligns no finer than this (Å), then a restart from it
     nu_cutoffs: int = NUParams.n_cutoffs
     nu_order: int = NUParams.order
     nu_awf: float = NUParams.awf
@@ -87,6 +88,8 @@ class RefineParams:
                   (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
                   (self.max_align_res_A is None or self.max_align_res_A > 0, "--max-align-res-A must be positive"),
+                  (self.staged_start_res_A is None or self.staged_start_res_A > 0,
+                   "--staged-start-res-A must be positive"),
                   (self.relax in RELAX_MODES, "--relax must be maximize or marginalize"),
                   (not self.break_symmetry or self.relax, "--break-symmetry needs --relax"),
                   (not self.relax or self.symmetry.upper() != "C1", "--relax needs a --sym group other than C1"),
@@ -160,6 +163,10 @@ def add_args(p):
     add_search_and_regularizer_args(p, RefineParams)
     add_relaxation_args(p, RefineParams)
     add_marginalization_args(p, RefineParams)
+    p.add_argument("--staged-start-res-A", dest="staged_start_res_A", type=float, default=RefineParams.staged_start_res_A,
+                   help="staged start: align no finer than this (Å) until converged, then restart each half-set "
+                        "from its own half-map low-passed to it and refine on without the cap (each stage with its "
+                        "own --max-iterations); e.g. 8 for a small protein from a featureless start (default: off)")
     output_args(p)
     device_args(p, gpu=True)
 
