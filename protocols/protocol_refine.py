@@ -53,10 +53,12 @@ class ProtCryocvRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefine3D):
                                                              "TRPV1 at 2,000 particles, bench/results/small_membrane.md")
         form.addParam("stagedStart", params.FloatParam, default=RefineParams.staged_start_res_A, allowsNull=True,
                       expertLevel=params.LEVEL_ADVANCED, label="Staged start (Å)",
-                      help="Align no finer than this resolution until the refinement converges, then restart each "
-                           "half-set from its own half-map low-passed to it and refine on without the cap. 8 Å "
-                           "lowered the pose error of a 30 kDa membrane protein from a featureless 30 Å start by "
-                           "4-28 % (bench/results/small_membrane.md); empty: one stage.")
+                      help="Align no finer than this resolution until the refinement converges (or reaches the "
+                           "maximum iterations), then restart each half-set from its own regularized half-map "
+                           "low-passed to it and refine on without the cap (up to twice the iterations). For "
+                           "featureless starts: 8 Å lowered the pose error of a 30 kDa membrane protein from a 30 Å "
+                           "start by up to 28 %, but raised it from a good 8 Å start "
+                           "(bench/results/small_membrane.md); empty: one stage.")
         self._defineRelaxationParams(form, RefineParams)
         self._defineComputeParams(form)
 

@@ -274,13 +274,15 @@ def test_marginalized_refine_recovers_poses_and_map(refine_case):
 
 def test_staged_start_caps_then_restarts_each_half_from_its_own_map(refine_case):
     """--staged-start-res-A: the first stage aligns no finer than the cap; when it stops, each half-set's
-    next reference is its own half-map low-passed to the cap (the two stay different; no power beyond
-    it), the second stage aligns finer and has its own iteration budget, and the poses and map are
-    recovered as well as without the stage."""
+    next reference is its own (regularized) half-map low-passed to the cap (the two stay different; no
+    power beyond it), the second stage aligns finer and has its own iteration budget, the poses and map
+    are recovered as well as without the stage, and a job continued from the restart's checkpoint goes
+    on as the whole job did."""
     from cryocv.cli import build_parser
     from cryocv.jobs import jobdir
     from cryocv.jobs.checkpoints import CheckpointStore
     from cryocv.jobs.common import params_from_args
+    import shutil
     from cryocv.errors import CryocvError
     from cryocv.jobs.loop import STAGE_RESTART
     from cryocv.jobs.refine import RefineParams, run as run_refine
@@ -311,6 +313,19 @@ def test_staged_start_caps_then_restarts_each_half_from_its_own_map(refine_case)
                                truth_particles.rotations)
     assert np.median(err) < 5.5, np.median(err)
     assert resolution_at(fsc_curve(read_map(os.path.join(out, "map.mrc"))[0], truth), 0.5, 32, 2.0) < 8.0
+    # a job killed right after the restart's checkpoint continues in the second stage, as the whole job did
+    resumed = str(root / "staged_resumed")
+    shutil.copytree(out, resumed)
+    for folder in CheckpointStore(resumed).folders():
+        if int(folder[-3:]) > restarts[0] + 1:
+            shutil.rmtree(folder)
+    with open(os.path.join(resumed, jobdir.CHECKPOINT), "w") as handle:
+        json.dump({"iteration": restarts[0] + 1,
+                   "folder": os.path.relpath(CheckpointStore(resumed).folder(restarts[0] + 1), resumed)}, handle)
+    again = run_refine(None, None, resumed, resume=True, progress=False)["iterations"]
+    summary = lambda h: [(r["iteration"], r["final"], round(r["alignment_resolution_A"], 3), STAGE_RESTART in r)  # noqa: E731
+                         for r in h]
+    assert summary(again) == summary(history)
     parsed = params_from_args(RefineParams, build_parser().parse_args(
         ["refine", "--particles", "p.star", "--ref", "r.mrc", "--out", "o", "--staged-start-res-A", "8"]))
     assert parsed.staged_start_res_A == 8.0 and RefineParams().staged_start_res_A is None

@@ -8,7 +8,7 @@ dynamic mask and measures the masked, corrected FSC; the next alignment cutoff i
 resolution plus a few Fourier shells. Refinement stops when resolution and pose changes
 both stop improving (or at ``max_iterations``) and ends with one pass aligned to Nyquist.
 With a staged start (``staged_start_res_A``) a first stage aligns no finer than that
-resolution; when it stops, each half-set restarts from its own half-map low-passed to it,
+resolution; when it stops, each half-set restarts from its own (regularized) half-map low-passed to it,
 and a second stage (its own convergence test and ``max_iterations``) runs uncapped.
 
 The job passes ``make_search(volumes, noise, cutoff_px, state)`` → :class:`PoseSearch`: the
@@ -131,11 +131,13 @@ def current_stage(history: list) -> tuple[list, int]:
 
 
 def restart_from_stage(state: RefineState, pixel_size_A: float, resolution_A: float) -> RefineState:
-    """The end of a staged start's first stage: each half-set's next reference is its own half-map
-    low-passed to ``resolution_A`` (the halves stay independent), the next alignment starts there,
-    and the last record is marked (:data:`STAGE_RESTART`)."""
+    """The end of a staged start's first stage: each half-set's next reference is its own (regularized)
+    half-map low-passed to ``resolution_A`` (the halves stay independent), the next alignment starts
+    there (or at the stage's own resolution if that is coarser), and the last record is marked
+    (:data:`STAGE_RESTART`)."""
     state.references = [start_reference(reference, pixel_size_A, resolution_A) for reference in state.references]
-    state.resolution_A, state.converged = max(resolution_A, 2 * pixel_size_A), False
+    state.resolution_A = max(resolution_A, state.resolution_A, 2 * pixel_size_A)
+    state.converged = False
     state.history[-1][STAGE_RESTART] = resolution_A
     return state
 
@@ -248,7 +250,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
         cutoff = n / 2 if final else alignment_cutoff_px(n, px, state.resolution_A, params.extra_shells)
         if params.max_align_res_A:             # never align beyond this, the final pass included
             cutoff = min(cutoff, n * px / params.max_align_res_A)
-        if staged:                             # the staged start's first stage (never the final pass)
+        if staged and not final:               # the staged start's first stage (never the final pass)
             cutoff = min(cutoff, n * px / params.staged_start_res_A)
         with timer("references + search setup"):
             if release:

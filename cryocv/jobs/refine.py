@@ -164,9 +164,11 @@ def add_args(p):
     add_relaxation_args(p, RefineParams)
     add_marginalization_args(p, RefineParams)
     p.add_argument("--staged-start-res-A", dest="staged_start_res_A", type=float, default=RefineParams.staged_start_res_A,
-                   help="staged start: align no finer than this (Å) until converged, then restart each half-set "
-                        "from its own half-map low-passed to it and refine on without the cap (each stage with its "
-                        "own --max-iterations); e.g. 8 for a small protein from a featureless start (default: off)")
+                   help="staged start: align no finer than this (Å) until converged or --max-iterations, then "
+                        "restart each half-set from its own (regularized) half-map low-passed to it and refine on "
+                        "without the cap (each stage with its own --max-iterations, so up to twice the iterations); "
+                        "e.g. 8 for a small protein from a featureless start, not from a good ab-initio map, where "
+                        "it hurt (default: off)")
     output_args(p)
     device_args(p, gpu=True)
 
