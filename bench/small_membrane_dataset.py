@@ -18,6 +18,10 @@ chains' centre of mass; points ``(x, y, z)`` Å from it; the belt is built in a 
   give volume = mass / density. Per particle: U(0.75, 1.25) × volume / ``blob_volume_A3`` Gaussian
   blobs, uniform positions, masses U(0.5, 1.5) rescaled to the exact mass (voxel sums like the maps).
 
+Optional **belt motion** (``belt_tilt_sigma_deg``, ``belt_shift_sigma_A``): each particle's belt turned
+about its centre by N(0, σ) about a random axis and moved in the membrane plane by N(0, σ) per axis, so
+the belt's shape is not rigidly attached to the protein; ``belt_mean.mrc`` is then the mean over 48 motions.
+
 Optional **flexible periphery** (``flexible_chains``, e.g. CXCR4's nanobody ``N``): those chains are
 left out of the judged protein and turned per particle about their hinge (centroid of their atoms within
 4.5 Å of the rigid chains) by N(0, ``wobble_sigma_deg``) about a random axis; ``belt_mean.mrc`` then holds
@@ -74,6 +78,7 @@ MIN_HELIX_RESIDUES = 14
 _BELT_STREAM = 11            # belt of particle i: np.random.default_rng([seed, _BELT_STREAM, i])
 _WOBBLE_STREAM = 12          # periphery wobble of particle i: np.random.default_rng([seed, _WOBBLE_STREAM, i])
 PERIPHERY_MEAN_SAMPLES = 48  # wobbles averaged into periphery_mean.mrc
+_BELT_MOTION_STREAM = 13     # belt tilt and shift of particle i: np.random.default_rng([seed, _BELT_MOTION_STREAM, i])
 
 
 def ca_trace(structure):
@@ -181,6 +186,18 @@ class SmallMembraneTruth:
     periphery_map: np.ndarray | None = None  # (N, N, N) float32: flexible chains at rest, or None
     hinge_A: np.ndarray | None = None        # (3,) x, y, z Å from the box centre: the periphery's pivot
     wobble_sigma_deg: float = 0.0            # periphery rotation about the hinge ~ N(0, σ) about a random axis
+    belt_tilt_sigma_deg: float = 0.0         # the whole belt turned per particle about its centre ~ N(0, σ)
+    belt_shift_sigma_A: float = 0.0          # ... and moved in the membrane plane ~ N(0, σ) per axis
+
+    def belt_motion(self, seed: int, index: int):
+        """The belt's rigid motion in particle ``index`` (map frame): rotation W (3, 3) about the belt's
+        centre (frame origin), then translation t (3,) Å (in the membrane plane); identity without one."""
+        if not (self.belt_tilt_sigma_deg or self.belt_shift_sigma_A):
+            return np.eye(3), np.zeros(3)
+        rng = np.random.default_rng([seed, _BELT_MOTION_STREAM, index])
+        rotation = wobble_rotations(rng, 1, 1, self.belt_tilt_sigma_deg)[0][0, 0]
+        in_plane = self.frame[1][:, :2] @ rng.normal(0.0, self.belt_shift_sigma_A, 2)
+        return rotation, in_plane
 
     def particle_wobble(self, seed: int, index: int) -> np.ndarray:
         """The periphery's rotation W (3, 3) about the hinge in particle ``index``; depends on (seed, index) only."""
@@ -199,7 +216,10 @@ class SmallMembraneTruth:
     def particle_belt(self, seed: int, index: int) -> list:
         """[(centres (J, 3) Å, masses (J,)) per component] of particle ``index``; depends on (seed, index) only."""
         rng = np.random.default_rng([seed, _BELT_STREAM, index])
-        return [c.sample(rng, self.frame) for c in self.components]
+        rotation, shift = self.belt_motion(seed, index)
+        origin = self.frame[0]
+        return [(origin + (centres - origin) @ rotation.T + shift, masses)
+                for centres, masses in (c.sample(rng, self.frame) for c in self.components)]
 
     def belt_mean_map(self) -> np.ndarray:
         """Expected belt (N, N, N) float32: each region's occupancy (on a membrane-frame grid, moved to the
@@ -212,18 +232,25 @@ class SmallMembraneTruth:
             occupancy = c.region.occupancy(n, p).astype(np.float64)
             density = ndimage.affine_transform(occupancy * (c.mass / occupancy.sum()), matrix, offset=offset, order=1)
             out += ndimage.gaussian_filter(density, c.blob_sigma_A / p, mode="constant")
+        if self.belt_tilt_sigma_deg or self.belt_shift_sigma_A:      # the mean over belt motions (fixed draw)
+            moves = [self.belt_motion(_BELT_MOTION_STREAM, i) for i in range(PERIPHERY_MEAN_SAMPLES)]
+            out = sum(rotate_map_about_point(out, w, origin, p, translation_A=t, order=1)
+                      for w, t in moves) / len(moves)
         return out.astype(np.float32)
 
 
 def build_truth(model_path: str = DEFAULT_MODEL, chains=None, box_size: int = DEFAULT_BOX_SIZE,
                 pixel_size_A: float = DEFAULT_PIXEL_SIZE_A, belt: str = "micelle", belt_axis: str = "helices",
                 belt_mass_ratio: float = 1.25, bfactor_A2: float | None = 50.0, oversampling: int = 2,
-                flexible_chains=None, wobble_sigma_deg: float = 10.0, **belt_options) -> SmallMembraneTruth:
+                flexible_chains=None, wobble_sigma_deg: float = 10.0, belt_tilt_sigma_deg: float = 0.0,
+                belt_shift_sigma_A: float = 0.0, **belt_options) -> SmallMembraneTruth:
     """Map of ``chains`` (None: all) centred on their centre of mass, membrane frame and belt
     (``belt_options``: :func:`build_belt`'s keywords). ``flexible_chains`` (e.g. ``"N"``: a nanobody) form
     a **flexible periphery**: left out of ``protein_map`` (the rigid part, the one judged) and kept as
     ``periphery_map``, turned per particle about its hinge (centroid of its atoms within 4.5 Å of the
-    rigid chains) by ``wobble_sigma_deg``; the belt's mass counts all chains."""
+    rigid chains) by ``wobble_sigma_deg``; the belt's mass counts all chains. ``belt_tilt_sigma_deg`` and
+    ``belt_shift_sigma_A``: each particle's belt turned about its centre and moved in the membrane plane
+    (the detergent does not sit the same way around every protein)."""
     structure = load_model(model_path, bfactor_A2)
     if set(chains or []) - {ch.name for ch in structure[0]}:
         raise ValueError(f"chains {chains}: not all in {model_path} ({[ch.name for ch in structure[0]]})")
@@ -283,8 +310,10 @@ def build_truth(model_path: str = DEFAULT_MODEL, chains=None, box_size: int = DE
         info["periphery"] = {"chains": sorted(flexible), "wobble_sigma_deg": wobble_sigma_deg,
                              "hinge_A_xyz_from_box_centre": hinge.round(3).tolist(), "hinge_contact_atoms": n_contact,
                              "max_radius_from_hinge_A": float(np.linalg.norm(xyz[in_flexible] - com - hinge, axis=1).max())}
+    info["belt_motion"] = {"tilt_sigma_deg": belt_tilt_sigma_deg, "shift_sigma_A": belt_shift_sigma_A}
     return SmallMembraneTruth(box_size, float(pixel_size_A), protein, frame, components, info, periphery, hinge,
-                              float(wobble_sigma_deg) if flexible else 0.0)
+                              float(wobble_sigma_deg) if flexible else 0.0, float(belt_tilt_sigma_deg),
+                              float(belt_shift_sigma_A))
 
 
 def render(truth: SmallMembraneTruth, protein_ft, rotations, origin_A, belts=None, ctf_matrix=None, xp=np,
@@ -450,6 +479,10 @@ def main(argv=None) -> int:
     p.add_argument("--flexible-chains", help="comma-separated chains that wobble about their hinge (a flexible "
                    "periphery, e.g. N: CXCR4's nanobody); judged: the other chains")
     p.add_argument("--wobble-sigma-deg", type=float, default=10.0, help="periphery wobble (default 10)")
+    p.add_argument("--belt-tilt-sigma-deg", type=float, default=0.0,
+                   help="each particle's belt turned about its centre by N(0, this) (default 0)")
+    p.add_argument("--belt-shift-sigma-A", type=float, default=0.0,
+                   help="each particle's belt moved in the membrane plane by N(0, this) per axis (default 0)")
     for flag, kind, default, text in (
             ("--model", str, DEFAULT_MODEL, "PDB/mmCIF model"), ("--n", int, 2000, "particles"),
             ("--box-size", int, DEFAULT_BOX_SIZE, "box"), ("--pixel-size-A", float, DEFAULT_PIXEL_SIZE_A, "pixel"),
