@@ -77,7 +77,7 @@ SLAB_THICKNESS_A = 32.0      # belt height along the normal: hydrophobic ~30 Å 
 MIN_HELIX_RESIDUES = 14
 _BELT_STREAM = 11            # belt of particle i: np.random.default_rng([seed, _BELT_STREAM, i])
 _WOBBLE_STREAM = 12          # periphery wobble of particle i: np.random.default_rng([seed, _WOBBLE_STREAM, i])
-PERIPHERY_MEAN_SAMPLES = 48  # wobbles averaged into periphery_mean.mrc
+MEAN_SAMPLES = 48            # wobbles (belt motions) averaged into the periphery's (belt's) mean map
 _BELT_MOTION_STREAM = 13     # belt tilt and shift of particle i: np.random.default_rng([seed, _BELT_MOTION_STREAM, i])
 
 
@@ -204,14 +204,14 @@ class SmallMembraneTruth:
         rng = np.random.default_rng([seed, _WOBBLE_STREAM, index])
         return wobble_rotations(rng, 1, 1, self.wobble_sigma_deg)[0][0, 0]
 
-    def periphery_mean_map(self, samples: int = PERIPHERY_MEAN_SAMPLES) -> np.ndarray:
+    def periphery_mean_map(self, samples: int = MEAN_SAMPLES) -> np.ndarray:
         """Expected periphery (N, N, N) float32: the mean of ``samples`` wobbles (fixed draw) of the
         periphery about its hinge (linear interpolation); zeros without a periphery."""
         if self.periphery_map is None:
             return np.zeros((self.box_size,) * 3, np.float32)
         wobbles = wobble_rotations(np.random.default_rng(_WOBBLE_STREAM), samples, 1, self.wobble_sigma_deg)[0][:, 0]
-        return (sum(rotate_map_about_point(self.periphery_map, w, self.hinge_A, self.pixel_size_A, order=1)
-                    for w in wobbles) / samples).astype(np.float32)
+        return mean_over_motions(self.periphery_map, [(w, np.zeros(3)) for w in wobbles], self.hinge_A,
+                                 self.pixel_size_A).astype(np.float32)
 
     def particle_belt(self, seed: int, index: int) -> list:
         """[(centres (J, 3) Å, masses (J,)) per component] of particle ``index``; depends on (seed, index) only."""
@@ -233,10 +233,16 @@ class SmallMembraneTruth:
             density = ndimage.affine_transform(occupancy * (c.mass / occupancy.sum()), matrix, offset=offset, order=1)
             out += ndimage.gaussian_filter(density, c.blob_sigma_A / p, mode="constant")
         if self.belt_tilt_sigma_deg or self.belt_shift_sigma_A:      # the mean over belt motions (fixed draw)
-            moves = [self.belt_motion(_BELT_MOTION_STREAM, i) for i in range(PERIPHERY_MEAN_SAMPLES)]
-            out = sum(rotate_map_about_point(out, w, origin, p, translation_A=t, order=1)
-                      for w, t in moves) / len(moves)
+            out = mean_over_motions(out, [self.belt_motion(_BELT_MOTION_STREAM, i) for i in range(MEAN_SAMPLES)],
+                                    origin, p)
         return out.astype(np.float32)
+
+
+def mean_over_motions(volume, motions, point_A, pixel_size_A: float) -> np.ndarray:
+    """The mean (N, N, N) float64 of ``volume`` moved by each of ``motions`` [(rotation W (3, 3) about
+    ``point_A``, then translation t (3,) Å)] (linear interpolation): the expectation of a part that moves."""
+    return sum(rotate_map_about_point(volume, w, point_A, pixel_size_A, translation_A=t, order=1)
+               for w, t in motions) / len(motions)
 
 
 def build_truth(model_path: str = DEFAULT_MODEL, chains=None, box_size: int = DEFAULT_BOX_SIZE,
@@ -373,11 +379,11 @@ def check_protein_projection(truth: SmallMembraneTruth, out_dir: str, count: int
 def check_periphery_projection(truth: SmallMembraneTruth, seed: int, rotations, origin_A) -> dict:
     """The periphery rendered by its pose A·W and hinge shift vs the projection of the periphery map
     turned by W about the hinge in real space (cubic), particles 0 … len(rotations) − 1 of ``seed``."""
-    errors = []
+    errors, nothing_ft, periphery_ft = [], prepare_volume(0 * truth.protein_map), prepare_volume(truth.periphery_map)
     for i in range(len(rotations)):
         w = truth.particle_wobble(seed, i)
-        ours = render(truth, prepare_volume(0 * truth.protein_map), rotations[i:i + 1], origin_A[i:i + 1],
-                      periphery_ft=prepare_volume(truth.periphery_map), wobbles=[w])[0]
+        ours = render(truth, nothing_ft, rotations[i:i + 1], origin_A[i:i + 1], periphery_ft=periphery_ft,
+                      wobbles=[w])[0]
         turned = rotate_map_about_point(truth.periphery_map, w, truth.hinge_A, truth.pixel_size_A).astype(np.float32)
         theirs = render(truth, prepare_volume(turned), rotations[i:i + 1], origin_A[i:i + 1])[0]
         errors.append(float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)))

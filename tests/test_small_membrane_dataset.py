@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from cryocv.geometry import angular_distance_deg
 from cryocv.io.mrc import read_map
 from cryocv.io.particle_files import load_particles
 from .conftest import bench_module
@@ -169,8 +170,7 @@ def test_flexible_periphery(smd, cxcr4):
     assert masses["belt"] == pytest.approx(RATIO * (masses["protein"] + masses["periphery"]))
     assert sum(c.mass for c in truth.components) == pytest.approx(sum(c.mass for c in whole.components))
     assert truth.info["periphery"]["hinge_contact_atoms"] > 0
-    angles = [np.degrees(np.arccos(np.clip((np.trace(truth.particle_wobble(3, i)) - 1) / 2, -1, 1)))
-              for i in range(300)]
+    angles = angular_distance_deg(np.array([truth.particle_wobble(3, i) for i in range(300)]), np.eye(3))
     assert 4.5 < np.median(angles) < 9.0                       # |N(0, 10°)|: median 6.7°
     assert np.array_equal(truth.particle_wobble(3, 7), truth.particle_wobble(3, 7))
     rng = np.random.default_rng(0)
@@ -195,7 +195,7 @@ def test_belt_motion(smd, cxcr4):
     angles, shifts = [], []
     for i in range(200):
         w, t = moving.belt_motion(3, i)
-        angles.append(np.degrees(np.arccos(np.clip((np.trace(w) - 1) / 2, -1, 1))))
+        angles.append(angular_distance_deg(w, np.eye(3)))
         shifts.append(t)
     shifts = np.array(shifts)
     assert 4.5 < np.median(angles) < 9.0 and np.allclose(shifts @ normal, 0, atol=1e-9)
