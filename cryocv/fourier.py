@@ -247,6 +247,20 @@ def lowpass_map(volume, pixel_size_A: float, resolution_A: float, edge_shells: f
     return ift3_centered(ft3_centered(volume.astype(xp.float32)) * profile, n).astype(xp.float32)
 
 
+def fourier_crop(volume, size: int):
+    """(N, N, N) → (size, size, size) float32 (size ≤ N, even): the same map on a coarser grid
+    (pixel size × N/size), by keeping the Fourier components inside the smaller box; values
+    scaled by (size/N)³ so that densities keep their scale."""
+    xp = get_array_module(volume)
+    n = volume.shape[0]
+    if size == n:
+        return volume.astype(xp.float32)
+    lo = n // 2 - size // 2
+    ft = xp.fft.fftshift(xp.fft.fftn(volume.astype(xp.float32)))[lo:lo + size, lo:lo + size, lo:lo + size]
+    cropped = xp.fft.ifftn(xp.fft.ifftshift(ft)).real * (size / n) ** 3
+    return cropped.astype(xp.float32)
+
+
 def shift_volume(volume, shift_px):
     """``volume`` (N, N, N) with its content moved by ``shift_px`` (x, y, z px; sub-pixel, by a
     Fourier phase ramp, circular): ``out(r) = volume(r − shift)``."""

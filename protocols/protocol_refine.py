@@ -59,6 +59,14 @@ class ProtCryocvRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefine3D):
                            "featureless starts: 8 Å lowered the pose error of a 30 kDa membrane protein from a 30 Å "
                            "start by up to 28 %, but raised it from a good 8 Å start "
                            "(bench/results/small_membrane.md); empty: one stage.")
+        form.addParam("registerHalves", params.BooleanParam, default=RefineParams.register_halves,
+                      expertLevel=params.LEVEL_ADVANCED, label="Keep half-sets in register",
+                      help="After each iteration, align half-set 2's map to half-set 1's within a few degrees and "
+                           "move it and its particles' poses onto it when they are more than 0.5° or 0.5 px apart. "
+                           "The two half-sets of a small particle in a round micelle drifted 1-4° apart without it, "
+                           "which blurred the combined map (bench/results/small_membrane.md). Only the six numbers "
+                           "of the move pass between the half-sets. Not used with symmetry relaxation, which "
+                           "registers the half-sets over the group.")
         self._defineRelaxationParams(form, RefineParams)
         self._defineComputeParams(form)
 
@@ -76,7 +84,7 @@ class ProtCryocvRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefine3D):
             initial_lowpass_A=self.initialLowpass.get(), max_iterations=self.maxIterations.get(),
             max_shift_A=maxShift if maxShift is not None and maxShift > 0 else None, seed=self.seed.get(),
             marginalize_step_deg=self.marginalizeStep.get(), staged_start_res_A=self.stagedStart.get(),
-            **self._relaxationFields(RefineParams))
+            register_halves=self.registerHalves.get(), **self._relaxationFields(RefineParams))
 
     def _refineArgs(self):
         """``cryocv refine`` arguments of the form's values (step argument: an edited form reruns the step);
@@ -90,6 +98,8 @@ class ProtCryocvRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefine3D):
             args += ["--marginalize-step-deg", p.marginalize_step_deg]
         if p.staged_start_res_A is not None:
             args += ["--staged-start-res-A", p.staged_start_res_A]
+        if not p.register_halves:
+            args += ["--no-register-halves"]
         args += self._relaxationArgs(p)
         return [str(a) for a in args]
 

@@ -367,6 +367,17 @@ def test_map_alignment_and_sgd_step_on_gpu_match_numpy():
     assert cpu.flips_hand and gpu.flips_hand
     np.testing.assert_allclose(gpu.matrix, cpu.matrix, atol=2e-3)
     np.testing.assert_allclose(gpu.shift_px, cpu.shift_px, atol=0.05)
+    # the refinement's half-set registration: Fourier crop and the local search from the identity
+    from cryocv.fourier import fourier_crop
+    from cryocv.register import align_maps_locally
+    np.testing.assert_allclose(to_numpy(fourier_crop(cp.asarray(vol), 24)), fourier_crop(vol, 24),
+                               atol=1e-5 * np.abs(vol).max())
+    drift = MapTransform(axis_angle_to_matrix(np.radians(3.0) * np.array([0.6, 0.0, 0.8])), np.array([0.5, 0, -1.0]))
+    drifted = transform_volume(vol, drift)
+    cpu, gpu = (align_maps_locally(vol, drifted, 2.0, 6.0),
+                align_maps_locally(cp.asarray(vol), cp.asarray(drifted), 2.0, 6.0))
+    np.testing.assert_allclose(gpu.matrix, cpu.matrix, atol=2e-3)
+    np.testing.assert_allclose(gpu.shift_px, cpu.shift_px, atol=0.05)
     rng = np.random.default_rng(3)
     rot = random_rotations(50, rng).astype(np.float32)
     pts = frequency_points(n)

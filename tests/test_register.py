@@ -84,3 +84,74 @@ def test_maps_in_register_stay_put_under_symmetry():
     found = align_maps(vol, copy, 2.0, 8.0, keep_identity_within=0.005)
     assert found.rotation_deg < 1.0 and not found.flips_hand
     assert np.linalg.norm(found.shift_px) < 0.3
+
+
+def test_fourier_crop_is_the_same_map_on_a_coarser_grid():
+    """A map band-limited below the smaller box's Nyquist, cut down to it, is the original sampled
+    at every (N/size)-th voxel (here 2), values on the same scale."""
+    from cryocv.fourier import fourier_crop, lowpass_map
+    n = 32
+    vol = lowpass_map(asymmetric_map(n, seed=5), 1.0, 5.0)          # nothing finer than 5 px: under 16's Nyquist
+    coarse = fourier_crop(vol, 16)
+    assert coarse.shape == (16, 16, 16) and coarse.dtype == np.float32
+    np.testing.assert_allclose(coarse, vol[::2, ::2, ::2], atol=2e-3 * np.abs(vol).max())
+
+
+def test_align_maps_locally_recovers_a_small_drift():
+    """Half-maps a few degrees and a pixel apart (plus noise): the local search from the identity
+    brings the copy back within 0.5° and 0.3 px, as well as the global search does."""
+    from cryocv.register import align_maps_locally
+    n = 40
+    vol = asymmetric_map(n, seed=8)
+    rng = np.random.default_rng(6)
+    for angle_deg in (1.0, 3.5, 6.0):
+        axis = rng.normal(size=3)
+        truth = MapTransform(axis_angle_to_matrix(np.radians(angle_deg) * axis / np.linalg.norm(axis)),
+                             rng.normal(0, 1.0, 3))
+        copy = transform_volume(vol, truth) + rng.normal(0, 0.02 * vol.max(), vol.shape).astype(np.float32)
+        found = align_maps_locally(vol, copy, 2.0, 8.0)
+        exact = MapTransform(truth.matrix.T, -truth.matrix @ truth.shift_px)
+        assert angular_distance_deg(truth.matrix @ found.matrix, np.eye(3)) < 0.5
+        assert np.linalg.norm(found.shift_px - exact.shift_px) < 0.3
+        assert not found.flips_hand
+
+
+def test_drift_registration_moves_half_set_2_reference_and_poses_together():
+    """--register-halves' hook: half-set 2's reference, turned 4° and shifted off half-set 1's,
+    comes back onto it; its particles' poses move with it (their projections of the moved
+    reference are their images), half-set 1 is untouched, and the history records the angle."""
+    from cryocv.jobs.checkpoints import RefineState
+    from cryocv.jobs.registration import HALF_SET_REGISTRATION, drift_registration
+    from cryocv.geometry import euler_to_matrix, matrix_to_euler
+    n, px = 40, 2.0
+    vol = asymmetric_map(n, seed=9)
+    rng = np.random.default_rng(3)
+    drift = MapTransform(axis_angle_to_matrix(np.radians(4.0) * np.array([0.0, 0.6, 0.8])), np.array([1.0, 0, -0.5]))
+    second = transform_volume(vol, drift)
+    rot = random_rotations(10, rng)
+    origin_px = rng.normal(0, 1.0, (10, 2))
+    half_set = np.array([1, 2] * 5)
+    # half-set 2's particles as they are in the drifted frame: poses that project `second` onto their images
+    drifted_rot, drifted_origin = transform_poses(rot, origin_px, drift)    # the particles of `second`
+    euler = matrix_to_euler(np.where((half_set == 2)[:, None, None], drifted_rot, rot))
+    origin = np.where((half_set == 2)[:, None], drifted_origin, origin_px)
+    images = clean_projections(prepare_volume(second), euler_to_matrix(euler).astype(np.float32),
+                               origin.astype(np.float32), None, n)
+    state = RefineState(iteration=1, references=[vol.copy(), second.copy()], mask=None, resolution_A=5.0,
+                        euler_deg=euler.copy(), origin_A=origin * px, noise_var_shell=None, history=[{"iteration": 1}])
+    state = drift_registration(half_set, px, np, lambda *_: None)(state)
+    assert abs(state.history[-1][HALF_SET_REGISTRATION]["rotation_deg"] - 4.0) < 0.5
+    assert _correlation(state.references[1], vol) > 0.99 > _correlation(second, vol)
+    np.testing.assert_array_equal(state.euler_deg[half_set == 1], euler[half_set == 1])
+    assert angular_distance_deg(euler_to_matrix(state.euler_deg[half_set == 2]), rot[half_set == 2]).max() < 0.5
+    again = clean_projections(prepare_volume(state.references[1]), euler_to_matrix(state.euler_deg).astype(np.float32),
+                              (state.origin_A / px).astype(np.float32), None, n)
+    inner = np.s_[8:-8, 8:-8]
+    assert min(_correlation(a[inner], b[inner]) for a, b in zip(images[half_set == 2], again[half_set == 2])) > 0.97
+    # already in register: left as it is
+    moved_reference, moved_euler = state.references[1].copy(), state.euler_deg.copy()
+    state.history.append({"iteration": 2})
+    state = drift_registration(half_set, px, np, lambda *_: None)(state)
+    assert not state.history[-1][HALF_SET_REGISTRATION]["moved"]
+    np.testing.assert_array_equal(state.references[1], moved_reference)
+    np.testing.assert_array_equal(state.euler_deg, moved_euler)

@@ -437,6 +437,12 @@ def test_refine_form_mirrors_the_cli():
     assert parsed(protocol) == changed and changed.staged_start_res_A == 8.0
     protocol.stagedStart.set(-1.0)
     assert any("Staged start" in e for e in protocol._paramsErrors(protocol._refineParams(), FORM_LABELS))
+    # half-set registration: on by default (no argument), off reaches --no-register-halves
+    protocol.stagedStart.set(None)
+    assert protocol.registerHalves.get() is True and "--no-register-halves" not in protocol._refineArgs()
+    protocol.registerHalves.set(False)
+    changed = protocol._refineParams()
+    assert parsed(protocol) == changed and not changed.register_halves and "--no-register-halves" in protocol._refineArgs()
 
 
 def test_local_refine_form_mirrors_the_cli():

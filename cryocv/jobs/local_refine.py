@@ -51,6 +51,7 @@ class LocalRefineParams(RefineParams):
     # uniform by default: with the NU filter the references of a small masked region went wrong
     # over the iterations (bench/results/local_two_body*.md: 50 kDa domain 17.8 Å with NU, 3.64 Å uniform)
     regularizer: str = "uniform"
+    register_halves: bool = False            # the input poses start in register and the local search keeps them
     initial_lowpass_A: float = 12.0
     max_iterations: int = 8
     rotation_extent_deg: float = 20.0

@@ -41,10 +41,12 @@ from ..symmetry import pose_distance_deg, symmetry_operators
 from . import jobdir
 from .common import check_result, symmetry_arg
 from .checkpoints import CheckpointStore, RefineState
+from .registration import HALF_SET_REGISTRATION
 
 # settings whose default changed, with the value a job recorded before the change took: a job
 # continued with --continue keeps the settings it started with
-DEFAULTS_BEFORE_CHANGE = {"nu_max_window_fraction": None}      # 0.125 since 2026-12-04 (issue 15)
+DEFAULTS_BEFORE_CHANGE = {"nu_max_window_fraction": None,      # 0.125 since 2026-12-04 (issue 15)
+                          "register_halves": False}            # on in refine since 2026-12-04 (issue 15)
 NOISE_SAMPLE = 1000   # images of box <= 128 whose power spectrum is the first iteration's noise model
 STAGE_RESTART = "staged_start_restart_A"   # history: the iteration after which the staged start restarted
 
@@ -238,7 +240,7 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
     log("  setup: " + setup.summary())
     input_rotations = particles.rotations if particles.has_alignment else None
     if (register_halves is not None and state.history and not state.final_done
-            and "registered_operator" not in state.history[-1]):
+            and not {"registered_operator", HALF_SET_REGISTRATION} & state.history[-1].keys()):
         state = register_halves(state)  # a checkpoint written before registration moved to the end of an iteration
     while True:
         timer = StageTimer(xp)

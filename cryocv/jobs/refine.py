@@ -68,6 +68,7 @@ class RefineParams:
     extra_final_passes: int = 0         # passes at Nyquist after the final one
     join_halves_A: float | None = None  # the half-references share their components at this resolution and coarser
     marginalize_step_deg: float | None = None   # likelihood-weighted poses ± this step around the best (RELION-like)
+    register_halves: bool = True        # after each iteration, half-set 2's reference and poses moved onto half-set 1's
 
     def reconstruction_symmetry(self) -> str:
         """The symmetry the maps are reconstructed with: C1 when relaxing, else ``symmetry``."""
@@ -204,6 +205,15 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
     p.add_argument("--join-halves-A", dest="join_halves_A", type=float, default=params_class.join_halves_A,
                    help="the two half-references share their Fourier components at this resolution and coarser "
                         "(as RELION's --low_resol_join_halves; default: never)")
+    registration = ("after each iteration, half-set 2's reference is aligned to half-set 1's within a few degrees "
+                    "and moved onto it with its poses when they are more than 0.5° or 0.5 px apart, so that the two "
+                    "half-sets do not drift apart (six numbers shared; images, maps and filters stay apart; "
+                    "bench/results/small_membrane.md); with --relax the half-sets are registered over the group instead")
+    if params_class.register_halves:
+        option(p, "--no-register-halves", params_class, "register_halves", action="store_false",
+               help=f"do not keep the half-sets in register (by default {registration})")
+    else:
+        option(p, "--register-halves", params_class, "register_halves", action="store_true", help=registration)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=params_class.batch_size,
                    help="images per batch (default: from the memory budget)")
     option(p, "--stream", params_class, "stream", action="store_true",
