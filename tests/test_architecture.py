@@ -19,7 +19,8 @@ LAYERS = [
     {"source", "subtraction", "noise", "search", "local_search", "accumulate", "em_pass", "nonuniform", "regularize",
      "reconstruct", "simulate", "plotting", "plot_worker", "register", "sgd", "relax"},
     {"jobs.jobdir", "jobs.checkpoints", "jobs.common", "jobs.loop", "jobs.simulate", "jobs.reconstruct", "jobs.refine", "jobs.subtract",
-     "jobs.local_refine", "jobs.fsc", "jobs.convert", "jobs.demo", "jobs.abinitio", "jobs.relaxation"},
+     "jobs.local_refine", "jobs.fsc", "jobs.convert", "jobs.demo", "jobs.abinitio", "jobs.relaxation",
+     "jobs.registration"},
     {"cli", "__main__", "scipion_plugin", "scipion_env"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -53,6 +53,7 @@ class AbinitioParams(RefineParams):
     """Ab-initio settings; the refinement fields (regularizer, search...) drive the E/M passes
     after the SGD, ``max_iterations`` of them before the final pass."""
 
+    register_halves: bool = False         # E/M passes: not yet measured on bench_abinitio (the SGD registers its own)
     init_res_A: float = 35.0              # the SGD aligns to this resolution first
     max_sgd_res_A: float | None = None    # the SGD never aligns finer (default: 4 pixels, twice Nyquist)
     sgd_iterations: int = 300             # minibatches per half-set
