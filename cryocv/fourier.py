@@ -250,15 +250,19 @@ def lowpass_map(volume, pixel_size_A: float, resolution_A: float, edge_shells: f
 def fourier_crop(volume, size: int):
     """(N, N, N) → (size, size, size) float32 (size ≤ N, even): the same map on a coarser grid
     (pixel size × N/size), by keeping the Fourier components inside the smaller box; values
-    scaled by (size/N)³ so that densities keep their scale."""
+    scaled by (size/N)³ so that densities keep their scale; the box centre (index N//2) stays at
+    index size//2 (for odd N by a sub-voxel shift)."""
     xp = get_array_module(volume)
     n = volume.shape[0]
     if size == n:
         return volume.astype(xp.float32)
+    if not 0 < size < n or size % 2:
+        raise ValueError(f"fourier_crop: size {size} must be even and below the box ({n})")
     lo = n // 2 - size // 2
     ft = xp.fft.fftshift(xp.fft.fftn(volume.astype(xp.float32)))[lo:lo + size, lo:lo + size, lo:lo + size]
-    cropped = xp.fft.ifftn(xp.fft.ifftshift(ft)).real * (size / n) ** 3
-    return cropped.astype(xp.float32)
+    cropped = (xp.fft.ifftn(xp.fft.ifftshift(ft)).real * (size / n) ** 3).astype(xp.float32)
+    offset = size // 2 - (n // 2) * size / n      # odd N: the box centre N//2 falls between the small box's voxels
+    return shift_volume(cropped, (offset,) * 3) if offset else cropped
 
 
 def shift_volume(volume, shift_px):

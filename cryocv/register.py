@@ -189,8 +189,10 @@ def align_maps_locally(reference, moving, pixel_size_A: float, resolution_A: flo
     default 2-fold padding, a map aligned to itself came out 0.5–1.3° off: the gridding-corrected
     samples at the identity's grid points score lower than interpolated ones nearby.)"""
     n = reference.shape[0]
-    size = min(n, max_box, max(LOCAL_MIN_BOX, 2 * math.ceil(n * pixel_size_A / resolution_A) + 16))
-    size += size % 2
+    size = max(LOCAL_MIN_BOX, 2 * math.ceil(n * pixel_size_A / resolution_A) + 16)
+    size = min(size + size % 2, max_box)
+    if size >= n:
+        size = n                                  # no crop (an odd box stays odd)
     coarse_px = pixel_size_A * n / size
     resolution_A = max(resolution_A, coarse_px * size / (size / 2 - 3))
     score, finish = _rotation_scorer(fourier_crop(reference, size), fourier_crop(moving, size), coarse_px,

@@ -63,7 +63,7 @@ class ProtCryocvRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefine3D):
                       expertLevel=params.LEVEL_ADVANCED, label="Keep half-sets in register",
                       help="After each iteration, align half-set 2's map to half-set 1's within a few degrees and "
                            "move it and its particles' poses onto it when they are more than 0.5° or 0.5 px apart. "
-                           "The two half-sets of a small particle in a round micelle drifted 1-4° apart without it, "
+                           "The two half-sets of a small particle in a round micelle drifted 2.5-6.6° apart without it, "
                            "which blurred the combined map (bench/results/small_membrane.md). Only the six numbers "
                            "of the move pass between the half-sets. Not used with symmetry relaxation, which "
                            "registers the half-sets over the group.")

@@ -225,9 +225,15 @@ def test_job_hygiene_pruned_checkpoints_no_stale_temp_files_and_provenance(data,
     assert record["parameters"]["keep_checkpoints"] == 2 and record["parameters"]["resumed"] is True
 
 
-def test_join_halves_at_nyquist_is_a_one_line_error(data, tmp_path):
-    """--join-halves-A at or beyond Nyquist would make the two half-references one map."""
+def test_resolutions_at_nyquist_are_one_line_errors_before_any_output(data, tmp_path):
+    """--join-halves-A at or beyond Nyquist would make the two half-references one map, and
+    --staged-start-res-A there would cap nothing: one-line errors, and no job folder."""
     r = cryocv("refine", "--particles", str(data / "sim" / "particles.star"), "--ref", str(data / "truth.mrc"),
                "--out", str(tmp_path / "out"), "--device", "cpu", "--max-iterations", "1",
                "--join-halves-A", str(1.5 * PIXEL))
     one_line_error(r, "--join-halves-A", "Nyquist")
+    assert not (tmp_path / "out").exists()                  # checked before anything is written
+    r = cryocv("refine", "--particles", str(data / "sim" / "particles.star"), "--ref", str(data / "truth.mrc"),
+               "--out", str(tmp_path / "out"), "--device", "cpu", "--staged-start-res-A", str(1.5 * PIXEL))
+    one_line_error(r, "--staged-start-res-A", "Nyquist")
+    assert not (tmp_path / "out").exists()

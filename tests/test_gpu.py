@@ -374,10 +374,11 @@ def test_map_alignment_and_sgd_step_on_gpu_match_numpy():
                                atol=1e-5 * np.abs(vol).max())
     drift = MapTransform(axis_angle_to_matrix(np.radians(3.0) * np.array([0.6, 0.0, 0.8])), np.array([0.5, 0, -1.0]))
     drifted = transform_volume(vol, drift)
-    cpu, gpu = (align_maps_locally(vol, drifted, 2.0, 6.0),
-                align_maps_locally(cp.asarray(vol), cp.asarray(drifted), 2.0, 6.0))
-    np.testing.assert_allclose(gpu.matrix, cpu.matrix, atol=2e-3)
-    np.testing.assert_allclose(gpu.shift_px, cpu.shift_px, atol=0.05)
+    for max_box in (96, 24):                     # whole box, and Fourier-cropped
+        cpu, gpu = (align_maps_locally(vol, drifted, 2.0, 6.0, max_box=max_box),
+                    align_maps_locally(cp.asarray(vol), cp.asarray(drifted), 2.0, 6.0, max_box=max_box))
+        assert angular_distance_deg(gpu.matrix, cpu.matrix) < 0.25        # one finest step: a tie may break either way
+        np.testing.assert_allclose(gpu.shift_px, cpu.shift_px, atol=0.05)
     rng = np.random.default_rng(3)
     rot = random_rotations(50, rng).astype(np.float32)
     pts = frequency_points(n)

@@ -228,6 +228,9 @@ def test_refine_recovers_poses_and_map(refine_case, regularizer):
         saved = json.load(handle)
     assert saved["resolution_A"] == pytest.approx(report["resolution_A"])
     assert saved["iterations"][-1]["final"] and len(saved["iterations"]) <= 4
+    # half-set registration (on by default): recorded after every iteration but the final pass
+    from cryocv.jobs.registration import HALF_SET_REGISTRATION
+    assert [HALF_SET_REGISTRATION in h for h in saved["iterations"]] == [not h["final"] for h in saved["iterations"]]
     assert os.path.isfile(os.path.join(out, "iterations", "iter_001", "half_map_1.mrc"))
     assert (regularizer == "nu") == os.path.isfile(os.path.join(out, "nu_cutoff_A.mrc"))
     # the job's maps are the final pass's checkpointed maps, linked rather than written twice
@@ -398,6 +401,8 @@ def test_refine_resumes_after_kill(refine_case, monkeypatch):
     report = run_refine(None, None, out, resume=True, progress=False)
     iterations = [h["iteration"] for h in report["iterations"]]
     assert iterations == [1, 2, 3] and report["iterations"][-1]["final"]
+    from cryocv.jobs.registration import HALF_SET_REGISTRATION      # registered once per iteration, resumed or not
+    assert [HALF_SET_REGISTRATION in h for h in report["iterations"]] == [True, True, False]
     with open(os.path.join(out, "run.log")) as handle:
         assert "continuing from the checkpoint of iteration 1" in handle.read()
     full, _ = read_map(os.path.join(out, "map.mrc"))

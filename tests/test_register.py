@@ -1,5 +1,6 @@
 """3D map alignment and the pose transform it implies (cryocv/register.py)."""
 import numpy as np
+import pytest
 
 from cryocv.fsc import fsc_curve
 from cryocv.geometry import angular_distance_deg, axis_angle_to_matrix, random_rotations
@@ -95,6 +96,17 @@ def test_fourier_crop_is_the_same_map_on_a_coarser_grid():
     coarse = fourier_crop(vol, 16)
     assert coarse.shape == (16, 16, 16) and coarse.dtype == np.float32
     np.testing.assert_allclose(coarse, vol[::2, ::2, ::2], atol=2e-3 * np.abs(vol).max())
+    # any ratio, odd boxes too, with the box centre N//2 kept at size//2: where the two grids meet
+    # (80 -> 48: every 5th voxel is every 3rd; 81 -> 48: voxels 13, 40, 67 are 8, 24, 40) the values agree
+    for big, small, at_big, at_small in ((80, 48, np.arange(0, 80, 5), np.arange(0, 48, 3)),
+                                         (81, 48, np.array([13, 40, 67]), np.array([8, 24, 40]))):
+        vol = lowpass_map(asymmetric_map(big, seed=6), 1.0, 6.0)
+        coarse = fourier_crop(vol, small)
+        np.testing.assert_allclose(coarse[np.ix_(at_small, at_small, at_small)], vol[np.ix_(at_big, at_big, at_big)],
+                                   atol=1e-4 * np.abs(vol).max())
+    for bad in (33, 40, 0):
+        with pytest.raises(ValueError):
+            fourier_crop(np.zeros((32, 32, 32), np.float32), bad)
 
 
 def test_align_maps_locally_recovers_a_small_drift():
@@ -109,11 +121,30 @@ def test_align_maps_locally_recovers_a_small_drift():
         truth = MapTransform(axis_angle_to_matrix(np.radians(angle_deg) * axis / np.linalg.norm(axis)),
                              rng.normal(0, 1.0, 3))
         copy = transform_volume(vol, truth) + rng.normal(0, 0.02 * vol.max(), vol.shape).astype(np.float32)
-        found = align_maps_locally(vol, copy, 2.0, 8.0)
         exact = MapTransform(truth.matrix.T, -truth.matrix @ truth.shift_px)
-        assert angular_distance_deg(truth.matrix @ found.matrix, np.eye(3)) < 0.5
-        assert np.linalg.norm(found.shift_px - exact.shift_px) < 0.3
-        assert not found.flips_hand
+        for max_box in (96, 24):                 # the whole box, and a Fourier crop to 24 (shift scaled back)
+            found = align_maps_locally(vol, copy, 2.0, 8.0, max_box=max_box)
+            assert angular_distance_deg(truth.matrix @ found.matrix, np.eye(3)) < 0.5
+            assert np.linalg.norm(found.shift_px - exact.shift_px) < 0.3, max_box
+            assert not found.flips_hand
+    for n_odd in (45, 47):                       # odd boxes: a map against itself stays put
+        odd = asymmetric_map(n_odd, seed=1)
+        found = align_maps_locally(odd, odd.copy(), 2.0, 6.0)
+        assert found.rotation_deg < 0.2 and np.linalg.norm(found.shift_px) < 0.1
+
+
+def test_registration_keeps_only_the_motion_the_symmetry_leaves_free():
+    """C1 half-maps may drift every way; Cn ones only about and along the axis z (the rest of an
+    estimate is noise that would tilt the next reconstruction's axis); D, T, O, I not at all."""
+    from cryocv.jobs.registration import can_drift, symmetry_allowed
+    assert can_drift("C1") and can_drift("c4") and not any(can_drift(g) for g in ("D2", "T", "O", "I"))
+    turn = axis_angle_to_matrix(np.radians(2.0) * np.array([0.0, 0.0, 1.0]))
+    tilt = axis_angle_to_matrix(np.radians(1.0) * np.array([1.0, 0.0, 0.0]))
+    estimate = MapTransform(tilt @ turn, np.array([0.4, -0.3, 0.7]), 0.9)
+    assert symmetry_allowed(estimate, "C1") is estimate
+    kept = symmetry_allowed(estimate, "C4")
+    np.testing.assert_allclose(kept.matrix @ np.array([0, 0, 1.0]), [0, 0, 1.0], atol=1e-12)   # the axis stays
+    assert abs(kept.rotation_deg - 2.0) < 0.05 and np.allclose(kept.shift_px, [0, 0, 0.7])
 
 
 def test_drift_registration_moves_half_set_2_reference_and_poses_together():

@@ -39,9 +39,9 @@ from .common import (DEFAULT_DEVICE, device_args, load_checked_particles, option
                      require_half_sets, select_device)
 from .checkpoints import RefineState, finishes_writes_on_error
 from .jobdir import JobLog
-from .loop import iterate, open_refinement, start_reference
+from .loop import check_against_nyquist, iterate, open_refinement, start_reference
 from .refine import RefineParams, add_search_and_regularizer_args, global_search
-from .registration import drift_registration
+from .registration import can_drift, drift_registration
 
 HELP = "ab-initio refinement: SGD on two independent half-sets from random maps, then gold-standard E/M"
 IN_REGISTER_SCORE = 0.005  # half-set 2 stays put when that scores within this of the best alignment
@@ -323,6 +323,7 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
     used = choose_particles(everyone.half_set, params.n_particles, params.seed)
     particles = everyone.subset(used)
     n, px = particles.box_size, particles.pixel_size_A
+    check_against_nyquist(params, px)
     if not resume:
         jobdir.create_output_dir(out_dir, overwrite, also=(jobdir.SGD_STATE,) + jobdir.SGD_HALF_MAPS
                                  + (jobdir.UNUSED_PARTICLES_STAR, jobdir.SGD_PNG))
@@ -355,7 +356,8 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
     source = None                                   # its cache, if any, is freed before the E/M loop's
     free_device_memory(xp)
     if not state.final_done:
-        register = drift_registration(particles.half_set, px, xp, log) if params.register_halves else None
+        register = (drift_registration(particles.half_set, px, xp, log, params.symmetry)
+                    if params.register_halves and can_drift(params.symmetry) else None)
         state, maps = iterate(particles, state, params, xp, store, global_search(params, n, px, xp),
                               progress=progress, log=log, register_halves=register)
         half, mask, report, full = maps.half_maps, maps.mask, maps.report, maps.full_map

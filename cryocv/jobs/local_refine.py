@@ -37,7 +37,7 @@ from . import jobdir, relaxation
 from .common import (device_args, load_checked_particles, option, output_args, params_from_args, select_device)
 from .checkpoints import RefineState, finishes_writes_on_error
 from .jobdir import JobLog
-from .loop import PoseSearch, iterate, open_refinement, start_reference
+from .loop import PoseSearch, check_against_nyquist, iterate, open_refinement, start_reference
 from .refine import RefineParams, add_marginalization_args, add_relaxation_args, add_search_and_regularizer_args
 from .subtract import read_maps, subtracted_particles
 
@@ -300,6 +300,7 @@ def run(particles_path, half_map_paths, mask_path, out_dir: str, params: LocalRe
     if particles.ctf is None:
         raise CryocvError(f"{particles_path} has no CTF parameters: local refinement needs them")
     n, px = particles.box_size, particles.pixel_size_A
+    check_against_nyquist(params, px)
     with startup("half-maps and mask"):
         half_maps, mask = read_maps(half_map_paths, mask_path, n, px)
     if not mask.max() > 0.5:

@@ -211,15 +211,23 @@ def iterate(particles: Particles, state: RefineState, params, xp, store: Checkpo
         raise
 
 
+def check_against_nyquist(params, pixel_size_A: float):
+    """The resolution options that mean nothing at or beyond Nyquist (2 × ``pixel_size_A``): a
+    one-line :class:`CryocvError`. Jobs call it once the particles are read, before they write."""
+    nyquist_A = 2 * pixel_size_A
+    if params.join_halves_A is not None and params.join_halves_A <= nyquist_A:
+        raise CryocvError(f"--join-halves-A {params.join_halves_A:g} Å is at or beyond Nyquist ({nyquist_A:.2f} Å): "
+                          f"the two half-references would be one map; give a resolution far coarser than the "
+                          f"expected one (RELION's default is 40 Å)")
+    if params.staged_start_res_A is not None and params.staged_start_res_A <= nyquist_A:
+        raise CryocvError(f"--staged-start-res-A {params.staged_start_res_A:g} Å is at or beyond Nyquist "
+                          f"({nyquist_A:.2f} Å): the first stage would not be capped; give a coarse resolution "
+                          f"(e.g. 8 Å)")
+
+
 def _iterate(particles, state, params, xp, store, make_search, progress, log, make_mask, register_halves):
     n, px = particles.box_size, particles.pixel_size_A
-    if params.join_halves_A is not None and params.join_halves_A <= 2 * px:
-        raise CryocvError(f"--join-halves-A {params.join_halves_A:g} Å is at or beyond Nyquist ({2 * px:.2f} Å): the "
-                          f"two half-references would be one map; give a resolution far coarser than the expected "
-                          f"one (RELION's default is 40 Å)")
-    if params.staged_start_res_A is not None and params.staged_start_res_A <= 2 * px:
-        raise CryocvError(f"--staged-start-res-A {params.staged_start_res_A:g} Å is at or beyond Nyquist "
-                          f"({2 * px:.2f} Å): the first stage would not be capped; give a coarse resolution (e.g. 8 Å)")
+    check_against_nyquist(params, px)
     nu = nu_params(params)
     quarters = quarter_split(particles.half_set, params.seed) if nu is not None else None
     pose_symmetry = params.reconstruction_symmetry()        # C1 when relaxing: a change of mode is a change

@@ -25,7 +25,7 @@ from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, output_args, loa
                      require_half_sets, select_device)
 from .checkpoints import finishes_writes_on_error
 from .jobdir import JobLog
-from .loop import PoseSearch, initial_state, iterate, open_refinement
+from .loop import PoseSearch, check_against_nyquist, initial_state, iterate, open_refinement
 
 HELP = "gold-standard 3D refinement (global pose search; NU or uniform)"
 RELAX_MODES = (None, "maximize", "marginalize")     # --relax: off, best mate, likelihood-weighted inside its mode
@@ -297,6 +297,7 @@ def run(particles_path: str | None, reference_path: str | None, out_dir: str, pa
     if params.break_symmetry:
         particles.require_alignment("--break-symmetry")
     require_half_sets(particles, params.seed, 2, notes.append)
+    check_against_nyquist(params, particles.pixel_size_A)
     state = store.load_latest() if resume else None
     if state is None:
         with startup("reference"):
