@@ -185,9 +185,10 @@ def align_maps_locally(reference, moving, pixel_size_A: float, resolution_A: flo
 
     A fraction of a degree matters here, so the interpolation is made finer than the global
     search's: both maps are first cut down in Fourier space to the smallest box that holds
-    ``resolution_A`` (at least :data:`LOCAL_MIN_BOX`, at most ``max_box``: coarser then) and padded ``padding``-fold. (With the
-    default 2-fold padding, a map aligned to itself came out 0.5–1.3° off: the gridding-corrected
-    samples at the identity's grid points score lower than interpolated ones nearby.)"""
+    ``resolution_A`` (at least :data:`LOCAL_MIN_BOX`, at most ``max_box``: coarser then; never
+    more than the box) and padded ``padding``-fold. (With the default 2-fold padding, a map
+    aligned to itself came out up to 1.3° off: the gridding-corrected samples at the identity's
+    grid points score lower than interpolated ones nearby.)"""
     n = reference.shape[0]
     size = max(LOCAL_MIN_BOX, 2 * math.ceil(n * pixel_size_A / resolution_A) + 16)
     size = min(size + size % 2, max_box)
