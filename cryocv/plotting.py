@@ -61,18 +61,22 @@ def draw_fsc(fig, report: dict, title: str = "Gold-standard FSC"):
     fig.tight_layout()
 
 
-def plot_poses(euler_deg, path: str, history=None, change_vs_input_deg=None, title: str = "Poses"):
+def plot_poses(euler_deg, path: str, history=None, change_vs_input_deg=None, title: str = "Poses",
+               registration=None):
     """Pose diagnostics (see :func:`draw_poses`) to ``path`` (PNG)."""
     fig = Figure(figsize=poses_figsize(change_vs_input_deg is not None), dpi=110)
-    draw_poses(fig, euler_deg, history, change_vs_input_deg, title)
+    draw_poses(fig, euler_deg, history, change_vs_input_deg, title, registration)
     _save(fig, path)
 
 
-def draw_poses(fig, euler_deg, history=None, change_vs_input_deg=None, title: str = "Poses"):
+def draw_poses(fig, euler_deg, history=None, change_vs_input_deg=None, title: str = "Poses",
+               registration=None):
     """Pose diagnostics into ``fig``: viewing-direction distribution of ``euler_deg``
     (n, 3) RELION ZYZ (rot/tilt, Hammer projection), per-iteration resolution and
-    median pose change from ``history`` (refinement iterations), and the histogram of
-    per-particle pose change (°) from the input alignment when given."""
+    median pose change from ``history`` (refinement iterations), with ``registration``
+    [(iteration, angle °, moved)] of the half-sets' registration when given (filled: half-set
+    2 was moved), and the histogram of per-particle pose change (°) from the input alignment
+    when given."""
     euler = np.asarray(euler_deg, dtype=float)
     panels = 2 + (change_vs_input_deg is not None)
     ax = fig.add_subplot(1, panels, 1, projection="hammer")
@@ -108,8 +112,16 @@ def draw_poses(fig, euler_deg, history=None, change_vs_input_deg=None, title: st
         twin = ax.twinx()
         changes = [(h["iteration"], h["pose_change_median_deg"]) for h in history if "pose_change_median_deg" in h]
         if changes:
-            twin.plot(*zip(*changes), "s--", color="tab:red")
+            twin.plot(*zip(*changes), "s--", color="tab:red", label="median pose change")
             twin.set_ylabel("median pose change (°)", color="tab:red")
+        if registration:
+            iteration, angle, moved = (np.asarray(v) for v in zip(*registration))
+            moved = moved.astype(bool)
+            twin.plot(iteration[moved], angle[moved], "v", color="tab:orange", label="half-set 2 moved by")
+            twin.plot(iteration[~moved], angle[~moved], "v", mfc="none", color="tab:orange",
+                      label="half-sets apart (not moved)")
+            twin.set_ylabel("° (red: pose change, orange: registration)")
+            twin.legend(loc="center right", fontsize=6)
         ax.set_title("convergence", fontsize=9)
     if change_vs_input_deg is not None:
         ax = fig.add_subplot(1, panels, 3)

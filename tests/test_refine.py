@@ -231,6 +231,9 @@ def test_refine_recovers_poses_and_map(refine_case, regularizer):
     # half-set registration (on by default): recorded after every iteration but the final pass
     from cryocv.jobs.registration import HALF_SET_REGISTRATION
     assert [HALF_SET_REGISTRATION in h for h in saved["iterations"]] == [not h["final"] for h in saved["iterations"]]
+    from cryocv.jobs.refine import refine_pose_diagnostics          # ... and the pose plot shows it
+    shown = refine_pose_diagnostics(out)["registration"]
+    assert [i for i, _, _ in shown] == [h["iteration"] for h in saved["iterations"] if not h["final"]]
     assert os.path.isfile(os.path.join(out, "iterations", "iter_001", "half_map_1.mrc"))
     assert (regularizer == "nu") == os.path.isfile(os.path.join(out, "nu_cutoff_A.mrc"))
     # the job's maps are the final pass's checkpointed maps, linked rather than written twice

@@ -26,6 +26,7 @@ from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, output_args, loa
 from .checkpoints import finishes_writes_on_error
 from .jobdir import JobLog
 from .loop import PoseSearch, check_against_nyquist, initial_state, iterate, open_refinement
+from .registration import HALF_SET_REGISTRATION
 
 HELP = "gold-standard 3D refinement (global pose search; NU or uniform)"
 RELAX_MODES = (None, "maximize", "marginalize")     # --relax: off, best mate, likelihood-weighted inside its mode
@@ -392,6 +393,10 @@ def refine_pose_diagnostics(job_dir: str, input_particles: str | None = None) ->
 
 def pose_diagnostics(euler_deg: np.ndarray, history: list, change_vs_input_deg: np.ndarray | None) -> dict:
     """Keyword arguments of :func:`cryocv.plotting.plot_poses`: ``euler_deg`` (n, 3) refined poses,
-    ``history`` per-iteration records, ``change_vs_input_deg`` (n,) or None."""
+    ``history`` per-iteration records, ``change_vs_input_deg`` (n,) or None, ``registration``
+    [(iteration, angle °, moved)] of the half-set registration (None when it did not run)."""
+    registration = [(h["iteration"], h[HALF_SET_REGISTRATION]["rotation_deg"], h[HALF_SET_REGISTRATION]["moved"])
+                    for h in history if HALF_SET_REGISTRATION in h]
     return {"euler_deg": euler_deg, "history": history, "change_vs_input_deg": change_vs_input_deg,
-            "title": f"{len(euler_deg)} particles after {len(history)} iterations"}
+            "title": f"{len(euler_deg)} particles after {len(history)} iterations",
+            "registration": registration or None}
