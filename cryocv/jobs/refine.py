@@ -26,7 +26,7 @@ from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, output_args, loa
 from .checkpoints import finishes_writes_on_error
 from .jobdir import JobLog
 from .loop import PoseSearch, check_against_nyquist, initial_state, iterate, open_refinement
-from .registration import HALF_SET_REGISTRATION
+from .registration import registration_series
 
 HELP = "gold-standard 3D refinement (global pose search; NU or uniform)"
 RELAX_MODES = (None, "maximize", "marginalize")     # --relax: off, best mate, likelihood-weighted inside its mode
@@ -206,10 +206,9 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
     p.add_argument("--join-halves-A", dest="join_halves_A", type=float, default=params_class.join_halves_A,
                    help="the two half-references share their Fourier components at this resolution and coarser "
                         "(as RELION's --low_resol_join_halves; default: never)")
-    registration = ("after each iteration, half-set 2's reference is aligned to half-set 1's within a few degrees "
-                    "and moved onto it with its poses when they are more than 0.5° or 0.5 px apart, so that the two "
-                    "half-sets do not drift apart (six numbers shared; images, maps and filters stay apart; "
-                    "bench/results/small_membrane.md); with --relax the half-sets are registered over the group instead")
+    registration = ("after each iteration, half-set 2's map and poses are moved onto half-set 1's when their maps are "
+                    "over 0.5° or 0.5 px apart (six numbers shared; bench/results/small_membrane.md); with --relax "
+                    "the half-sets are registered over the group instead")
     if params_class.register_halves:
         option(p, "--no-register-halves", params_class, "register_halves", action="store_false",
                help=f"do not keep the half-sets in register (by default {registration})")
@@ -395,8 +394,6 @@ def pose_diagnostics(euler_deg: np.ndarray, history: list, change_vs_input_deg: 
     """Keyword arguments of :func:`cryocv.plotting.plot_poses`: ``euler_deg`` (n, 3) refined poses,
     ``history`` per-iteration records, ``change_vs_input_deg`` (n,) or None, ``registration``
     [(iteration, angle °, moved)] of the half-set registration (None when it did not run)."""
-    registration = [(h["iteration"], h[HALF_SET_REGISTRATION]["rotation_deg"], h[HALF_SET_REGISTRATION]["moved"])
-                    for h in history if HALF_SET_REGISTRATION in h]
     return {"euler_deg": euler_deg, "history": history, "change_vs_input_deg": change_vs_input_deg,
             "title": f"{len(euler_deg)} particles after {len(history)} iterations",
-            "registration": registration or None}
+            "registration": registration_series(history) or None}

@@ -32,6 +32,12 @@ REGISTRATION_FINE_STEP_DEG = 0.125
 MIN_MOVE_DEG, MIN_MOVE_PX = 0.5, 0.5              # closer than this: left as they are (the estimate's own noise)
 
 
+def registration_series(history: list) -> list:
+    """[(iteration, rotation °, moved)] of the registrations recorded in a job's history."""
+    return [(h["iteration"], h[HALF_SET_REGISTRATION]["rotation_deg"], h[HALF_SET_REGISTRATION]["moved"])
+            for h in history if HALF_SET_REGISTRATION in h]
+
+
 def can_drift(symmetry: str) -> bool:
     """Whether half-maps reconstructed with ``symmetry`` can drift apart at all: C1 in every
     direction, Cn (n ≥ 2) only by a turn about and a shift along its axis (z); the axes of D, T,
