@@ -41,7 +41,7 @@ from .checkpoints import RefineState, finishes_writes_on_error
 from .jobdir import JobLog
 from .loop import check_against_nyquist, iterate, open_refinement, start_reference
 from .refine import RefineParams, add_search_and_regularizer_args, global_search
-from .registration import can_drift, drift_registration
+from .registration import registration_hook
 
 HELP = "ab-initio refinement: SGD on two independent half-sets from random maps, then gold-standard E/M"
 IN_REGISTER_SCORE = 0.005  # half-set 2 stays put when that scores within this of the best alignment
@@ -356,10 +356,9 @@ def run(particles_path: str | None, out_dir: str, params: AbinitioParams | None 
     source = None                                   # its cache, if any, is freed before the E/M loop's
     free_device_memory(xp)
     if not state.final_done:
-        register = (drift_registration(particles.half_set, px, xp, log, params.symmetry)
-                    if params.register_halves and can_drift(params.symmetry) else None)
         state, maps = iterate(particles, state, params, xp, store, global_search(params, n, px, xp),
-                              progress=progress, log=log, register_halves=register)
+                              progress=progress, log=log,
+                              register_halves=registration_hook(params, particles, xp, log))
         half, mask, report, full = maps.half_maps, maps.mask, maps.report, maps.full_map
     else:
         half, mask, report, full, _ = store.final_outputs(state)

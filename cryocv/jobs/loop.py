@@ -253,8 +253,9 @@ def _iterate(particles, state, params, xp, store, make_search, progress, log, ma
     while True:
         timer = StageTimer(xp)
         finals_before = sum(1 for h in state.history if h.get("final"))
-        staged = params.staged_start_res_A is not None and not any(STAGE_RESTART in h for h in state.history)
-        stage_iterations = state.iteration - current_stage(state.history)[1]
+        stage_began_after = current_stage(state.history)[1]
+        staged = params.staged_start_res_A is not None and not stage_began_after   # no restart yet
+        stage_iterations = state.iteration - stage_began_after
         final = state.converged or stage_iterations >= params.max_iterations or finals_before > 0
         iteration = state.iteration + 1
         cutoff = n / 2 if final else alignment_cutoff_px(n, px, state.resolution_A, params.extra_shells)

@@ -60,6 +60,15 @@ def symmetry_allowed(transform: MapTransform, symmetry: str) -> MapTransform:
     return MapTransform(about_z, np.array([0.0, 0.0, float(transform.shift_px[2])]), transform.score)
 
 
+def registration_hook(params, particles, xp, log):
+    """A refinement job's ``register_halves`` for :func:`cryocv.jobs.loop.iterate`:
+    :func:`drift_registration` with ``params.register_halves`` and a group whose half-maps can
+    drift (:func:`can_drift`), else None."""
+    if not (params.register_halves and can_drift(params.symmetry)):
+        return None
+    return drift_registration(particles.half_set, particles.pixel_size_A, xp, log, params.symmetry)
+
+
 def drift_registration(half_set: np.ndarray, pixel_size_A: float, xp, log, symmetry: str = "C1"):
     """``register_halves(state)`` for :func:`cryocv.jobs.loop.iterate` (see the module docstring).
     ``half_set`` (n,) 1 or 2 per particle; ``symmetry``: the maps' (C1 or Cn, :func:`can_drift`),

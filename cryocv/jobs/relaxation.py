@@ -31,22 +31,19 @@ from ..symmetry import symmetry_operators
 from . import jobdir
 from .checkpoints import RefineState
 from .loop import PoseSearch
-from .registration import can_drift, drift_registration
+from .registration import registration_hook
 
 RELAX_LEVELS = 2          # the chosen mate is polished from cells of the second-finest level of the search
 
 
 def compose(make_search, params, particles, state: RefineState, xp, log, where: str = ""):
     """A refinement job's ``(make_search, register_halves, state)`` for :func:`cryocv.jobs.loop.iterate`:
-    without ``params.relax``, the search unchanged and, with ``params.register_halves`` and a
-    group whose half-maps can drift (C1, Cn), :func:`cryocv.jobs.registration.drift_registration`;
-    else :func:`relaxing` around the job's search, :func:`half_set_registration`, and at the
+    without ``params.relax``, the search unchanged and
+    :func:`cryocv.jobs.registration.registration_hook`'s registration (or none); else :func:`relaxing` around the job's search, :func:`half_set_registration`, and at the
     start the log line and ``--break-symmetry``'s references. ``where``: what the log adds about
     the mates."""
     if not params.relax:
-        register = params.register_halves and can_drift(params.symmetry)
-        return make_search, (drift_registration(particles.half_set, particles.pixel_size_A, xp, log, params.symmetry)
-                             if register else None), state
+        return make_search, registration_hook(params, particles, xp, log), state
     n, px = particles.box_size, particles.pixel_size_A
     if state.iteration == 0:
         log(f"  symmetry relaxation ({params.relax}) over the {params.symmetry} mates{where}; maps in C1")
