@@ -377,7 +377,7 @@ def test_map_alignment_and_sgd_step_on_gpu_match_numpy():
     for max_box in (96, 24):                     # whole box, and Fourier-cropped
         cpu, gpu = (align_maps_locally(vol, drifted, 2.0, 6.0, max_box=max_box),
                     align_maps_locally(cp.asarray(vol), cp.asarray(drifted), 2.0, 6.0, max_box=max_box))
-        assert angular_distance_deg(gpu.matrix, cpu.matrix) < 0.25        # one finest step: a tie may break either way
+        assert angular_distance_deg(gpu.matrix, cpu.matrix) < 0.1         # the polish ends at one optimum whichever cell won
         np.testing.assert_allclose(gpu.shift_px, cpu.shift_px, atol=0.05)
     rng = np.random.default_rng(3)
     rot = random_rotations(50, rng).astype(np.float32)
