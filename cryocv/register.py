@@ -200,12 +200,12 @@ def align_maps_locally(reference, moving, pixel_size_A: float, resolution_A: flo
         size = n                                  # no crop (an odd box stays odd)
     coarse_px = pixel_size_A * n / size
     resolution_A = max(resolution_A, coarse_px * size / (size / 2 - 3))
-    cropped = fourier_crop(reference, size)
-    score, finish, polish = _rotation_scorer(cropped, fourier_crop(moving, size), coarse_px, resolution_A, padding)
+    score, finish, polish = _rotation_scorer(fourier_crop(reference, size), fourier_crop(moving, size), coarse_px,
+                                             resolution_A, padding)
     identity, no_flip = np.eye(3)[None], np.zeros(1, dtype=bool)
     best = _subdivide(score, identity, no_flip, score(identity, no_flip), math.radians(2 * max_deg),
                       fine_step_deg, n_kept)
-    fine = polish(cropped, finish(*best))
+    fine = polish(finish(*best))
     return MapTransform(fine.matrix, fine.shift_px * (n / size), fine.score)
 
 
@@ -213,8 +213,8 @@ def _rotation_scorer(reference, moving, pixel_size_A: float, resolution_A: float
     """``score(rotations (R, 3, 3), flips (R,))`` → normalized correlations (R,) of the maps
     centred on their centres of mass (Fourier coefficients finer than the box, coarser than
     ``resolution_A``), ``finish(rotation, flip, score)`` → the :class:`MapTransform` with the
-    shift that goes with it, refined by a Fourier cross-correlation, and ``polish(reference,
-    transform)`` → :func:`_polish_rigid` of a transform without flip on the same coefficients."""
+    shift that goes with it, refined by a Fourier cross-correlation, and ``polish(transform)`` →
+    :func:`_polish_rigid` of it on the same coefficients."""
     xp = get_array_module(reference)
     n = reference.shape[0]
     radius = float(np.clip(n * pixel_size_A / resolution_A, 3.0, n / 2 - 1))
@@ -236,71 +236,84 @@ def _rotation_scorer(reference, moving, pixel_size_A: float, resolution_A: float
             reference, transform_volume(moving, transform, padding), pixel_size_A, n * pixel_size_A / radius)
         return transform
 
-    def polish(reference_map, transform: MapTransform) -> MapTransform:
-        return _polish_rigid(reference_map, moving_ft, c_mov, radius, transform, padding)
+    def polish(transform: MapTransform) -> MapTransform:
+        return _polish_rigid(reference, moving, moving_ft, c_mov, radius, transform, padding)
 
     return score, finish, polish
 
 
-POLISH_MAX_STEPS = 8              # Gauss–Newton steps at most (each a few hundred thousand samples)
-POLISH_CONVERGED = (1e-5, 1e-3)   # rad, px: a step smaller than this ends the polish
-POLISH_MAX_CHANGE = (math.radians(1.0), 1.0)   # rad, px: a polish that moves further is not trusted
+POLISH_MAX_STEPS = 6              # Gauss–Newton steps at most (one sampling of the ball's coefficients each)
+POLISH_CONVERGED = (1e-4, 1e-2)   # rad, px: a step smaller than this ends the polish (settled)
+POLISH_MAX_CHANGE = (1.0, 1.0)    # deg (at least; 0.5/radius rad when larger), px of the box aligned:
+                                  # a polish that moves further from the grid's best is not trusted
 
 
-def _polish_rigid(reference, moving_ft, moving_centre_px, radius_px: float, transform: MapTransform,
+def _rigid_derivatives(volume, kx, ky, kz, flat):
+    """Derivatives (6, P) complex128 of the half-space coefficients at ``flat`` of ``volume``
+    (N, N, N), turned by a small angle about x, y, z (``∇F·(e_j × k)``) and shifted by a small
+    distance along x, y, z (``−2πi k_j/N · F``), as :class:`MapTransform` moves a map."""
+    xp = get_array_module(volume)
+    n = volume.shape[0]
+    ft = ft3_centered(volume).ravel()[flat]
+    c = xp.arange(n, dtype=xp.float32) - n // 2
+    gx, gy, gz = ((-2j * np.pi / n) * ft3_centered(volume * coord).ravel()[flat]
+                  for coord in (c[None, None, :], c[None, :, None], c[:, None, None]))   # ∂F/∂k
+    return xp.stack([gz * ky - gy * kz, gx * kz - gz * kx, gy * kx - gx * ky,
+                     (-2j * np.pi / n) * kx * ft, (-2j * np.pi / n) * ky * ft,
+                     (-2j * np.pi / n) * kz * ft]).astype(xp.complex128)
+
+
+def _polish_rigid(reference, moving, moving_ft, moving_centre_px, radius_px: float, transform: MapTransform,
                   padding: int) -> MapTransform:
-    """``transform`` (no flip) refined by Gauss–Newton least squares of ``F_ref(k) ≈
-    e^{−2πi k·t/N} F_mov(L·k)`` over the half-space coefficients ``0 < |k| ≤ radius_px`` (each
-    standing for itself and its Friedel mate). ``reference`` (N, N, N) enters through its exact
-    FFT and the derivatives of its coefficients with respect to a small turn about x, y, z and
-    a small shift, so only the moving side is interpolated (as :func:`transform_volume` does:
-    ``moving_ft`` is the prepared FT of the moving map centred on ``moving_centre_px``). The
-    derivatives of the noisy reference shrink each step (errors-in-variables), so the steps are
-    repeated until they vanish. Returns ``transform`` unchanged when the result moves more than
-    :data:`POLISH_MAX_CHANGE` from it or is not finite; ``score``: the normalized correlation
-    over those coefficients."""
+    """``transform`` refined by Gauss–Newton least squares of ``F_ref(k) ≈ e^{−2πi k·t/N}
+    F_mov(L·k)`` over the half-space coefficients ``0 < |k| ≤ radius_px`` (each standing for itself
+    and its Friedel mate). The residual uses the reference's exact FFT; only the moving side is
+    interpolated (as :func:`transform_volume` does: ``moving_ft`` is the prepared FT of ``moving``
+    centred on ``moving_centre_px``). The normal matrix pairs the reference's derivatives with
+    those of the moving map at ``transform``: their noises are independent, so it is not inflated
+    by noise power and the steps do not fall short on noisy maps (errors-in-variables). Returns
+    ``transform`` unchanged when the steps have not settled within :data:`POLISH_MAX_STEPS`
+    (a start outside the linear range) or end more than :data:`POLISH_MAX_CHANGE` from it; ``score``: the normalized correlation over those coefficients (unfiltered, about
+    the box centre; the grid's score is over centred, low-passed maps)."""
     xp = get_array_module(reference)
     n = reference.shape[0]
     (kx, ky, kz), flat = _ball_points(n, radius_px, xp)
-    if kx.size < 12:
-        return transform
     weight = xp.where(kx > 0, 2.0, 1.0).astype(xp.float32)
     reference = reference.astype(xp.float32)
     ref = ft3_centered(reference).ravel()[flat]
-    c = xp.arange(n, dtype=xp.float32) - n // 2
-    gx, gy, gz = ((-2j * np.pi / n) * ft3_centered(reference * coord).ravel()[flat]
-                  for coord in (c[None, None, :], c[None, :, None], c[:, None, None]))   # ∂F_ref/∂k
-    derivatives = xp.stack([gz * ky - gy * kz, gx * kz - gz * kx, gy * kx - gx * ky,      # turns: ∇F·(e_j × k)
-                            (-2j * np.pi / n) * kx * ref, (-2j * np.pi / n) * ky * ref,    # shifts
-                            (-2j * np.pi / n) * kz * ref]).astype(xp.complex128)
-    weighted = derivatives * weight
-    normal = to_numpy((weighted.conj() @ derivatives.T).real)                  # J (6, 6)
-    centre = xp.asarray(np.asarray(moving_centre_px, dtype=np.float32))
-    matrix, shift = np.asarray(transform.matrix, dtype=np.float64), np.asarray(transform.shift_px, dtype=np.float64)
-    moved = ref
-    for _ in range(POLISH_MAX_STEPS):
-        L = matrix.astype(np.float32)
-        q = [L[i, 0] * kx + L[i, 1] * ky + L[i, 2] * kz for i in range(3)]
+    weighted = _rigid_derivatives(reference, kx, ky, kz, flat) * weight
+    start = _rigid_derivatives(transform_volume(moving.astype(xp.float32), transform, padding), kx, ky, kz, flat)
+    normal = to_numpy((weighted.conj() @ start.T).real)                       # (6, 6)
+    start = None
+    centre = [float(v) for v in moving_centre_px]
+
+    def sampled(matrix, shift):          # the moving map's coefficients under (matrix, shift)
+        q = [float(matrix[i, 0]) * kx + float(matrix[i, 1]) * ky + float(matrix[i, 2]) * kz for i in range(3)]
         phase = (q[0] * centre[0] + q[1] * centre[1] + q[2] * centre[2]
                  + kx * float(shift[0]) + ky * float(shift[1]) + kz * float(shift[2]))
-        moved = sample_volume_ft(moving_ft, *(padding * v for v in q)) * xp.exp((-2j * np.pi / n) * phase)
-        gradient = to_numpy((weighted.conj() @ (ref - moved).astype(xp.complex128)).real)
+        return sample_volume_ft(moving_ft, *(padding * v for v in q)) * xp.exp((-2j * np.pi / n) * phase)
+
+    matrix, shift = np.asarray(transform.matrix, dtype=np.float64), np.asarray(transform.shift_px, dtype=np.float64)
+    converged = False
+    for _ in range(POLISH_MAX_STEPS):
+        gradient = to_numpy((weighted.conj() @ (ref - sampled(matrix, shift)).astype(xp.complex128)).real)
         try:
             step = np.linalg.solve(normal, gradient)
         except np.linalg.LinAlgError:
             return transform
         turn = axis_angle_to_matrix(step[:3])
         matrix, shift = matrix @ turn, step[3:] + turn.T @ shift     # V(L·L₂·(x − t₂ − L₂ᵀt))
-        if np.linalg.norm(step[:3]) < POLISH_CONVERGED[0] and np.linalg.norm(step[3:]) < POLISH_CONVERGED[1]:
+        converged = np.linalg.norm(step[:3]) < POLISH_CONVERGED[0] and np.linalg.norm(step[3:]) < POLISH_CONVERGED[1]
+        if converged:
             break
     change = np.arccos(np.clip((np.trace(transform.matrix.T @ matrix) - 1) / 2, -1, 1))
-    if not (np.all(np.isfinite(matrix)) and change <= POLISH_MAX_CHANGE[0]
-            and np.linalg.norm(shift - transform.shift_px) <= POLISH_MAX_CHANGE[1]):
-        return transform
+    max_turn = max(math.radians(POLISH_MAX_CHANGE[0]), 0.5 / radius_px)
+    if not (converged and change <= max_turn and np.linalg.norm(shift - transform.shift_px) <= POLISH_MAX_CHANGE[1]):
+        return transform             # steps that do not settle (out of the linear range), or went too far
+    moved = sampled(matrix, shift)
     cross = float((weight * (ref.conj() * moved).real).sum())
     norm = float(xp.sqrt((weight * xp.abs(ref) ** 2).sum() * (weight * xp.abs(moved) ** 2).sum()))
     return MapTransform(matrix, shift, cross / max(norm, 1e-30))
-
 
 
 def _subdivide(score, rotations, flips, scores, step: float, fine_step_deg: float, n_kept: int):

@@ -1,3 +1,5 @@
+# Ran against commit dc8eab4 (before the polish; outputs in outputs_before_polish.txt). Kept as run: with the
+# polish, _rotation_scorer returns three functions and align_maps_locally is no longer the grid search alone.
 import sys, numpy as np
 sys.path.insert(0, "/work/regnoise")
 from fisher import rotation_sigma_deg

@@ -1,3 +1,5 @@
+# Ran against commit dc8eab4 (before the polish; outputs in outputs_before_polish.txt). Kept as run: with the
+# polish, _rotation_scorer returns three functions and align_maps_locally is no longer the grid search alone.
 import math, numpy as np
 import cryocv.register as reg
 from cryocv.io.mrc import read_map
