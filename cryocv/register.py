@@ -272,9 +272,10 @@ def _polish_rigid(reference, moving, moving_ft, moving_centre_px, radius_px: flo
     centred on ``moving_centre_px``). The normal matrix pairs the reference's derivatives with
     those of the moving map at ``transform``: their noises are independent, so it is not inflated
     by noise power and the steps do not fall short on noisy maps (errors-in-variables). Returns
-    ``transform`` unchanged when the steps have not settled within :data:`POLISH_MAX_STEPS`
-    (a start outside the linear range) or end more than :data:`POLISH_MAX_CHANGE` from it; ``score``: the normalized correlation over those coefficients (unfiltered, about
-    the box centre; the grid's score is over centred, low-passed maps)."""
+    ``transform`` unchanged when the steps have not settled within :data:`POLISH_MAX_STEPS` (a
+    start outside the linear range) or end more than :data:`POLISH_MAX_CHANGE` from it.
+    ``score``: the normalized correlation over those coefficients (unfiltered, about the box
+    centre; the grid's score is over centred, low-passed maps)."""
     xp = get_array_module(reference)
     n = reference.shape[0]
     (kx, ky, kz), flat = _ball_points(n, radius_px, xp)
