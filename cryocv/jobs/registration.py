@@ -9,12 +9,13 @@ filter, the alignment resolution and the combined map, pay for it. After each it
 (:func:`cryocv.register.align_maps_locally`, inside the dynamic mask, on Fourier components no
 finer than the current resolution) and moves that reference and half-set 2's poses onto it,
 unless they are already within 0.5° and 0.5 px (half-maps from true poses come out 0.1–0.25°
-apart inside the mask; the estimate on a late iteration's references scatters by 0.02°). With Cn symmetry only the turn about the axis and the shift
-along it are free, and only they are applied; D, T, O and I fix both frames to the box (no
-registration). Six numbers at most pass between the half-sets; their images, maps and filters
-stay apart (RELION's ``--low_resol_join_halves`` shares far more: every component coarser than
-40 Å). The iteration's checkpointed half-maps are those before the move; its references and
-poses those after it.
+apart inside the mask; the estimate on a late iteration's references scatters by 0.02°). With
+Cn symmetry only the turn about the axis and the shift along it are free, and only they are
+applied; D, T, O and I fix both frames to the box (no registration). Six numbers at most pass
+between the half-sets; their images, maps and filters stay apart (RELION's
+``--low_resol_join_halves`` shares far more: every component coarser than 40 Å). The
+iteration's checkpointed half-maps are those before the move; its references and poses those
+after it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .checkpoints import RefineState
 HALF_SET_REGISTRATION = "half_set_registration"   # history key: this iteration's registration (resume: done)
 MAX_DRIFT_DEG = 8.0                               # searched per axis-angle component around the identity
 REGISTRATION_FINE_STEP_DEG = 0.125
-MIN_MOVE_DEG, MIN_MOVE_PX = 0.5, 0.5              # closer than this: left as they are (noise, and moves too small to matter)
+MIN_MOVE_DEG, MIN_MOVE_PX = 0.5, 0.5              # closer: left as they are (set for the grid estimate; polished, 10x its scatter)
 
 
 def registration_series(history: list) -> list:
