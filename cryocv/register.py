@@ -72,16 +72,30 @@ def _grid_frequencies(box_size: int, xp):
 def transform_volume(volume, transform: MapTransform, padding: int = DEFAULT_PADDING):
     """``V'(x) = V(L·(x − t))`` (N, N, N) float32, by trilinear sampling of the padded,
     gridding-corrected FT (as a projection samples it) and a phase ramp."""
-    xp = get_array_module(volume)
-    n = volume.shape[0]
-    ft = prepare_volume(volume, padding)
-    kx, ky, kz = _grid_frequencies(n, xp)
-    L = transform.matrix
-    q = [padding * (float(L[i, 0]) * kx + float(L[i, 1]) * ky + float(L[i, 2]) * kz) for i in range(3)]
-    values = sample_volume_ft(ft, *q)
-    tx, ty, tz = (float(v) for v in transform.shift_px)
-    values *= xp.exp((-2j * np.pi / n) * (kx * tx + ky * ty + kz * tz)).astype(xp.complex64)
-    return ift3_centered(values, n).astype(xp.float32)
+    return _transformed_from_ft(prepare_volume(volume, padding), volume.shape[0], transform.matrix,
+                                transform.shift_px, padding)
+
+
+def _transformed_from_ft(volume_ft, box_size: int, matrix, shift_px, padding: int, centre_px=None):
+    """:func:`transform_volume` of the map whose prepared FT is ``volume_ft`` (``centre_px``: that
+    FT is of the map moved by −centre, as :func:`_rotation_scorer` centres it on its centre of mass)."""
+    xp = get_array_module(volume_ft)
+    values = _sample_transformed(volume_ft, *_grid_frequencies(box_size, xp), matrix, shift_px, padding, box_size,
+                                 centre_px)
+    return ift3_centered(values, box_size).astype(xp.float32)
+
+
+def _sample_transformed(volume_ft, kx, ky, kz, matrix, shift_px, padding: int, box_size: int, centre_px=None):
+    """``e^{−2πi k·t/N} F(L·k)`` (complex64) at frequencies ``k`` (arrays of one broadcast shape) of
+    the map whose prepared FT (``padding``) is ``volume_ft``; with ``centre_px`` c that FT is of the
+    map moved by −c, whose phase ``e^{−2πi (L·k)·c/N}`` is put back."""
+    xp = get_array_module(volume_ft)
+    q = [float(matrix[i, 0]) * kx + float(matrix[i, 1]) * ky + float(matrix[i, 2]) * kz for i in range(3)]
+    phase = kx * float(shift_px[0]) + ky * float(shift_px[1]) + kz * float(shift_px[2])
+    if centre_px is not None:
+        phase = phase + q[0] * float(centre_px[0]) + q[1] * float(centre_px[1]) + q[2] * float(centre_px[2])
+    values = sample_volume_ft(volume_ft, *(padding * v for v in q))
+    return values * xp.exp((-2j * np.pi / box_size) * phase).astype(xp.complex64)
 
 
 def transform_poses(rotations, origin_px, transform: MapTransform):
@@ -237,7 +251,7 @@ def _rotation_scorer(reference, moving, pixel_size_A: float, resolution_A: float
         return transform
 
     def polish(transform: MapTransform) -> MapTransform:
-        return _polish_rigid(reference, moving, moving_ft, c_mov, radius, transform, padding)
+        return _polish_rigid(reference, moving_ft, c_mov, radius, transform, padding)
 
     return score, finish, polish
 
@@ -263,13 +277,13 @@ def _rigid_derivatives(volume, kx, ky, kz, flat):
                      (-2j * np.pi / n) * kz * ft]).astype(xp.complex128)
 
 
-def _polish_rigid(reference, moving, moving_ft, moving_centre_px, radius_px: float, transform: MapTransform,
+def _polish_rigid(reference, moving_ft, moving_centre_px, radius_px: float, transform: MapTransform,
                   padding: int) -> MapTransform:
     """``transform`` refined by Gauss–Newton least squares of ``F_ref(k) ≈ e^{−2πi k·t/N}
     F_mov(L·k)`` over the half-space coefficients ``0 < |k| ≤ radius_px`` (each standing for itself
     and its Friedel mate). The residual uses the reference's exact FFT; only the moving side is
-    interpolated (as :func:`transform_volume` does: ``moving_ft`` is the prepared FT of ``moving``
-    centred on ``moving_centre_px``). The normal matrix pairs the reference's derivatives with
+    interpolated (as :func:`transform_volume` does: ``moving_ft`` is the prepared FT of the moving
+    map centred on ``moving_centre_px``). The normal matrix pairs the reference's derivatives with
     those of the moving map at ``transform``: their noises are independent, so it is not inflated
     by noise power and the steps do not fall short on noisy maps (errors-in-variables). Returns
     ``transform`` unchanged when the steps have not settled within :data:`POLISH_MAX_STEPS` (a
@@ -283,16 +297,13 @@ def _polish_rigid(reference, moving, moving_ft, moving_centre_px, radius_px: flo
     reference = reference.astype(xp.float32)
     ref = ft3_centered(reference).ravel()[flat]
     weighted = _rigid_derivatives(reference, kx, ky, kz, flat) * weight
-    start = _rigid_derivatives(transform_volume(moving.astype(xp.float32), transform, padding), kx, ky, kz, flat)
+    start = _rigid_derivatives(_transformed_from_ft(moving_ft, n, transform.matrix, transform.shift_px, padding,
+                                                    moving_centre_px), kx, ky, kz, flat)
     normal = to_numpy((weighted.conj() @ start.T).real)                       # (6, 6)
     start = None
-    centre = [float(v) for v in moving_centre_px]
 
     def sampled(matrix, shift):          # the moving map's coefficients under (matrix, shift)
-        q = [float(matrix[i, 0]) * kx + float(matrix[i, 1]) * ky + float(matrix[i, 2]) * kz for i in range(3)]
-        phase = (q[0] * centre[0] + q[1] * centre[1] + q[2] * centre[2]
-                 + kx * float(shift[0]) + ky * float(shift[1]) + kz * float(shift[2]))
-        return sample_volume_ft(moving_ft, *(padding * v for v in q)) * xp.exp((-2j * np.pi / n) * phase)
+        return _sample_transformed(moving_ft, kx, ky, kz, matrix, shift, padding, n, moving_centre_px)
 
     matrix, shift = np.asarray(transform.matrix, dtype=np.float64), np.asarray(transform.shift_px, dtype=np.float64)
     converged = False

@@ -6,6 +6,7 @@ from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 
 from cryocv.jobs.refine import RefineParams
+from cryocv.jobs.registration import MIN_MOVE_DEG, MIN_MOVE_PX
 
 from .protocol_base import MARGINALIZE_LABEL, REGULARIZERS, CryocvProtocolBase
 from .protocol_relaxation import RELAX_FORM_LABELS, RELAX_OUTPUTS, CryocvRelaxationMixin
@@ -62,7 +63,8 @@ class ProtCryocvRefine(CryocvRelaxationMixin, CryocvProtocolBase, ProtRefine3D):
         form.addParam("registerHalves", params.BooleanParam, default=RefineParams.register_halves,
                       expertLevel=params.LEVEL_ADVANCED, label="Keep half-sets in register",
                       help="After each iteration, align half-set 2's map to half-set 1's within a few degrees and "
-                           "move it and its particles' poses onto it when they are more than 0.5° or 0.5 px apart. "
+                           f"move it and its particles' poses onto it when they are more than {MIN_MOVE_DEG:g}° or "
+                           f"{MIN_MOVE_PX:g} px apart. "
                            "Without it, half-set 2 of a small particle in a round micelle ended 2.5-6.6° off the truth "
                            "while half-set 1 stayed within 1.6°, "
                            "which blurred the combined map (bench/results/small_membrane.md). Only the six numbers "

@@ -26,7 +26,7 @@ from .common import (DEFAULT_DEVICE, DEFAULT_SEED, device_args, output_args, loa
 from .checkpoints import finishes_writes_on_error
 from .jobdir import JobLog
 from .loop import PoseSearch, check_against_nyquist, initial_state, iterate, open_refinement
-from .registration import registration_series
+from .registration import MIN_MOVE_DEG, MIN_MOVE_PX, registration_series
 
 HELP = "gold-standard 3D refinement (global pose search; NU or uniform)"
 RELAX_MODES = (None, "maximize", "marginalize")     # --relax: off, best mate, likelihood-weighted inside its mode
@@ -207,8 +207,8 @@ def add_search_and_regularizer_args(p, params_class, initial_lowpass: bool = Tru
                    help="the two half-references share their Fourier components at this resolution and coarser "
                         "(as RELION's --low_resol_join_halves; default: never)")
     registration = ("after each iteration, half-set 2's map and poses are moved onto half-set 1's when their maps are "
-                    "over 0.5° or 0.5 px apart (six numbers shared; bench/results/small_membrane.md); with --relax "
-                    "the half-sets are registered over the group instead")
+                    f"over {MIN_MOVE_DEG:g}° or {MIN_MOVE_PX:g} px apart (six numbers shared; "
+                    "bench/results/small_membrane.md); with --relax the half-sets are registered over the group instead")
     if params_class.register_halves:
         option(p, "--no-register-halves", params_class, "register_halves", action="store_false",
                help=f"do not keep the half-sets in register (by default {registration})")
