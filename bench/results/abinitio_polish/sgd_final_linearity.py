@@ -1,3 +1,6 @@
+# Ran on the SGD state at iteration 200 of a bench_abinitio run with an intermediate version (the polish in
+# align_maps trusted only within two fine steps, dropped): /tmp/sgd_state_main_200.npz 9.0 2.25 -> sgd_maps_known_turns.txt.
+# Its "guard 2 steps" rows are that version; "linear-range guard only" is what align_maps does now.
 """On the final SGD maps of a bench_abinitio run (CXCR4+Nb, box 64, 2.25 Å/px, 4,000 particles):
 known turns applied to map 2; the pair's own offset implied by each estimator should not change
 with the applied turn. Estimators: ab-initio's check (align_maps: global 0.5° grid + polish within
@@ -15,14 +18,17 @@ if job.endswith(".npz"):
 else:
     v1, px = read_map(f"{job}/sgd_half_map_1.mrc"); v2, _ = read_map(f"{job}/sgd_half_map_2.mrc")
 rv = lambda L: Rotation.from_matrix(L).as_rotvec(degrees=True)
-orig, steps = R._polish_rigid, R.POLISH_GRID_STEPS
+orig, steps = R._polish_rigid, getattr(R, "POLISH_GRID_STEPS", None)   # None: the current code (no such guard)
 def estimators(w):
     out = {"check (polished, guard 2 steps)": R.align_maps(v1, w, px, res, keep_identity_within=R.IN_REGISTER_SCORE if hasattr(R, "IN_REGISTER_SCORE") else 0.005)}
     R._polish_rigid = lambda *a, **k: a[4]
     out["grid alone"] = R.align_maps(v1, w, px, res, keep_identity_within=0.005)
-    R._polish_rigid = orig; R.POLISH_GRID_STEPS = 100.0
+    R._polish_rigid = orig
+    if steps is not None:
+        R.POLISH_GRID_STEPS = 100.0
     out["polished, linear-range guard only"] = R.align_maps(v1, w, px, res, keep_identity_within=0.005)
-    R.POLISH_GRID_STEPS = steps
+    if steps is not None:
+        R.POLISH_GRID_STEPS = steps
     out["align_maps_locally"] = R.align_maps_locally(v1, w, px, res)
     return out
 for axis, deg in (("x", 0.0), ("x", 0.5), ("x", 1.0), ("y", 0.5), ("z", 0.5), ("z", -0.5)):

@@ -1,3 +1,6 @@
+# Ran at commit 4cf4937 (the polish called directly, so align_maps's own use of it does not matter).
+# noisy_copies_in_support.txt: as here; noisy_copies_whole_box_noise.txt: the same without the support and the clip
+# (v = map + noise), noise levels 0.5 and 2.0 only.
 """align_maps (ab-initio's SGD half-set check: global grid, 0.5° fine step, 2-fold padding) with and
 without a Gauss-Newton polish of its best: two noisy copies of a CXCR4+Nb map, one turned and shifted
 by a known small transform; error of each estimate per axis (deg) and in shift (px)."""

@@ -1,3 +1,4 @@
+# Ran at 4cf4937 -> test_case.txt (the grid-only figures with _polish_rigid replaced by the identity).
 import sys, time, numpy as np
 sys.path.insert(0, "/work/main/tests"); sys.path.insert(0, "/work/main")
 from conftest import asymmetric_map

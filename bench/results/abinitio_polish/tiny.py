@@ -1,3 +1,4 @@
+# tiny.py DIR DRAW at commit cd3c9b9 (grid-only check) and at 4cf4937 (polished) -> tiny_seeds.txt
 """The tiny ab-initio test's case (24 px, 600 particles): job with the current code; final map
 registered to the truth by the grid alone and polished; FSC 0.5. Usage: tiny.py OUTDIR"""
 import sys, os, numpy as np
