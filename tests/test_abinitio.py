@@ -23,9 +23,9 @@ N, PX = 24, 3.0
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("abinitio")
     truth = asymmetric_map(N, seed=11, n_atoms=50, sigma_px=1.0)
-    # At this size about one draw in ten lands in a worse solution (FSC 0.5 vs truth 10.8-11.5 Å
+    # At this size about one draw in ten lands in a worse solution (FSC 0.5 vs truth 10.0-11.5 Å
     # instead of 7.9-9.8 Å), with the grid-only and the polished half-set check alike (draws 2-31:
-    # bench/results/abinitio_polish/tiny_seeds.txt); draw 3 lands well with both.
+    # 4 and 3 of 30; bench/results/abinitio_polish/tiny_seeds.txt); draw 3 lands well with both.
     simulate(truth, PX, 600, str(root / "sim"), snr=1.0, seed=3, progress=False)
     return root, truth
 
