@@ -176,7 +176,7 @@ def align_maps(reference, moving, pixel_size_A: float, resolution_A: float, allo
     normalized score favours interpolated samples, so on ab-initio's SGD maps (box 64, 9 Å) the grid
     returned the same (−0.75, 0.25, −0.75)° whatever known turn was applied, while the polish
     followed every turn and agreed with :func:`align_maps_locally` within 0.04°; on noisy copies in
-    a support the grid erred by up to 0.75° per axis, polished 0.002–0.07° at noise 0.5× the map's
+    a support the grid erred by up to 0.58° per axis, polished 0.002–0.07° at noise 0.5× the map's
     SD (bench/results/abinitio_polish/). A polish that does not settle (e.g. noise filling the
     whole box) leaves the grid's result."""
     score, finish, polish = _rotation_scorer(reference, moving, pixel_size_A, resolution_A, padding)
